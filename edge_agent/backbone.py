@@ -1,0 +1,232 @@
+"""FrozenBackbone: runs a .tflite feature extractor with whichever TFLite interpreter is installed.
+
+The backbone never trains on the device; it turns sensor windows into embeddings once, and the small
+personalization head trains on those. Both LiteRT (`ai-edge-litert`) and the older `tflite-runtime`
+expose the same `Interpreter` API, so the choice is only about which wheel exists for the platform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from .fsutil import atomic_write
+
+RuntimeName = Literal["auto", "ai-edge-litert", "tflite-runtime"]
+_RUNTIME_MODULES: dict[str, str] = {
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+    "tflite-runtime": "tflite_runtime.interpreter",
+}
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "backbone_int8.tflite"
+
+
+class BackboneError(RuntimeError):
+    """The backbone model cannot be loaded or run as asked."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_interpreter_class(runtime: RuntimeName = "auto") -> tuple[str, Callable[..., Any]]:
+    """Return (runtime name, Interpreter class). `auto` prefers LiteRT, then tflite-runtime."""
+    names = list(_RUNTIME_MODULES) if runtime == "auto" else [runtime]
+    errors = []
+    for name in names:
+        if name not in _RUNTIME_MODULES:
+            raise BackboneError(f"unknown TFLite runtime {name!r}; choose auto, ai-edge-litert or tflite-runtime")
+        try:
+            module = importlib.import_module(_RUNTIME_MODULES[name])
+            return name, module.Interpreter
+        except Exception as exc:  # ImportError, or numpy ABI errors from tflite-runtime under numpy 2
+            errors.append(f"{name}: {exc}")
+    raise BackboneError(
+        "no TFLite interpreter could be imported (" + "; ".join(errors) + "). "
+        "Install `ai-edge-litert` (x86_64/aarch64) or `tflite-runtime` with numpy<2 (pip install 'edge-fl[tflite]')."
+    )
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    index: int  # position in get_output_details()
+    tensor_index: int
+    name: str
+    key: str | None  # signature output key, when the model has a signature
+    shape: tuple[int, ...]
+
+
+class FrozenBackbone:
+    """A frozen TFLite feature extractor.
+
+    Parameters
+    ----------
+    model_path:
+        The .tflite file. A sidecar ``<stem>.json`` (written by models/build_backbone.py) is read if
+        present: it gives the per-channel input standardization and the default feature output.
+    feature_output:
+        Which output is the embedding: a signature output key or tensor name (str), or a position in
+        the interpreter's output list (int). Default: the sidecar's ``feature_output``, else output 0.
+    runtime:
+        ``auto``, ``ai-edge-litert`` or ``tflite-runtime``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        feature_output: str | int | None = None,
+        runtime: RuntimeName = "auto",
+        num_threads: int = 1,
+        batch_size: int = 64,
+        metadata_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise BackboneError(
+                f"backbone model not found: {self.path}. Expected a .tflite file; the bundled one is "
+                f"{DEFAULT_MODEL} (rebuild it with `python models/build_backbone.py`)."
+            )
+        if batch_size < 1 or num_threads < 1:
+            raise BackboneError(f"batch_size and num_threads must be >= 1, got {batch_size} and {num_threads}")
+        self.sha256 = file_sha256(self.path)
+        self.metadata = self._read_metadata(metadata_path)
+        self.runtime, interpreter_cls = load_interpreter_class(runtime)
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        try:
+            self._interp = interpreter_cls(model_path=str(self.path), num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise BackboneError(
+                f"{self.path}: not a loadable TFLite model ({exc}). sha256={self.sha256}; "
+                "replace the file or rebuild it with `python models/build_backbone.py`."
+            ) from exc
+        (inp,) = self._interp.get_input_details()[:1] or [None]
+        if inp is None:
+            raise BackboneError(f"{self.path}: the model has no input tensor")
+        self._input = inp
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in inp["shape"][1:])
+        self.outputs = self._list_outputs()
+        self.feature = self._resolve_output(
+            feature_output if feature_output is not None else self.metadata.get("feature_output", 0)
+        )
+        self.embedding_dim = int(np.prod(self.feature.shape[1:]))
+        self._allocated_batch = 0
+        stats = self.metadata.get("input", {})
+        self._mean = np.asarray(stats.get("channel_mean", 0.0), np.float32)
+        self._std = np.asarray(stats.get("channel_std", 1.0), np.float32)
+
+    def _read_metadata(self, metadata_path: str | os.PathLike[str] | None) -> dict[str, Any]:
+        path = Path(metadata_path) if metadata_path else self.path.with_suffix(".json")
+        if not path.is_file():
+            if metadata_path:
+                raise BackboneError(f"backbone metadata not found: {path}")
+            return {}
+        try:
+            meta: dict[str, Any] = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BackboneError(f"{path}: invalid JSON metadata ({exc})") from exc
+        want = meta.get("sha256")
+        if want and want != self.sha256:
+            raise BackboneError(
+                f"{path} describes a model with sha256 {want}, but {self.path} has sha256 {self.sha256}: "
+                "the model and its metadata do not belong together (rebuild both with models/build_backbone.py)."
+            )
+        return meta
+
+    def _list_outputs(self) -> list[OutputInfo]:
+        keys_by_tensor: dict[int, str] = {}
+        try:
+            for sig in self._interp.get_signature_list():
+                runner = self._interp.get_signature_runner(sig)
+                for key, detail in runner.get_output_details().items():
+                    keys_by_tensor[int(detail["index"])] = key
+        except Exception:  # models without signatures are fine: names and positions still work
+            keys_by_tensor = {}
+        return [
+            OutputInfo(i, int(d["index"]), str(d["name"]), keys_by_tensor.get(int(d["index"])),
+                       tuple(int(s) for s in d["shape"]))
+            for i, d in enumerate(self._interp.get_output_details())
+        ]
+
+    def _resolve_output(self, which: str | int) -> OutputInfo:
+        for out in self.outputs:
+            if (isinstance(which, int) and out.index == which) or which in (out.key, out.name):
+                return out
+        available = "; ".join(f"{o.index}: key={o.key!r} name={o.name!r} shape={list(o.shape)}" for o in self.outputs)
+        raise BackboneError(f"{self.path}: no output tensor {which!r}. Available outputs: {available}")
+
+    def _ensure_batch(self, n: int) -> None:
+        if n != self._allocated_batch:
+            self._interp.resize_tensor_input(self._input["index"], [n, *self.input_shape])
+            self._interp.allocate_tensors()
+            self._allocated_batch = n
+
+    def embed(self, windows: np.ndarray) -> np.ndarray:
+        """Embed float windows of shape (n, *input_shape); returns float32 (n, embedding_dim)."""
+        x = np.asarray(windows, dtype=np.float32)
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise BackboneError(
+                f"{self.path}: expects windows of shape (n, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        x = (x - self._mean) / self._std
+        scale, zero_point = self._input["quantization"]
+        dtype = self._input["dtype"]
+        if scale:
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+        else:
+            x = x.astype(dtype)
+        out_scale, out_zp = self._interp.get_output_details()[self.feature.index]["quantization"]
+        result = np.empty((x.shape[0], self.embedding_dim), np.float32)
+        for lo in range(0, x.shape[0], self.batch_size):
+            chunk = x[lo: lo + self.batch_size]
+            n = chunk.shape[0]
+            if n < self.batch_size and x.shape[0] > self.batch_size:
+                # Pad the tail instead of re-allocating the interpreter for one odd batch size.
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - n, axis=0)])
+            self._ensure_batch(chunk.shape[0])
+            self._interp.set_tensor(self._input["index"], chunk)
+            self._interp.invoke()
+            y = self._interp.get_tensor(self.feature.tensor_index)[:n].reshape(n, -1).astype(np.float32)
+            result[lo: lo + n] = (y - out_zp) * out_scale if out_scale else y
+        return result
+
+
+class EmbeddingCache:
+    """Embeddings on disk, keyed by the model's sha256 and a digest of the windows they came from.
+
+    A different model, or different windows (other window length, stride or split), is a different key:
+    a stale cache can never be served for a changed backbone.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def key(self, backbone: FrozenBackbone, windows: np.ndarray) -> str:
+        data = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).hexdigest()
+        return f"{backbone.sha256[:16]}-{backbone.feature.index}-{data[:16]}"
+
+    def embed(self, backbone: FrozenBackbone, windows: np.ndarray) -> np.ndarray:
+        path = self.directory / f"{self.key(backbone, windows)}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path, allow_pickle=False)
+                if cached.shape == (len(windows), backbone.embedding_dim):
+                    return cached
+            except (OSError, ValueError):
+                pass  # a torn or foreign file: recompute and overwrite it
+        emb = backbone.embed(windows)
+        atomic_write(path, lambda fh: np.save(fh, emb, allow_pickle=False), durable=False)
+        return emb

@@ -1,0 +1,229 @@
+"""`edge-fl` command line. Subcommands are thin: parse, call the library, print, exit with a code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+log = logging.getLogger("edge_fl")
+
+FEW_SHOT_CURVE = (1, 2, 5, 10, 20, 0)  # 0 = every labelled window the client has
+
+
+class Progress:
+    """One self-overwriting line on a terminal; a plain line every few seconds when piped to a log."""
+
+    def __init__(self, stream: Any = sys.stderr, quiet: bool = False) -> None:
+        self.stream, self.quiet = stream, quiet
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.last = 0.0
+
+    def update(self, text: str, final: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+            self.stream.flush()
+        elif final or now - self.last > 5.0:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last = now
+
+
+def _fmt(v: float | None) -> str:
+    return "    -" if v is None else f"{100 * v:5.1f}"
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    head = f"{'strategy':<10} {'mean':>6} {'p10':>6} {'worst':>6} {'new user':>9} {'uplink B/client/round':>22}"
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        s = res["summary"]
+        lines.append(f"{name:<10} {_fmt(s['mean_acc']):>6} {_fmt(s['p10_acc']):>6} {_fmt(s['worst_acc']):>6} "
+                     f"{_fmt(s['new_user_acc']):>9} {s['uplink_bytes_per_client_round']:>22.0f}")
+    lines.append("accuracy in % on each client's later-in-time test windows, int8 heads; new user = never-seen subject")
+    return "\n".join(lines)
+
+
+def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
+    from .backbone import EmbeddingCache, FrozenBackbone
+    from .data.watch import load_watch_dataset
+    from .data.windows import WindowConfig
+    from .sim import default_cache_dir, embed_dataset
+
+    feature: str | int | None = args.feature_output
+    if isinstance(feature, str) and feature.isdigit():
+        feature = int(feature)
+    backbone = FrozenBackbone(args.model, feature_output=feature, runtime=args.runtime, num_threads=args.threads)
+    progress.update(f"embedding windows with {backbone.path.name} ({backbone.runtime}, {args.threads} thread(s))...")
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or default_cache_dir())
+    window = WindowConfig(length_s=args.window, stride_s=args.stride)
+    t0 = time.perf_counter()
+    embedded = embed_dataset(load_watch_dataset(args.dataset), backbone, window, cache)
+    progress.update(f"embedded {len(embedded.train) + len(embedded.test)} windows in {time.perf_counter() - t0:.1f}s "
+                    f"(backbone sha256 {backbone.sha256[:12]})", final=True)
+    return embedded, backbone
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .data.partition import PartitionConfig
+    from .learning.strategies import STRATEGIES
+    from .sim import DEFAULT_STRATEGY, SimConfig, federate, run_simulation
+
+    progress = Progress(quiet=args.quiet)
+    embedded, backbone = _load_embedded(args, progress)
+    names = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
+    base = SimConfig(strategy=names[0], rounds=args.rounds, seed=args.seed, fraction=args.fraction,
+                     adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
+                     ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates)
+    partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
+                                classes_per_client=args.classes_per_client, alpha=args.alpha)
+    data = federate(embedded, partition)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        cfg = SimConfig(**{**base.__dict__, "strategy": name})
+
+        def tick(r: int, n: int, rec: dict[str, Any], _name: str = name) -> None:
+            progress.update(f"[{_name}] round {r}/{n}  mean {100 * rec['mean_acc']:.1f}%  worst {100 * rec['worst_acc']:.1f}%",
+                            final=(r == n and not progress.tty))
+
+        results[name] = run_simulation(data, cfg, progress=tick)
+        results[name]["backbone"] = {"path": str(backbone.path), "sha256": backbone.sha256, "runtime": backbone.runtime}
+    progress.update("", final=progress.tty)
+    print(f"regime={args.regime} rounds={args.rounds} seed={args.seed} clients={len(data.clients)}"
+          + (f" shots={args.shots}" if args.regime == "few-shot" else ""))
+    print(format_table(results))
+    if args.out:
+        doc: dict[str, Any] = results[names[0]] if len(names) == 1 else {"strategies": results}
+        Path(args.out).write_text(json.dumps(doc, indent=1, allow_nan=False, default=float))
+        print(f"results written to {args.out}")
+    if args.plot:
+        curve = few_shot_curve(embedded, base, args.seed, [DEFAULT_STRATEGY, "fedavg", "local"], progress)
+        plot_few_shot_curve(curve, Path(args.plot))
+        print(f"few-shot curve written to {args.plot}")
+    return 0
+
+
+def few_shot_curve(embedded: Any, base: Any, seed: int, strategies: Sequence[str], progress: Progress) -> dict[str, Any]:
+    """Accuracy against labelled windows per class (K), for each strategy, on identical splits."""
+    from .data.partition import PartitionConfig
+    from .sim import SimConfig, federate, run_simulation
+
+    curve: dict[str, Any] = {"shots": list(FEW_SHOT_CURVE), "seed": seed, "rounds": base.rounds, "strategies": {}}
+    for name in strategies:
+        curve["strategies"][name] = {"mean_acc": [], "worst_acc": [], "new_user_acc": []}
+    for k in FEW_SHOT_CURVE:
+        data = federate(embedded, PartitionConfig(regime="few-shot", seed=seed, shots=k))
+        for name in strategies:
+            progress.update(f"few-shot curve: K={k or 'all'} {name}")
+            s = run_simulation(data, SimConfig(**{**base.__dict__, "strategy": name, "seed": seed}))["summary"]
+            for key in ("mean_acc", "worst_acc", "new_user_acc"):
+                curve["strategies"][name][key].append(s[key])
+    progress.update("few-shot curve done", final=True)
+    return curve
+
+
+def plot_few_shot_curve(curve: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"edge-fl: --plot needs matplotlib (pip install 'edge-fl[plot]'): {exc}") from exc
+    labels = [str(k) if k else "all" for k in curve["shots"]]
+    xs = range(len(labels))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, series in curve["strategies"].items():
+        line, = ax.plot(xs, [100 * v for v in series["mean_acc"]], marker="o", label=f"{name} (mean client)")
+        ax.plot(xs, [100 * v for v in series["worst_acc"]], linestyle=":", color=line.get_color(),
+                label=f"{name} (worst client)")
+    ax.set_xticks(list(xs), labels)
+    ax.set_xlabel("labelled windows per class on each device (K)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Few-label users: accuracy vs K ({curve['rounds']} rounds, seed {curve['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backbone import DEFAULT_MODEL
+    from .data.partition import REGIMES
+    from .learning.strategies import STRATEGIES
+    from .sim import DEFAULT_STRATEGY
+
+    parser = argparse.ArgumentParser(prog="edge-fl", description="Federated personalization layers for edge devices.")
+    parser.add_argument("--version", action="version", version=f"edge-fl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser(
+        "simulate", help="run a federation in one process on the real sensor data",
+        description="Run the federation in one process over the same strategy and codec code as the real system. "
+                    "Strategies: " + "; ".join(f"{n}: {c.summary}" for n, c in STRATEGIES.items()) + ". "
+                    "Regimes: " + "; ".join(f"{n}: {d}" for n, d in REGIMES.items()) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sim.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=[*STRATEGIES, "all"],
+                     help="'all' runs every strategy on identical splits and prints a comparison")
+    sim.add_argument("--regime", default="natural", choices=list(REGIMES))
+    sim.add_argument("--rounds", type=int, default=30)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--shots", type=int, default=5, help="few-shot: labelled windows per class per client (0 = all)")
+    sim.add_argument("--classes-per-client", type=int, default=3, help="label-skew: classes each client keeps")
+    sim.add_argument("--alpha", type=float, default=0.5, help="dirichlet: concentration of class proportions")
+    sim.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
+    sim.add_argument("--adapter-dim", type=int, default=32, help="width of the shared adapter (0 = none)")
+    sim.add_argument("--local-epochs", type=int, default=1)
+    sim.add_argument("--lr", type=float, default=0.003)
+    sim.add_argument("--ditto-lambda", type=float, default=0.5)
+    sim.add_argument("--float-updates", action="store_true", help="send float32 instead of int8 tensors")
+    sim.add_argument("--out", type=Path, help="write the results JSON here")
+    sim.add_argument("--plot", type=Path, metavar="PNG",
+                     help=f"also draw accuracy vs labelled windows per class for {DEFAULT_STRATEGY}, fedavg and local")
+    sim.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="backbone .tflite")
+    sim.add_argument("--feature-output", help="backbone output to use as embedding: signature key, tensor name or index")
+    sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
+    sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
+    sim.add_argument("--window", type=float, default=2.0, help="window length in seconds")
+    sim.add_argument("--stride", type=float, default=0.5, help="window stride in seconds")
+    sim.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: from the seglearn wheel)")
+    sim.add_argument("--cache-dir", type=Path, help="embedding cache (default: ~/.cache/edge-fl/embeddings)")
+    sim.add_argument("--no-cache", action="store_true", help="always run the backbone")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .backbone import BackboneError
+    from .data.watch import DatasetError
+
+    try:
+        return int(args.func(args))
+    except (BackboneError, DatasetError, ValueError) as exc:
+        print(f"edge-fl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-fl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Wire formats: pure bytes in, bytes out. Never pickle."""

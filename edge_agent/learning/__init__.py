@@ -1,0 +1,1 @@
+"""The learning core: pure numpy, no I/O, no transport. Arrays in, arrays out."""

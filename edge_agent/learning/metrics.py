@@ -1,0 +1,22 @@
+"""Per-user accuracy summaries: the mean alone hides the users a strategy hurts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == y)) if y.size else float("nan")
+
+
+def summarize(client_acc: Sequence[float]) -> dict[str, float]:
+    a = np.asarray([v for v in client_acc if not np.isnan(v)], dtype=np.float64)
+    if a.size == 0:
+        return {"mean_acc": float("nan"), "p10_acc": float("nan"), "worst_acc": float("nan")}
+    return {
+        "mean_acc": float(a.mean()),
+        "p10_acc": float(np.percentile(a, 10)),
+        "worst_acc": float(a.min()),
+    }

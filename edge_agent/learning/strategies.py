@@ -1,0 +1,277 @@
+"""Federated strategies as pure code: the same objects run in `edge-fl simulate` and over MQTT.
+
+A strategy decides three things: which head tensors leave the device (`shared_keys`), how a client
+trains in a round, and how the server folds the uploads into the next global tensors. Everything a
+strategy keeps in `ClientState.personal` stays on the device by construction: `client_round` returns
+an update holding only shared tensors, and `ClientUpdate` refuses anything else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .aggregate import Sum, WeightedMean
+from .head import ADAPTER_KEYS, CLASSIFIER_KEYS, FitConfig, HeadConfig, Params, features, fit, init_params
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's standardized embeddings. Only `x_train`/`y_train` are used for training."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=1))
+    finetune_epochs: int = 5  # fedavg-ft / ncm: local epochs on top of the global head before use
+    fedrep_head_epochs: int = 5  # fedrep: classifier epochs (body frozen) before the body epoch(s)
+    ditto_lambda: float = 0.5  # ditto: strength of the pull of the personal head towards the global one
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """What a device keeps between rounds. `personal` never leaves it."""
+
+    personal: Params = field(default_factory=dict)
+    rounds_done: int = 0
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What leaves the device in a round: shared tensors only, and the example count used as weight."""
+
+    tensors: dict[str, np.ndarray]
+    num_examples: int
+    allowed: frozenset[str]
+
+    def __post_init__(self) -> None:
+        leaked = set(self.tensors) - self.allowed
+        if leaked:
+            raise ValueError(f"update would send tensors {sorted(leaked)} that the strategy keeps personal")
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that did not report (dropped, timed out, rejected); an input to aggregation, not an exception."""
+
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServerState:
+    round: int
+    params: Params  # the global (shared) tensors broadcast to clients
+    reported: int = 0
+    failed: int = 0
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    def __init__(self, head: HeadConfig, config: StrategyConfig = StrategyConfig()) -> None:
+        self.head = head
+        self.config = config
+
+    # --- which tensors leave the device -------------------------------------------------------
+    @property
+    @abstractmethod
+    def shared_keys(self) -> frozenset[str]:
+        """Every tensor name that may ever leave the device under this strategy."""
+
+    @property
+    def personal_keys(self) -> frozenset[str]:
+        return frozenset(self.head.keys) - self.shared_keys
+
+    # --- server -------------------------------------------------------------------------------
+    def init_server(self, rng: np.random.Generator) -> ServerState:
+        full = init_params(self.head, rng)
+        return ServerState(0, {k: v for k, v in full.items() if k in self.shared_keys})
+
+    def aggregate(self, server: ServerState, updates: Sequence[ClientUpdate],
+                  failures: Sequence[ClientFailure] = ()) -> ServerState:
+        """Example-weighted mean of the shared tensors; with no update the global tensors stay as they are."""
+        params = dict(server.params)
+        if updates:
+            mean = WeightedMean()
+            for u in updates:
+                mean.add(u.tensors, u.num_examples)
+            params.update(mean.result())
+        return ServerState(server.round + 1, params, len(updates), len(failures))
+
+    # --- client -------------------------------------------------------------------------------
+    def init_client(self, rng: np.random.Generator) -> ClientState:
+        full = init_params(self.head, rng)
+        return ClientState({k: v for k, v in full.items() if k in self.personal_keys})
+
+    @abstractmethod
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
+        """Train for one round; return the new device state and what to upload (None: nothing)."""
+
+    def personalized(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> Params:
+        """The head this client runs after the round (float master weights; the device runs its int8 twin)."""
+        return {**server.params, **state.personal}
+
+    def new_user_head(self, server: ServerState) -> Params | None:
+        """The head a brand-new user with no labels gets, or None when the strategy has no global head."""
+        return dict(server.params) if set(self.head.keys) <= set(server.params) else None
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _update(self, params: Mapping[str, np.ndarray], data: ClientData) -> ClientUpdate:
+        return ClientUpdate({k: params[k] for k in sorted(self.shared_keys & set(params))},
+                            int(data.y_train.size), self.shared_keys)
+
+    def _fit(self, params: Mapping[str, np.ndarray], data: ClientData, rng: np.random.Generator,
+             epochs: int | None = None, **kw: object) -> Params:
+        cfg = self.config.fit if epochs is None else self.config.fit.with_epochs(epochs)
+        return fit(params, data.x_train, data.y_train, cfg, rng, num_classes=self.head.num_classes, **kw)  # type: ignore[arg-type]
+
+
+class LocalOnly(Strategy):
+    name = "local"
+    summary = "no federation: each device trains its own head on its own data"
+
+    @property
+    def shared_keys(self) -> frozenset[str]:
+        return frozenset()
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        return ClientState(self._fit(state.personal, data, rng), state.rounds_done + 1), None
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+    summary = "one global head, every tensor averaged; devices run the global head as is"
+
+    @property
+    def shared_keys(self) -> frozenset[str]:
+        return frozenset(self.head.keys)
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        trained = self._fit(server.params, data, rng)
+        return ClientState(state.personal, state.rounds_done + 1), self._update(trained, data)
+
+
+class FedAvgFineTune(FedAvg):
+    name = "fedavg-ft"
+    summary = "FedAvg, then each device fine-tunes the global head on its own data before using it"
+
+    def personalized(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        return self._fit(server.params, data, rng, epochs=self.config.finetune_epochs)
+
+
+class FedPer(Strategy):
+    name = "fedper"
+    summary = "adapter shared and averaged, classifier personal; both trained together"
+
+    @property
+    def shared_keys(self) -> frozenset[str]:
+        if not self.head.adapter_dim:
+            raise ValueError(f"{self.name} needs a head with an adapter (adapter_dim > 0)")
+        return frozenset(ADAPTER_KEYS)
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        trained = self._fit({**server.params, **state.personal}, data, rng)
+        personal = {k: trained[k] for k in self.personal_keys}
+        return ClientState(personal, state.rounds_done + 1), self._update(trained, data)
+
+
+class FedRep(FedPer):
+    name = "fedrep"
+    summary = "adapter shared; each round trains the personal classifier first (adapter frozen), then the adapter"
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        params = {**server.params, **state.personal}
+        params = self._fit(params, data, rng, epochs=self.config.fedrep_head_epochs, trainable=CLASSIFIER_KEYS)
+        params = self._fit(params, data, rng, trainable=ADAPTER_KEYS)
+        personal = {k: params[k] for k in self.personal_keys}
+        return ClientState(personal, state.rounds_done + 1), self._update(params, data)
+
+
+class LGFedAvg(FedPer):
+    name = "lg-fedavg"
+    summary = "the reverse split: adapter personal (local representation), classifier shared"
+
+    @property
+    def shared_keys(self) -> frozenset[str]:
+        if not self.head.adapter_dim:
+            raise ValueError(f"{self.name} needs a head with an adapter (adapter_dim > 0)")
+        return frozenset(CLASSIFIER_KEYS)
+
+
+class Ditto(FedAvg):
+    name = "ditto"
+    summary = "a global head trained as in FedAvg plus a personal head pulled towards it (lambda)"
+
+    def init_client(self, rng: np.random.Generator) -> ClientState:
+        return ClientState()  # the personal head starts from the first global head it receives
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        trained = self._fit(server.params, data, rng)
+        personal = state.personal or server.params
+        personal = self._fit(personal, data, rng, prox_center=server.params, prox_lambda=self.config.ditto_lambda)
+        return ClientState(personal, state.rounds_done + 1), self._update(trained, data)
+
+    def personalized(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        return dict(state.personal or server.params)
+
+
+class FedNCM(FedAvgFineTune):
+    name = "ncm"
+    summary = ("round 1 sets the classifier to the fleet's nearest class means (devices send per-class "
+               "feature sums and counts), then FedAvg with local fine-tuning")
+    STATS = ("ncm.class_sum", "ncm.class_count")
+
+    @property
+    def shared_keys(self) -> frozenset[str]:
+        return frozenset(self.head.keys) | frozenset(self.STATS)
+
+    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+        if server.round > 0:
+            return super().client_round(server, state, data, rng)
+        h = features(server.params, data.x_train)
+        onehot = np.eye(self.head.num_classes, dtype=np.float32)[data.y_train]
+        stats = {"ncm.class_sum": (onehot.T @ h).astype(np.float32),
+                 "ncm.class_count": onehot.sum(axis=0)}
+        return ClientState(state.personal, state.rounds_done + 1), ClientUpdate(stats, int(data.y_train.size), self.shared_keys)
+
+    def aggregate(self, server, updates, failures=()):  # type: ignore[no-untyped-def]
+        if server.round > 0 or not updates:
+            return super().aggregate(server, updates, failures)
+        total = Sum()
+        for u in updates:
+            total.add(u.tensors, 1.0)
+        sums = total.result()
+        counts = sums["ncm.class_count"]
+        params = dict(server.params)
+        # -||h - mu_c||^2 = 2 h.mu_c - ||mu_c||^2 + const(h): a linear layer that is exactly nearest-class-mean.
+        means = sums["ncm.class_sum"] / np.maximum(counts, 1.0)[:, None]
+        w = 2.0 * means.T
+        b = -np.sum(means**2, axis=1)
+        b = np.where(counts > 0, b, b.min() - 1e3)  # a class nobody holds is never the nearest
+        params["classifier.w"], params["classifier.b"] = w.astype(np.float32), b.astype(np.float32)
+        return ServerState(server.round + 1, params, len(updates), len(failures))
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (LocalOnly, FedAvg, FedAvgFineTune, FedPer, FedRep, LGFedAvg, Ditto, FedNCM)
+}
+
+
+def make_strategy(name: str, head: HeadConfig, config: StrategyConfig = StrategyConfig()) -> Strategy:
+    try:
+        return STRATEGIES[name](head, config)
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None

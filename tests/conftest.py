@@ -1,0 +1,39 @@
+"""Shared fixtures: the real recordings, the real backbone, embeddings computed once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "backbone_int8.tflite"
+
+
+@pytest.fixture(scope="session")
+def dataset():  # type: ignore[no-untyped-def]
+    from edge_agent.data.watch import load_watch_dataset
+
+    return load_watch_dataset()
+
+
+@pytest.fixture(scope="session")
+def windows(dataset):  # type: ignore[no-untyped-def]
+    from edge_agent.data.windows import split_and_window
+
+    return split_and_window(dataset)
+
+
+@pytest.fixture(scope="session")
+def backbone():  # type: ignore[no-untyped-def]
+    from edge_agent.backbone import FrozenBackbone
+
+    return FrozenBackbone(MODEL)
+
+
+@pytest.fixture(scope="session")
+def embedded(dataset, backbone, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from edge_agent.backbone import EmbeddingCache
+    from edge_agent.sim import embed_dataset
+
+    return embed_dataset(dataset, backbone, cache=EmbeddingCache(tmp_path_factory.mktemp("emb")))
