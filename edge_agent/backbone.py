@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,8 +39,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_interpreter_class(runtime: RuntimeName = "auto") -> tuple[str, Callable[..., Any]]:
-    """Return (runtime name, Interpreter class). `auto` prefers LiteRT, then tflite-runtime."""
+def load_interpreter_module(runtime: RuntimeName = "auto") -> tuple[str, Any]:
+    """Return (runtime name, its `interpreter` module). `auto` prefers LiteRT, then tflite-runtime."""
     names = list(_RUNTIME_MODULES) if runtime == "auto" else [runtime]
     errors = []
     for name in names:
@@ -48,7 +48,7 @@ def load_interpreter_class(runtime: RuntimeName = "auto") -> tuple[str, Callable
             raise BackboneError(f"unknown TFLite runtime {name!r}; choose auto, ai-edge-litert or tflite-runtime")
         try:
             module = importlib.import_module(_RUNTIME_MODULES[name])
-            return name, module.Interpreter
+            return name, module
         except Exception as exc:  # ImportError, or numpy ABI errors from tflite-runtime under numpy 2
             errors.append(f"{name}: {exc}")
     raise BackboneError(
@@ -79,6 +79,10 @@ class FrozenBackbone:
         the interpreter's output list (int). Default: the sidecar's ``feature_output``, else output 0.
     runtime:
         ``auto``, ``ai-edge-litert`` or ``tflite-runtime``.
+    reference_kernels:
+        Run the builtin kernels without the default XNNPACK delegate. LiteRT uses XNNPACK for int8
+        models and tflite-runtime 2.14 does not; their outputs then differ by one int8 step on ~14% of
+        the values. With this flag both runtimes give bit-identical embeddings (at some speed cost).
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class FrozenBackbone:
         num_threads: int = 1,
         batch_size: int = 64,
         metadata_path: str | os.PathLike[str] | None = None,
+        reference_kernels: bool = False,
     ) -> None:
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -101,11 +106,14 @@ class FrozenBackbone:
             raise BackboneError(f"batch_size and num_threads must be >= 1, got {batch_size} and {num_threads}")
         self.sha256 = file_sha256(self.path)
         self.metadata = self._read_metadata(metadata_path)
-        self.runtime, interpreter_cls = load_interpreter_class(runtime)
+        self.runtime, module = load_interpreter_module(runtime)
         self.batch_size = batch_size
         self.num_threads = num_threads
+        options: dict[str, Any] = {"num_threads": num_threads}
+        if reference_kernels:
+            options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self._interp = interpreter_cls(model_path=str(self.path), num_threads=num_threads)
+            self._interp = module.Interpreter(model_path=str(self.path), **options)
         except (ValueError, RuntimeError) as exc:
             raise BackboneError(
                 f"{self.path}: not a loadable TFLite model ({exc}). sha256={self.sha256}; "

@@ -63,7 +63,8 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
     feature: str | int | None = args.feature_output
     if isinstance(feature, str) and feature.isdigit():
         feature = int(feature)
-    backbone = FrozenBackbone(args.model, feature_output=feature, runtime=args.runtime, num_threads=args.threads)
+    backbone = FrozenBackbone(args.model, feature_output=feature, runtime=args.runtime, num_threads=args.threads,
+                              reference_kernels=args.reference_kernels)
     progress.update(f"embedding windows with {backbone.path.name} ({backbone.runtime}, {args.threads} thread(s))...")
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir or default_cache_dir())
     window = WindowConfig(length_s=args.window, stride_s=args.stride)
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--feature-output", help="backbone output to use as embedding: signature key, tensor name or index")
     sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
     sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
+    sim.add_argument("--reference-kernels", action="store_true",
+                     help="no XNNPACK delegate: bit-identical embeddings across LiteRT and tflite-runtime")
     sim.add_argument("--window", type=float, default=2.0, help="window length in seconds")
     sim.add_argument("--stride", type=float, default=0.5, help="window stride in seconds")
     sim.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: from the seglearn wheel)")
