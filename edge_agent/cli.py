@@ -15,9 +15,6 @@ from . import __version__
 
 log = logging.getLogger("edge_fl")
 
-FEW_SHOT_CURVE = (1, 2, 5, 10, 20, 0)  # 0 = every labelled window the client has
-
-
 class Progress:
     """One self-overwriting line on a terminal; a plain line every few seconds when piped to a log."""
 
@@ -108,64 +105,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(doc, indent=1, allow_nan=False, default=float))
         print(f"results written to {args.out}")
     if args.plot:
-        curve = few_shot_curve(embedded, base, args.seed, [DEFAULT_STRATEGY, "fedavg", "local"], progress)
+        from .report import few_shot_curve, plot_few_shot_curve
+
+        curve = few_shot_curve(embedded, base, [args.seed], [DEFAULT_STRATEGY, "fedavg", "local"],
+                               lambda text: progress.update(text))
+        progress.update("few-shot curve done", final=progress.tty)
         plot_few_shot_curve(curve, Path(args.plot))
         print(f"few-shot curve written to {args.plot}")
     return 0
-
-
-def few_shot_curve(embedded: Any, base: Any, seed: int, strategies: Sequence[str], progress: Progress) -> dict[str, Any]:
-    """Accuracy against labelled windows per class (K), for each strategy, on identical splits."""
-    from .data.partition import PartitionConfig
-    from .sim import SimConfig, federate, run_simulation
-
-    curve: dict[str, Any] = {"shots": list(FEW_SHOT_CURVE), "seed": seed, "rounds": base.rounds, "strategies": {}}
-    for name in strategies:
-        curve["strategies"][name] = {"mean_acc": [], "worst_acc": [], "new_user_acc": []}
-    for k in FEW_SHOT_CURVE:
-        data = federate(embedded, PartitionConfig(regime="few-shot", seed=seed, shots=k))
-        for name in strategies:
-            progress.update(f"few-shot curve: K={k or 'all'} {name}")
-            s = run_simulation(data, SimConfig(**{**base.__dict__, "strategy": name, "seed": seed}))["summary"]
-            for key in ("mean_acc", "worst_acc", "new_user_acc"):
-                curve["strategies"][name][key].append(s[key])
-    progress.update("few-shot curve done", final=True)
-    return curve
-
-
-def plot_few_shot_curve(curve: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit(f"edge-fl: --plot needs matplotlib (pip install 'edge-fl[plot]'): {exc}") from exc
-    labels = [str(k) if k else "all" for k in curve["shots"]]
-    xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, series in curve["strategies"].items():
-        line, = ax.plot(xs, [100 * v for v in series["mean_acc"]], marker="o", label=f"{name} (mean client)")
-        ax.plot(xs, [100 * v for v in series["worst_acc"]], linestyle=":", color=line.get_color(),
-                label=f"{name} (worst client)")
-    ax.set_xticks(list(xs), labels)
-    ax.set_xlabel("labelled windows per class on each device (K)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Few-label users: accuracy vs K ({curve['rounds']} rounds, seed {curve['seed']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .backbone import DEFAULT_MODEL
     from .data.partition import REGIMES
     from .learning.strategies import STRATEGIES
-    from .sim import DEFAULT_STRATEGY
+    from .sim import DEFAULT_STRATEGY, SimConfig
 
+    defaults = SimConfig()
     parser = argparse.ArgumentParser(prog="edge-fl", description="Federated personalization layers for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-fl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,17 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sim.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=[*STRATEGIES, "all"],
                      help="'all' runs every strategy on identical splits and prints a comparison")
-    sim.add_argument("--regime", default="natural", choices=list(REGIMES))
-    sim.add_argument("--rounds", type=int, default=30)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--regime", default="natural", choices=list(REGIMES), help="what each client holds")
+    sim.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
+    sim.add_argument("--seed", type=int, default=0, help="seeds the partition, initial weights and sampling")
     sim.add_argument("--shots", type=int, default=5, help="few-shot: labelled windows per class per client (0 = all)")
     sim.add_argument("--classes-per-client", type=int, default=3, help="label-skew: classes each client keeps")
     sim.add_argument("--alpha", type=float, default=0.5, help="dirichlet: concentration of class proportions")
-    sim.add_argument("--fraction", type=float, default=1.0, help="share of clients sampled per round")
-    sim.add_argument("--adapter-dim", type=int, default=32, help="width of the shared adapter (0 = none)")
-    sim.add_argument("--local-epochs", type=int, default=1)
-    sim.add_argument("--lr", type=float, default=0.003)
-    sim.add_argument("--ditto-lambda", type=float, default=0.5)
+    sim.add_argument("--fraction", type=float, default=defaults.fraction, help="share of clients sampled per round")
+    sim.add_argument("--adapter-dim", type=int, default=defaults.adapter_dim, help="width of the shared adapter (0 = none)")
+    sim.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="epochs each client trains per round")
+    sim.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate of the head")
+    sim.add_argument("--ditto-lambda", type=float, default=defaults.ditto_lambda,
+                     help="ditto: pull of the personal head towards the global head")
     sim.add_argument("--float-updates", action="store_true", help="send float32 instead of int8 tensors")
     sim.add_argument("--out", type=Path, help="write the results JSON here")
     sim.add_argument("--plot", type=Path, metavar="PNG",

@@ -91,16 +91,16 @@ class SimConfig:
     rounds: int = 30
     seed: int = 0
     fraction: float = 1.0  # share of clients sampled each round
-    adapter_dim: int = 32
+    adapter_dim: int = HeadConfig.adapter_dim
     local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.003
-    optimizer: str = "adam"
-    weight_decay: float = 1e-4
-    class_weighting: bool = False
-    finetune_epochs: int = 5
-    fedrep_head_epochs: int = 5
-    ditto_lambda: float = 0.5
+    batch_size: int = FitConfig.batch_size
+    lr: float = OptimizerConfig.lr
+    optimizer: str = OptimizerConfig.kind
+    weight_decay: float = FitConfig.weight_decay
+    class_weighting: bool = FitConfig.class_weighting
+    finetune_epochs: int = StrategyConfig.finetune_epochs
+    fedrep_head_epochs: int = StrategyConfig.fedrep_head_epochs
+    ditto_lambda: float = StrategyConfig.ditto_lambda
     int8_updates: bool = True
 
     def strategy_config(self) -> StrategyConfig:
