@@ -76,3 +76,45 @@ def test_both_optimizers_learn_a_linear_rule(kind: str) -> None:
 def test_class_weights_balance_present_classes_and_ignore_absent_ones() -> None:
     w = class_weights(np.array([0, 0, 0, 1]), 3)
     np.testing.assert_allclose(w, [4 / 6, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"weight_decay": 0.01},
+    {"class_weighting": True},
+    {"prox": 0.3},
+    {"trainable": CLASSIFIER_KEYS},
+])
+def test_one_fit_step_is_exactly_one_gradient_step_of_the_documented_objective(kw: dict) -> None:
+    """`fit` works on a flat in-place buffer for speed; it must still follow `loss_and_grads`."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.array([0, 0, 0, 1, 2] * 8)
+    params = init_params(HeadConfig(8, 3, 5), rng)
+    center = {k: v + 0.1 for k, v in params.items()} if "prox" in kw else None
+    cfg = FitConfig(epochs=1, batch_size=40, weight_decay=kw.get("weight_decay", 0.0),
+                    class_weighting=kw.get("class_weighting", False),
+                    optimizer=OptimizerConfig(kind="sgd", lr=0.1, momentum=0.0))
+    got = fit(params, x, y, cfg, np.random.default_rng(0), trainable=kw.get("trainable"),
+              prox_center=center, prox_lambda=kw.get("prox", 0.0))
+    sw = class_weights(y, 3)[y] if cfg.class_weighting else None
+    _, grads = loss_and_grads(params, x, y, sample_weight=sw, weight_decay=cfg.weight_decay,
+                              prox_center=center, prox_lambda=kw.get("prox", 0.0))
+    for k in params:
+        moved = k in kw.get("trainable", params)
+        want = params[k] - 0.1 * grads[k] if moved else params[k]
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_adam_first_step_moves_every_weight_by_about_lr() -> None:
+    # With bias correction, Adam's first update is lr * sign(grad) (up to eps): a golden property.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 16)
+    params = init_params(HeadConfig(4, 2, 3), rng)
+    params["adapter.b"] += 1.0  # every ReLU active, so no gradient is exactly zero
+    got = fit(params, x, y, FitConfig(epochs=1, batch_size=16, weight_decay=0.0,
+                                      optimizer=OptimizerConfig(lr=0.01)), rng)
+    _, grads = loss_and_grads(params, x, y)
+    for k in params:
+        np.testing.assert_allclose(got[k] - params[k], -0.01 * np.sign(grads[k]), atol=1e-5, err_msg=k)
