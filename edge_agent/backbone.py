@@ -129,6 +129,8 @@ class FrozenBackbone:
             feature_output if feature_output is not None else self.metadata.get("feature_output", 0)
         )
         self.embedding_dim = int(np.prod(self.feature.shape[1:]))
+        # Read once: get_output_details() costs ~6 us, a fifth of embedding one window.
+        self._out_scale, self._out_zp = self._interp.get_output_details()[self.feature.index]["quantization"]
         self._allocated_batch = 0
         stats = self.metadata.get("input", {})
         self._mean = np.asarray(stats.get("channel_mean", 0.0), np.float32)
@@ -196,7 +198,7 @@ class FrozenBackbone:
             x = np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
         else:
             x = x.astype(dtype)
-        out_scale, out_zp = self._interp.get_output_details()[self.feature.index]["quantization"]
+        out_scale, out_zp = self._out_scale, self._out_zp
         result = np.empty((x.shape[0], self.embedding_dim), np.float32)
         for lo in range(0, x.shape[0], self.batch_size):
             chunk = x[lo: lo + self.batch_size]
