@@ -7,7 +7,6 @@ expose the same `Interpreter` API, so the choice is only about which wheel exist
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, sha256
 
 RuntimeName = Literal["auto", "ai-edge-litert", "tflite-runtime"]
 _RUNTIME_MODULES: dict[str, str] = {
@@ -32,7 +31,7 @@ class BackboneError(RuntimeError):
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
@@ -225,7 +224,9 @@ class EmbeddingCache:
         self.directory = Path(directory)
 
     def key(self, backbone: FrozenBackbone, windows: np.ndarray) -> str:
-        data = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.float32).tobytes()).hexdigest()
+        h = sha256()
+        h.update(np.ascontiguousarray(windows, dtype=np.float32).tobytes())
+        data = h.hexdigest()
         return f"{backbone.sha256[:16]}-{backbone.feature.index}-{data[:16]}"
 
     def embed(self, backbone: FrozenBackbone, windows: np.ndarray) -> np.ndarray:
