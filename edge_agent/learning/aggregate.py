@@ -32,6 +32,19 @@ class WeightedMean:
             raise ValueError("no updates to aggregate")
         return {k: (v / self.total_weight).astype(np.float32) for k, v in self._sum.items()}
 
+    # Durable form: the whole state is a few arrays, so an aggregator can commit it with each update.
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {**{f"sum:{k}": v for k, v in self._sum.items()},
+                "__total_weight__": np.array(self.total_weight), "__count__": np.array(self.count)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "WeightedMean":
+        acc = cls()
+        acc._sum = {k[4:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("sum:")}
+        acc.total_weight = float(arrays["__total_weight__"])
+        acc.count = int(arrays["__count__"])
+        return acc
+
 
 class Sum(WeightedMean):
     """Plain sums (for statistics such as class-feature sums and counts)."""

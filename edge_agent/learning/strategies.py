@@ -98,16 +98,28 @@ class Strategy(ABC):
         full = init_params(self.head, rng)
         return ServerState(0, {k: v for k, v in full.items() if k in self.shared_keys})
 
-    def aggregate(self, server: ServerState, updates: Sequence[ClientUpdate],
-                  failures: Sequence[ClientFailure] = ()) -> ServerState:
+    # Aggregation streams: one update at a time into an accumulator whose state is a few arrays, so
+    # memory does not grow with the number of clients and an aggregator can store it durably.
+    def start_aggregation(self, server: ServerState) -> WeightedMean:
+        return WeightedMean()
+
+    def add_update(self, server: ServerState, acc: WeightedMean, update: ClientUpdate) -> None:
+        acc.add(update.tensors, update.num_examples)
+
+    def finish_aggregation(self, server: ServerState, acc: WeightedMean,
+                           failures: Sequence[ClientFailure] = ()) -> ServerState:
         """Example-weighted mean of the shared tensors; with no update the global tensors stay as they are."""
         params = dict(server.params)
-        if updates:
-            mean = WeightedMean()
-            for u in updates:
-                mean.add(u.tensors, u.num_examples)
-            params.update(mean.result())
-        return ServerState(server.round + 1, params, len(updates), len(failures))
+        if acc.count:
+            params.update(acc.result())
+        return ServerState(server.round + 1, params, acc.count, len(failures))
+
+    def aggregate(self, server: ServerState, updates: Sequence[ClientUpdate],
+                  failures: Sequence[ClientFailure] = ()) -> ServerState:
+        acc = self.start_aggregation(server)
+        for u in updates:
+            self.add_update(server, acc, u)
+        return self.finish_aggregation(server, acc, failures)
 
     # --- client -------------------------------------------------------------------------------
     def init_client(self, rng: np.random.Generator) -> ClientState:
@@ -247,13 +259,19 @@ class FedNCM(FedAvgFineTune):
                  "ncm.class_count": onehot.sum(axis=0)}
         return ClientState(state.personal, state.rounds_done + 1), ClientUpdate(stats, int(data.y_train.size), self.shared_keys)
 
-    def aggregate(self, server, updates, failures=()):  # type: ignore[no-untyped-def]
-        if server.round > 0 or not updates:
-            return super().aggregate(server, updates, failures)
-        total = Sum()
-        for u in updates:
-            total.add(u.tensors, 1.0)
-        sums = total.result()
+    def start_aggregation(self, server: ServerState) -> WeightedMean:
+        return Sum() if server.round == 0 else super().start_aggregation(server)
+
+    def add_update(self, server: ServerState, acc: WeightedMean, update: ClientUpdate) -> None:
+        if server.round == 0:
+            acc.add(update.tensors, 1.0)  # class statistics add up; they are not averaged
+        else:
+            super().add_update(server, acc, update)
+
+    def finish_aggregation(self, server, acc, failures=()):  # type: ignore[no-untyped-def]
+        if server.round > 0 or not acc.count:
+            return super().finish_aggregation(server, acc, failures)
+        sums = acc.result()
         counts = sums["ncm.class_count"]
         params = dict(server.params)
         # -||h - mu_c||^2 = 2 h.mu_c - ||mu_c||^2 + const(h): a linear layer that is exactly nearest-class-mean.
@@ -262,7 +280,7 @@ class FedNCM(FedAvgFineTune):
         b = -np.sum(means**2, axis=1)
         b = np.where(counts > 0, b, b.min() - 1e3)  # a class nobody holds is never the nearest
         params["classifier.w"], params["classifier.b"] = w.astype(np.float32), b.astype(np.float32)
-        return ServerState(server.round + 1, params, len(updates), len(failures))
+        return ServerState(server.round + 1, params, acc.count, len(failures))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

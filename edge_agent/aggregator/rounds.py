@@ -1,0 +1,141 @@
+"""The round state machine, as pure code: no clock (time is an argument), no I/O, no MQTT.
+
+A round opens with a set of selected devices and a deadline, collects updates until enough have
+arrived or the deadline passes, then closes. Every incoming update gets a `Verdict`: accepted, a
+duplicate (the same update again: MQTT QoS 1 redelivers), or rejected with a reason a person can read.
+Stragglers (selected devices that did not report by the close) become `ClientFailure`s: data for
+the strategy, not exceptions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from ..learning.strategies import ClientFailure
+
+
+class UpdateLike(Protocol):
+    """What the state machine needs to know about an incoming update (an UpdateEnvelope has it)."""
+
+    device_id: str
+    round: int
+    model_version: int
+    strategy: str
+    update_id: str
+    num_examples: int
+    tensors: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    min_clients: int = 1  # fewer accepted updates than this at the deadline: the round fails, the global head stays
+    fraction: float = 1.0  # share of the online devices selected for a round
+    deadline_s: float = 60.0
+    rounds: int = 30  # total rounds; the aggregator stops opening new ones after this
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1 or not 0.0 < self.fraction <= 1.0 or self.deadline_s <= 0 or self.rounds < 1:
+            raise ValueError(f"invalid round config {self}")
+
+
+class Phase(str, enum.Enum):
+    COLLECTING = "collecting"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class RoundState:
+    round: int  # 1-based round number
+    model_version: int  # the global version this round trains from (= rounds completed before it)
+    selected: tuple[str, ...]
+    opened_at: float
+    deadline: float
+    accepted: Mapping[str, str] = field(default_factory=dict)  # device id -> update id
+    phase: Phase = Phase.COLLECTING
+
+    @property
+    def stragglers(self) -> tuple[str, ...]:
+        return tuple(d for d in self.selected if d not in self.accepted)
+
+
+class Outcome(str, enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    reason: str = ""
+
+
+def select_devices(online: Sequence[str], fraction: float, rng: np.random.Generator) -> tuple[str, ...]:
+    """A seeded sample of the online devices (all of them at fraction 1), in sorted order."""
+    pool = sorted(online)
+    if not pool:
+        return ()
+    k = max(1, int(round(fraction * len(pool))))
+    if k >= len(pool):
+        return tuple(pool)
+    return tuple(pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False).tolist()))
+
+
+def open_round(round_no: int, model_version: int, selected: Sequence[str], now: float, config: RoundConfig) -> RoundState:
+    if not selected:
+        raise ValueError("cannot open a round with no selected device")
+    return RoundState(round_no, model_version, tuple(selected), now, now + config.deadline_s)
+
+
+def judge(state: RoundState | None, update: UpdateLike, *, strategy: str,
+          expected: Mapping[str, tuple[int, ...]]) -> Verdict:
+    """Decide what to do with an update. `expected` maps each tensor name this round may carry to its shape."""
+    who = f"update {update.update_id} from {update.device_id} for round {update.round}"
+    if state is None:
+        return Verdict(Outcome.REJECTED, f"{who}: no round is open")
+    if update.round != state.round or state.phase is Phase.CLOSED:
+        when = "closed" if update.round < state.round or state.phase is Phase.CLOSED else "not opened yet"
+        return Verdict(Outcome.REJECTED, f"{who}: late or early, round {update.round} is {when} "
+                                         f"(current round {state.round}, {state.phase.value})")
+    if update.model_version != state.model_version:
+        return Verdict(Outcome.REJECTED, f"{who}: trained from model version {update.model_version}, "
+                                         f"this round trains from version {state.model_version}")
+    known = state.accepted.get(update.device_id)
+    if known == update.update_id:
+        return Verdict(Outcome.DUPLICATE, f"{who}: already counted")
+    if known is not None:
+        return Verdict(Outcome.REJECTED, f"{who}: device already delivered update {known} this round")
+    if update.device_id not in state.selected:
+        return Verdict(Outcome.REJECTED, f"{who}: device was not selected for this round")
+    if update.strategy != strategy:
+        return Verdict(Outcome.REJECTED, f"{who}: strategy {update.strategy!r}, the fleet runs {strategy!r}")
+    if update.num_examples <= 0:
+        return Verdict(Outcome.REJECTED, f"{who}: num_examples must be positive, got {update.num_examples}")
+    names = set(update.tensors)
+    if names != set(expected):
+        return Verdict(Outcome.REJECTED, f"{who}: tensors {sorted(names)}, expected {sorted(expected)}")
+    for name, shape in expected.items():
+        got = tuple(update.tensors[name].shape)
+        if got != tuple(shape):
+            return Verdict(Outcome.REJECTED, f"{who}: tensor {name} has shape {got}, expected {tuple(shape)}")
+    return Verdict(Outcome.ACCEPTED)
+
+
+def accept(state: RoundState, update: UpdateLike) -> RoundState:
+    return replace(state, accepted={**state.accepted, update.device_id: update.update_id})
+
+
+def should_close(state: RoundState, now: float) -> bool:
+    """Close when every selected device reported, or at the deadline."""
+    return state.phase is Phase.COLLECTING and (len(state.accepted) >= len(state.selected) or now >= state.deadline)
+
+
+def close(state: RoundState, config: RoundConfig) -> tuple[RoundState, list[ClientFailure], bool]:
+    """Returns (closed state, failures, whether the round succeeded, i.e. had at least min_clients)."""
+    failures = [ClientFailure(d, "no update before the deadline") for d in state.stragglers]
+    return replace(state, phase=Phase.CLOSED), failures, len(state.accepted) >= config.min_clients

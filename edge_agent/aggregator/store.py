@@ -1,0 +1,149 @@
+"""Durable aggregator state in SQLite (WAL): global versions, rounds, accepted updates and the running
+aggregate of the open round.
+
+Ingest is exactly-once by construction: accepting an update inserts its (round, device) row and
+replaces the round's accumulator in ONE transaction, and the aggregator acknowledges the MQTT message
+only after that commit. Killed at any instant, a restarted aggregator either has the update counted
+(and ignores the broker's redelivery as a duplicate) or has not (and the broker redelivers it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..codec.tensor_pack import pack_tensors, unpack_tensors
+from ..learning.strategies import ClientFailure
+from .rounds import Phase, RoundState, UpdateLike
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS globals (
+    version INTEGER PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY, model_version INTEGER NOT NULL, selected TEXT NOT NULL,
+    opened_at REAL NOT NULL, deadline REAL NOT NULL, phase TEXT NOT NULL,
+    closed_at REAL, reported INTEGER, failed INTEGER, succeeded INTEGER);
+CREATE TABLE IF NOT EXISTS accepted (
+    round INTEGER NOT NULL, device_id TEXT NOT NULL, update_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (round, device_id));
+CREATE TABLE IF NOT EXISTS accumulator (round INTEGER PRIMARY KEY, blob BLOB NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The state database belongs to another fleet configuration or is damaged."""
+
+
+def _arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def _bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class AggregatorStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not only process death
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _txn(self) -> "_Txn":
+        return _Txn(self.db)
+
+    # --- configuration fingerprint -------------------------------------------------------------
+    def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
+        """Refuse to resume a state written for another strategy / head / fleet."""
+        want = json.dumps(fingerprint, sort_keys=True)
+        row = self.db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (want,))
+        elif row[0] != want:
+            raise StoreError(f"{self.path} holds the state of another configuration ({row[0]}); this aggregator "
+                             f"runs {want}. Use another state file or delete this one to start over.")
+
+    # --- global versions -----------------------------------------------------------------------
+    def save_global(self, version: int, params: Mapping[str, np.ndarray]) -> None:
+        with self._txn():
+            self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
+                            (version, pack_tensors(params, int8=False), time.time()))
+
+    def latest_global(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        row = self.db.execute("SELECT version, blob FROM globals ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), unpack_tensors(row[1]))
+
+    # --- rounds --------------------------------------------------------------------------------
+    def open_round(self, state: RoundState) -> None:
+        with self._txn():
+            self.db.execute("INSERT INTO rounds (round, model_version, selected, opened_at, deadline, phase) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (state.round, state.model_version, json.dumps(list(state.selected)),
+                             state.opened_at, state.deadline, state.phase.value))
+
+    def current_round(self) -> RoundState | None:
+        row = self.db.execute("SELECT round, model_version, selected, opened_at, deadline, phase FROM rounds "
+                              "ORDER BY round DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        accepted = dict(self.db.execute("SELECT device_id, update_id FROM accepted WHERE round=?", (row[0],)).fetchall())
+        return RoundState(int(row[0]), int(row[1]), tuple(json.loads(row[2])), float(row[3]), float(row[4]),
+                          accepted, Phase(row[5]))
+
+    def accept(self, state: RoundState, update: UpdateLike, accumulator: Mapping[str, np.ndarray], now: float) -> None:
+        """Record the update and the accumulator that includes it, atomically."""
+        with self._txn():
+            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)",
+                            (state.round, update.device_id, update.update_id, update.num_examples, now))
+            self.db.execute("INSERT OR REPLACE INTO accumulator VALUES (?, ?)",
+                            (state.round, _arrays_to_bytes(accumulator)))
+
+    def accumulator(self, round_no: int) -> dict[str, np.ndarray] | None:
+        row = self.db.execute("SELECT blob FROM accumulator WHERE round=?", (round_no,)).fetchone()
+        return None if row is None else _bytes_to_arrays(row[0])
+
+    def close_round(self, state: RoundState, failures: Sequence[ClientFailure], succeeded: bool,
+                    new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float) -> None:
+        """Close the round and, when it succeeded, store the new global version, atomically."""
+        with self._txn():
+            self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=? WHERE round=?",
+                            (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded), state.round))
+            if new_version is not None and new_params is not None:
+                self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
+                                (new_version, pack_tensors(new_params, int8=False), now))
+            self.db.execute("DELETE FROM accumulator WHERE round=?", (state.round,))
+
+    def round_history(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT round, model_version, phase, reported, failed, succeeded FROM rounds "
+                               "ORDER BY round").fetchall()
+        return [dict(zip(("round", "model_version", "phase", "reported", "failed", "succeeded"), r)) for r in rows]
+
+    def accepted_count(self, round_no: int) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM accepted WHERE round=?", (round_no,)).fetchone()[0])
+
+
+class _Txn:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
