@@ -121,6 +121,11 @@ class Strategy(ABC):
             self.add_update(server, acc, u)
         return self.finish_aggregation(server, acc, failures)
 
+    def upload_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor a client uploads in the round that trains from `server`."""
+        full = init_params(self.head, np.random.default_rng(0))
+        return {k: tuple(v.shape) for k, v in full.items() if k in self.shared_keys}
+
     # --- client -------------------------------------------------------------------------------
     def init_client(self, rng: np.random.Generator) -> ClientState:
         full = init_params(self.head, rng)
@@ -258,6 +263,12 @@ class FedNCM(FedAvgFineTune):
         stats = {"ncm.class_sum": (onehot.T @ h).astype(np.float32),
                  "ncm.class_count": onehot.sum(axis=0)}
         return ClientState(state.personal, state.rounds_done + 1), ClientUpdate(stats, int(data.y_train.size), self.shared_keys)
+
+    def upload_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
+        if server.round > 0:
+            return {k: v for k, v in super().upload_shapes(server).items() if k not in self.STATS}
+        width = self.head.adapter_dim or self.head.in_dim
+        return {"ncm.class_sum": (self.head.num_classes, width), "ncm.class_count": (self.head.num_classes,)}
 
     def start_aggregation(self, server: ServerState) -> WeightedMean:
         return Sum() if server.round == 0 else super().start_aggregation(server)

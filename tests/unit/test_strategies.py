@@ -108,3 +108,16 @@ def test_unknown_strategy_lists_the_known_ones() -> None:
 def test_split_strategies_need_an_adapter() -> None:
     with pytest.raises(ValueError, match="adapter"):
         make_strategy("fedper", HeadConfig(6, 3, adapter_dim=0)).shared_keys
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_upload_shapes_match_what_clients_actually_send(name: str) -> None:
+    s = make_strategy(name, HEAD)
+    server = s.init_server(np.random.default_rng(0))
+    for _ in range(2):
+        _, u = s.client_round(server, s.init_client(np.random.default_rng(1)), _client(1), np.random.default_rng(2))
+        if u is None:
+            assert s.upload_shapes(server) == {}
+        else:
+            assert {k: v.shape for k, v in u.tensors.items()} == s.upload_shapes(server)
+            server = s.aggregate(server, [u])

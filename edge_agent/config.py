@@ -1,0 +1,121 @@
+"""TOML configuration of the agent and the aggregator, checked on load with messages that name the file
+and the key. Unknown keys are errors: a typo must not silently fall back to a default."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .sim import SimConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, is not TOML, or has a wrong, missing or unknown key."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # preferred over `password` on a device: keep secrets out of the config
+    max_payload_bytes: int = 256 * 1024 - 1024  # below mosquitto-dev.conf's max_packet_size
+
+    def secret(self) -> str | None:
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return self.password
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "watch-dataset"  # the demo's data: this subject's windows of the bundled recordings
+    subject: int = 4
+    regime: str = "natural"
+    seed: int = 0
+    shots: int = 5
+    classes_per_client: int = 3
+    alpha: float = 0.5
+    dataset: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    state_dir: str
+    fleet: str = "default"
+    rng_stream: int = 0  # this device's random stream; the demo sets it to the client's index in `simulate`
+    backbone: str | None = None
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """How rounds run; what is trained (strategy, rounds, fraction, hyperparameters) is in [train]."""
+
+    expected_clients: int = 1  # round 1 opens once this many devices are online
+    min_clients: int = 1
+    deadline_s: float = 60.0
+    max_update_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    state: str
+    fleet_name: str = "default"
+    embedding_dim: int = 64
+    num_classes: int = 7
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    train: SimConfig = field(default_factory=SimConfig)
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{where}: missing required key {name!r}")
+            continue
+        value = data[name]
+        sub = f.type if isinstance(f.type, type) else _NESTED.get(str(f.type))
+        if sub is not None and hasattr(sub, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{name}] must be a table")
+            value = _build(sub, value, f"{where} [{name}]")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+_NESTED: dict[str, type] = {"BrokerConfig": BrokerConfig, "DataConfig": DataConfig, "FleetConfig": FleetConfig,
+                            "SimConfig": SimConfig}
+
+
+def load_toml(path: str | Path, cls: type[T]) -> T:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
+    return _build(cls, data, str(p))
