@@ -115,6 +115,56 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_on_signals() -> Any:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent.service import AgentService, load_dataset_client
+    from .config import AgentConfig, load_toml
+
+    cfg = load_toml(args.config, AgentConfig)
+    data = load_dataset_client(cfg)
+    AgentService(cfg, data).run(_stop_on_signals())
+    return 0
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    import threading
+
+    from .aggregator.service import AggregatorService
+    from .config import AggregatorConfig, load_toml
+
+    cfg = load_toml(args.config, AggregatorConfig)
+    service = AggregatorService(cfg)
+    stop = _stop_on_signals()
+    if args.exit_when_done:
+        threading.Thread(target=lambda: (service.done.wait(), stop.set()), daemon=True).start()
+    service.run(stop)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(strategy=args.strategy, rounds=args.rounds, seed=args.seed, regime=args.regime,
+                     broker=args.broker, username=args.username, password=args.password, timeout_s=args.timeout,
+                     workdir=args.workdir)
+    t0 = time.perf_counter()
+    result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
+    s = result["summary"]
+    print(f"done in {time.perf_counter() - t0:.0f} s: personalized mean {100 * s['mean_acc']:.1f}%, "
+          f"10th percentile {100 * s['p10_acc']:.1f}%, worst {100 * s['worst_acc']:.1f}%"
+          + (f"; results written to {args.out}" if args.out else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backbone import DEFAULT_MODEL
     from .data.partition import REGIMES
@@ -164,6 +214,35 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-cache", action="store_true", help="always run the backbone")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     sim.set_defaults(func=cmd_simulate)
+
+    agent = sub.add_parser("agent", help="run a device agent (see deploy/ for systemd and Termux)",
+                           description="Run a device agent: trains the personalization head on local data when a "
+                                       "round selects it, uploads the shared tensors, keeps the personal ones.")
+    agent.add_argument("--config", type=Path, required=True, help="agent TOML (see deploy/agent.example.toml)")
+    agent.set_defaults(func=cmd_agent)
+
+    agg = sub.add_parser("aggregator", help="run the aggregator",
+                         description="Run the aggregator: opens rounds, validates and aggregates updates, "
+                                     "publishes global versions. State survives restarts (SQLite).")
+    agg.add_argument("--config", type=Path, required=True, help="aggregator TOML (see deploy/aggregator.example.toml)")
+    agg.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round")
+    agg.set_defaults(func=cmd_aggregator)
+
+    demo = sub.add_parser("demo", help="a whole fleet on this machine through a real Mosquitto",
+                          description="Start a private Mosquitto (or use --broker), the aggregator and one agent per "
+                                      "federated subject on the real recordings; print a table per round.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
+    demo.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
+    demo.add_argument("--seed", type=int, default=0, help="same meaning as in simulate")
+    demo.add_argument("--regime", default="natural", choices=list(REGIMES), help="what each client holds")
+    demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private one")
+    demo.add_argument("--username", help="with --broker: the MQTT user of every process")
+    demo.add_argument("--password", help="with --broker: its password")
+    demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    demo.add_argument("--workdir", type=Path, help="keep configs, logs and state here (default: a temp dir)")
+    demo.add_argument("--out", type=Path, help="write the results JSON here")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -177,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (BackboneError, DatasetError, ValueError) as exc:
+    except (BackboneError, DatasetError, ValueError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"edge-fl: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from .data.windows import WindowConfig, split_and_window
 from .learning.features import EmbeddingStandardizer
 from .learning.head import FitConfig, HeadConfig, OptimizerConfig, quantize_head
 from .learning.metrics import accuracy, summarize
-from .learning.strategies import ClientData, ClientUpdate, StrategyConfig, make_strategy
+from .learning.strategies import ClientData, ClientUpdate, ServerState, StrategyConfig, make_strategy
 
 DEFAULT_STRATEGY = "ditto"
 
@@ -138,7 +138,8 @@ class _Wire:
 
 def run_simulation(data: FederatedData, config: SimConfig, *,
                    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-                   watch_uplink: Uplink | None = None) -> dict[str, Any]:
+                   watch_uplink: Uplink | None = None,
+                   watch_server: Callable[[ServerState], None] | None = None) -> dict[str, Any]:
     """Run `config.rounds` rounds; returns the results document (per-round per-client accuracy + summary)."""
     head = HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim)
     strategy = make_strategy(config.strategy, head, config.strategy_config())
@@ -160,6 +161,8 @@ def run_simulation(data: FederatedData, config: SimConfig, *,
             if update is not None:
                 updates.append(wire.up(data.client_ids[i], rnd, update))
         server = strategy.aggregate(server, updates)
+        if watch_server:
+            watch_server(server)
         # Every device runs the int8 twin of its personalized head: that is what we score.
         view = type(server)(server.round, wire.down(server.params, 0), server.reported, server.failed)
         client_acc = {}

@@ -1,0 +1,232 @@
+"""The device agent service: a thin shell around the strategies, the agent store and the MQTT link.
+
+One thread runs this loop; paho's network thread only fills the link's inbox. The loop:
+- announces presence (retained "online", "offline" as last will),
+- on a round task that selects this device: trains once per round and commits the new personal state
+  with the encoded update to the outbox in one transaction, then uploads;
+- on a new global version: evaluates its heads on its own held-out data and reports telemetry;
+- uploads whatever the outbox holds whenever it is connected (see agent/store.py for when an update
+  counts as sent and when it is forgotten).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..codec.chunking import split_message
+from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelope, encode_envelope
+from ..config import AgentConfig
+from ..faults import crash_point
+from ..fleet import from_meta
+from ..fsutil import sha256
+from ..learning.head import quantize_head
+from ..learning.metrics import accuracy
+from ..learning.strategies import ClientData, ClientState, ServerState, Strategy
+from ..protocol import Topics
+from ..transport import ConnectionEvent, Message, MqttError, MqttLink
+from .store import AgentStore, OutboxItem
+
+log = logging.getLogger("edge_fl.agent")
+NO_MATCHING_SUBSCRIBERS = 0x10  # a successful PUBACK, but nobody will receive the message
+
+
+def load_dataset_client(cfg: AgentConfig) -> ClientData:
+    """The demo's local data: this subject's windows of the bundled recordings, through the real backbone."""
+    from ..backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
+    from ..data.partition import PartitionConfig
+    from ..data.watch import load_watch_dataset
+    from ..sim import default_cache_dir, embed_dataset, federate
+
+    d = cfg.data
+    if d.source != "watch-dataset":
+        raise ValueError(f"unknown data source {d.source!r}; this build knows 'watch-dataset'")
+    backbone = FrozenBackbone(cfg.backbone or DEFAULT_MODEL)
+    cache = EmbeddingCache(d.cache_dir or default_cache_dir())
+    embedded = embed_dataset(load_watch_dataset(d.dataset), backbone, cache=cache)
+    fed = federate(embedded, PartitionConfig(regime=d.regime, seed=d.seed, shots=d.shots,
+                                             classes_per_client=d.classes_per_client, alpha=d.alpha))
+    client_id = f"subject-{d.subject:02d}"
+    if client_id not in fed.client_ids:
+        raise ValueError(f"subject {d.subject} is not a federated client (clients: {', '.join(fed.client_ids)})")
+    return fed.clients[fed.client_ids.index(client_id)]
+
+
+def _message_id(update_id: str) -> bytes:
+    h = sha256()
+    h.update(update_id.encode())
+    return bytes(h.digest()[:16])
+
+
+@dataclass
+class _Task:
+    strategy: Strategy
+    seed: int
+    server: ServerState
+    meta: dict[str, Any]
+
+
+class AgentService:
+    def __init__(self, cfg: AgentConfig, data: ClientData, *,
+                 link_factory: Callable[..., MqttLink] = MqttLink) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.topics = Topics(cfg.fleet)
+        self.store = AgentStore(Path(cfg.state_dir) / "agent.db")
+        b = cfg.broker
+        self.link = link_factory(
+            cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
+            will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
+            max_payload_bytes=b.max_payload_bytes)
+
+    # --- decisions ------------------------------------------------------------------------------
+    def _task(self, env: UpdateEnvelope) -> _Task:
+        train, _head, strategy = from_meta(dict(env.meta))
+        return _Task(strategy, train.seed, ServerState(env.model_version, dict(env.tensors)), dict(env.meta))
+
+    def _rng(self, seed: int, *stream: int) -> np.random.Generator:
+        return np.random.default_rng([seed, *stream])
+
+    def _state(self, task: _Task) -> ClientState:
+        state = self.store.client_state()
+        if state is None:
+            # The same stream as client i of `edge-fl simulate`, so both compute the same thing.
+            state = task.strategy.init_client(self._rng(task.seed, 1, self.cfg.rng_stream))
+            self.store.save_initial_state(state)
+        return state
+
+    def evaluate(self, task: _Task) -> None:
+        version = task.server.round
+        if self.store.evaluated(version):
+            return
+        state = self._state(task)
+        personal = task.strategy.personalized(task.server, state, self.data,
+                                              self._rng(task.seed, 4, version, self.cfg.rng_stream))
+        report: dict[str, Any] = {
+            "device": self.cfg.device_id, "version": version, "n_test": int(self.data.y_test.size),
+            "personal_acc": accuracy(quantize_head(personal).predict(self.data.x_test), self.data.y_test),
+            "global_acc": None,
+        }
+        glob = task.strategy.new_user_head(task.server)
+        if glob is not None:
+            report["global_acc"] = accuracy(quantize_head(glob).predict(self.data.x_test), self.data.y_test)
+        text = json.dumps(report)
+        self.store.record_evaluation(version, text)
+        self._send_telemetry(text)
+
+    def _send_telemetry(self, text: str) -> None:
+        try:
+            self.link.publish(self.topics.telemetry(self.cfg.device_id), text.encode(), qos=1, timeout=5.0)
+        except MqttError as exc:
+            log.warning("telemetry not sent (%s); the evaluation is kept in the local state", exc)
+
+    def train(self, env: UpdateEnvelope) -> None:
+        round_no = int(env.meta.get("round", env.round))
+        selected = str(env.meta.get("selected", "")).split(",")
+        if self.cfg.device_id not in selected:
+            log.info("round %d: not selected", round_no)
+            return
+        task = self._task(env)
+        self.evaluate(task)  # the task carries the global head of the last round: score it before training
+        if self.store.trained(round_no):
+            log.info("round %d: already trained, the update is in the outbox or delivered", round_no)
+            return
+        state = self._state(task)
+        t0 = time.perf_counter()
+        state, update = task.strategy.client_round(task.server, state, self.data,
+                                                   self._rng(task.seed, 3, round_no, self.cfg.rng_stream))
+        item = None
+        if update is not None:
+            envelope = UpdateEnvelope(
+                kind=Kind.UPDATE, device_id=self.cfg.device_id, round=round_no, model_version=env.model_version,
+                strategy=task.strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
+                tensors=update.tensors, codec="int8" if task.meta.get("train.int8_updates", True) else "float32")
+            item = OutboxItem(envelope.update_id, round_no, self.topics.update(self.cfg.device_id, round_no),
+                              encode_envelope(envelope))
+        self.store.commit_round(round_no, env.model_version, state, item)
+        crash_point("agent.after_commit", round_no)
+        log.info("round %d: trained on %d windows in %.0f ms%s", round_no, self.data.y_train.size,
+                 1000 * (time.perf_counter() - t0), f", update {item.update_id} ({len(item.payload)} B) queued" if item else "")
+
+    def flush_outbox(self, *, resend: bool = False) -> None:
+        for item in self.store.outbox(include_sent=resend):
+            if not self.link.connected:
+                return
+            limit = self.cfg.broker.max_payload_bytes
+            # Chunk ids derive from the update id: a resend after a crash is recognised as the same message.
+            parts = [item.payload] if len(item.payload) <= limit else split_message(
+                item.payload, message_id=_message_id(item.update_id), max_chunk_bytes=limit)
+            try:
+                for part in parts:
+                    rc = self.link.publish(item.topic, part, qos=1, timeout=10.0)
+            except MqttError as exc:
+                log.warning("update %s for round %d not delivered yet (%s); it stays in the outbox",
+                            item.update_id, item.round, exc)
+                return
+            crash_point("agent.after_puback", item.round)  # acknowledged by the broker, not yet marked here
+            if rc == NO_MATCHING_SUBSCRIBERS:
+                log.warning("update %s for round %d: the aggregator is not subscribed right now; will retry",
+                            item.update_id, item.round)
+                return
+            self.store.mark_sent(item.update_id)
+            log.info("update %s for round %d delivered (PUBACK reason code 0x%02x)", item.update_id, item.round, rc)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def handle(self, msg: Message | ConnectionEvent) -> None:
+        if isinstance(msg, ConnectionEvent):
+            if msg.connected:
+                try:
+                    self.link.publish_nowait(self.topics.presence(self.cfg.device_id), b"online", qos=1, retain=True)
+                except MqttError as exc:
+                    log.warning("presence not announced (%s)", exc)
+                # A broker that crashed lost what it held: send the open round's update again.
+                self.flush_outbox(resend=True)
+            else:
+                log.warning("disconnected from the broker (%s); paho reconnects with backoff", msg.reason)
+            return
+        if not msg.payload:
+            if msg.topic == self.topics.round_current:  # the aggregator cleared the task: the fleet is done
+                self.store.forget_rounds_before(1 << 62)
+            return
+        try:
+            env = decode_envelope(msg.payload)
+        except EnvelopeError as exc:
+            log.error("ignored a malformed message on %s: %s", msg.topic, exc)
+            return
+        if msg.topic == self.topics.round_current and env.kind is Kind.GLOBAL:
+            self.store.forget_rounds_before(int(env.meta.get("round", env.round)))
+            self.train(env)
+            self.flush_outbox()
+        elif msg.topic == self.topics.model_current and env.kind is Kind.GLOBAL:
+            self.evaluate(self._task(env))
+
+    def run(self, stop: threading.Event) -> None:
+        self.link.connect(timeout=30.0)
+        self.link.subscribe(self.topics.round_current, qos=1)
+        self.link.subscribe(self.topics.model_current, qos=1)
+        log.info("agent %s up: %d training / %d test windows, fleet %s", self.cfg.device_id,
+                 self.data.y_train.size, self.data.y_test.size, self.cfg.fleet)
+        while not stop.is_set():
+            try:
+                msg = self.link.inbox.get(timeout=1.0)
+            except queue.Empty:  # quiet: retry whatever is still waiting in the outbox
+                if self.link.connected and self.store.outbox():  # unsent only
+                    self.flush_outbox()
+                continue
+            self.handle(msg)
+        try:
+            self.link.publish(self.topics.presence(self.cfg.device_id), b"offline", qos=1, retain=True, timeout=2.0)
+        except MqttError:
+            pass
+        self.link.close()
+        self.store.close()

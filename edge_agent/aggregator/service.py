@@ -1,0 +1,281 @@
+"""The aggregator service: the MQTT shell around the round state machine, the strategy and the store.
+
+Everything that decides is pure (rounds.py, the strategy); everything that must survive a crash is in
+the store; this loop only moves messages. Updates are acknowledged to the broker (manual PUBACK) only
+after the store committed them, so a crash between receipt and commit makes the broker redeliver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..codec.chunking import ChunkError, Reassembler, parse_chunk
+from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelope, encode_envelope
+from ..config import AggregatorConfig
+from ..faults import crash_point
+from ..fleet import task_meta
+from ..learning.aggregate import WeightedMean
+from ..learning.head import HeadConfig
+from ..learning.strategies import ClientUpdate, ServerState, make_strategy
+from ..protocol import Topics
+from ..transport import ConnectionEvent, Message, MqttError, MqttLink
+from . import rounds
+from .rounds import Outcome, Phase, RoundConfig, RoundState
+from .store import AggregatorStore
+
+log = logging.getLogger("edge_fl.aggregator")
+CHUNK_MAGIC = b"EFLC"
+
+
+@dataclass
+class RoundCounters:
+    rejected: int = 0
+    duplicates: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class AggregatorService:
+    def __init__(self, cfg: AggregatorConfig, *, link_factory: Callable[..., MqttLink] = MqttLink,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.topics = Topics(cfg.fleet_name)
+        self.head = HeadConfig(cfg.embedding_dim, cfg.num_classes, cfg.train.adapter_dim)
+        self.strategy = make_strategy(cfg.train.strategy, self.head, cfg.train.strategy_config())
+        self.round_config = RoundConfig(min_clients=cfg.fleet.min_clients, fraction=cfg.train.fraction,
+                                        deadline_s=cfg.fleet.deadline_s, rounds=cfg.train.rounds)
+        self.store = AggregatorStore(cfg.state)
+        self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
+                                      "seed": cfg.train.seed, "fleet": cfg.fleet_name})
+        latest = self.store.latest_global()
+        if latest is None:
+            server = self.strategy.init_server(np.random.default_rng([cfg.train.seed, 0]))
+            self.store.save_global(0, server.params)
+            latest = (0, server.params)
+        self.server = ServerState(latest[0], latest[1])
+        self.state: RoundState | None = self.store.current_round()
+        self.acc = self.strategy.start_aggregation(self.server)
+        if self.state is not None and self.state.phase is Phase.COLLECTING:
+            saved = self.store.accumulator(self.state.round)
+            if saved is not None:
+                self.acc = type(self.acc).from_arrays(saved)
+            log.info("resuming round %d: %d update(s) already counted", self.state.round, len(self.state.accepted))
+        self.online: set[str] = set()
+        self.counters = RoundCounters()
+        self.reassembler = Reassembler(max_message_bytes=cfg.fleet.max_update_bytes, max_pending=256)
+        self.held: dict[bytes, list[Message]] = {}  # chunk messages acknowledged once their message is handled
+        b = cfg.broker
+        self.link = link_factory("edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username,
+                                 password=b.secret(), clean_start=False, max_payload_bytes=b.max_payload_bytes,
+                                 manual_ack=True, receive_maximum=256)
+        self.done = threading.Event()
+        self.last_status: bytes | None = None
+
+    # --- publishing ----------------------------------------------------------------------------
+    def _global_envelope(self, round_no: int, meta: dict[str, Any]) -> bytes:
+        env = UpdateEnvelope(kind=Kind.GLOBAL, device_id="aggregator", round=round_no,
+                             model_version=self.server.round, strategy=self.strategy.name, update_id=uuid.uuid4().hex,
+                             num_examples=0, tensors=self.server.params,
+                             codec="int8" if self.cfg.train.int8_updates else "float32",
+                             meta=task_meta(self.cfg.train, self.head, **meta))
+        return encode_envelope(env)
+
+    def _publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Retained state: if the broker is away now, it is published again on reconnection."""
+        try:
+            self.link.publish(topic, payload, qos=1, retain=True)
+            return True
+        except MqttError as exc:
+            log.warning("could not publish %s now (%s); it is published again when the broker is back", topic, exc)
+            return False
+
+    def publish_model(self) -> None:
+        payload = self._global_envelope(self.server.round, {})
+        if self._publish_retained(self.topics.model_current, payload):
+            self.counters.bytes_out += len(payload)
+
+    def publish_task(self) -> None:
+        assert self.state is not None
+        payload = self._global_envelope(self.state.round, {"round": self.state.round, "deadline": self.state.deadline,
+                                                           "selected": ",".join(self.state.selected)})
+        if self._publish_retained(self.topics.round_current, payload):
+            self.counters.bytes_out += len(payload) * len(self.state.selected)
+        log.info("round %d open: %d device(s) selected, deadline in %.0f s, training from version %d",
+                 self.state.round, len(self.state.selected), self.state.deadline - self.clock(), self.server.round)
+
+    # --- rounds --------------------------------------------------------------------------------
+    def rounds_opened(self) -> int:
+        return 0 if self.state is None else self.state.round
+
+    def maybe_open(self) -> None:
+        if self.state is not None and self.state.phase is Phase.COLLECTING:
+            return
+        if self.rounds_opened() >= self.round_config.rounds:
+            return
+        if len(self.online) < self.cfg.fleet.expected_clients:
+            return
+        nxt = self.rounds_opened() + 1
+        rng = np.random.default_rng([self.cfg.train.seed, 2, nxt])
+        selected = rounds.select_devices(sorted(self.online), self.round_config.fraction, rng)
+        self.state = rounds.open_round(nxt, self.server.round, selected, self.clock(), self.round_config)
+        self.store.open_round(self.state)
+        self.acc = self.strategy.start_aggregation(self.server)
+        self.counters = RoundCounters()
+        self.publish_task()
+
+    def maybe_close(self) -> None:
+        if self.state is None or not rounds.should_close(self.state, self.clock()):
+            return
+        closed, failures, ok = rounds.close(self.state, self.round_config)
+        t0 = self.state.opened_at
+        if ok:
+            self.server = self.strategy.finish_aggregation(self.server, self.acc, failures)
+            self.store.close_round(closed, failures, True, self.server.round, self.server.params, self.clock())
+        else:
+            self.store.close_round(closed, failures, False, None, None, self.clock())
+            log.warning("round %d failed: %d update(s), at least %d needed; the global head stays at version %d",
+                        closed.round, len(closed.accepted), self.round_config.min_clients, self.server.round)
+        self.state = closed
+        for f in failures:
+            log.warning("round %d: %s sent no update (%s)", closed.round, f.client_id, f.reason)
+        if ok:
+            self.publish_model()
+        status = {"round": closed.round, "model_version": self.server.round, "succeeded": ok,
+                  "reporting": len(closed.accepted), "selected": len(closed.selected), "failed": len(failures),
+                  "rejected": self.counters.rejected, "duplicates": self.counters.duplicates,
+                  "bytes_in": self.counters.bytes_in, "bytes_out": self.counters.bytes_out,
+                  "duration_s": round(self.clock() - t0, 3), "last": closed.round >= self.round_config.rounds}
+        self.last_status = json.dumps(status).encode()
+        self._publish_retained(self.topics.status, self.last_status)
+        log.info("round %d closed: %d/%d reported, %d rejected, %d duplicate(s), %d B in; global version %d",
+                 closed.round, len(closed.accepted), len(closed.selected), self.counters.rejected,
+                 self.counters.duplicates, self.counters.bytes_in, self.server.round)
+        if closed.round >= self.round_config.rounds:
+            self._publish_retained(self.topics.round_current, b"")  # clears the retained task
+            log.info("all %d rounds done", self.round_config.rounds)
+            self.done.set()
+        self.maybe_open()
+
+    # --- ingest --------------------------------------------------------------------------------
+    def reject(self, what: str) -> None:
+        self.counters.rejected += 1
+        log.warning("rejected %s", what)
+
+    def on_update_message(self, msg: Message) -> None:
+        device = self.topics.device_of(msg.topic, "update") or "?"
+        self.counters.bytes_in += len(msg.payload)
+        if msg.payload[:4] == CHUNK_MAGIC:
+            try:
+                header, _ = parse_chunk(msg.payload)
+                whole = self.reassembler.feed(msg.payload, self.clock())
+            except ChunkError as exc:
+                self.reject(f"a malformed chunk on {msg.topic}: {exc}")
+                self.link.ack(msg)
+                return
+            self.held.setdefault(header.message_id, []).append(msg)
+            if whole is None:
+                return
+            self.ingest(whole, msg.topic, device)
+            for held in self.held.pop(header.message_id, []):
+                self.link.ack(held)
+            return
+        self.ingest(msg.payload, msg.topic, device)
+        self.link.ack(msg)
+
+    def ingest(self, payload: bytes, topic: str, device: str) -> None:
+        if len(payload) > self.cfg.fleet.max_update_bytes:
+            self.reject(f"an oversized update on {topic}: {len(payload)} bytes, the limit is "
+                        f"{self.cfg.fleet.max_update_bytes} (fleet.max_update_bytes)")
+            return
+        try:
+            env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
+        except EnvelopeError as exc:
+            self.reject(f"a malformed update on {topic} (device {device}): {exc}")
+            return
+        if env.kind is not Kind.UPDATE or env.device_id != device:
+            self.reject(f"update {env.update_id} on {topic}: kind {env.kind.name} from {env.device_id!r}; "
+                        f"an update must be kind UPDATE from the device named in its topic")
+            return
+        verdict = rounds.judge(self.state, env, strategy=self.strategy.name,
+                               expected=self.strategy.upload_shapes(self.server))
+        if verdict.outcome is Outcome.DUPLICATE:
+            self.counters.duplicates += 1
+            log.info("ignored a redelivery: %s", verdict.reason)
+            return
+        if verdict.outcome is Outcome.REJECTED:
+            self.reject(verdict.reason)
+            return
+        assert self.state is not None
+        crash_point("aggregator.before_commit", env.round)
+        update = ClientUpdate(dict(env.tensors), env.num_examples, self.strategy.shared_keys)
+        self.strategy.add_update(self.server, self.acc, update)
+        self.store.accept(self.state, env, self.acc.to_arrays(), self.clock())
+        crash_point("aggregator.after_commit", env.round)  # counted, but the broker has no PUBACK yet
+        self.state = rounds.accept(self.state, env)
+        log.info("accepted update %s from %s for round %d (%d/%d)", env.update_id, env.device_id, env.round,
+                 len(self.state.accepted), len(self.state.selected))
+
+    def on_presence(self, msg: Message) -> None:
+        device = self.topics.device_of(msg.topic, "presence")
+        if device is None:
+            return
+        if msg.payload == b"online":
+            self.online.add(device)
+        else:
+            self.online.discard(device)
+        self.link.ack(msg)
+
+    def handle(self, msg: Message | ConnectionEvent) -> None:
+        if isinstance(msg, ConnectionEvent):
+            if msg.connected:
+                log.info("connected to the broker (%s)", msg.reason)
+                # A broker that crashed may have lost our retained messages: publish them again.
+                self.publish_model()
+                if self.state is not None and self.state.phase is Phase.COLLECTING:
+                    self.publish_task()
+                elif self.done.is_set():
+                    self._publish_retained(self.topics.round_current, b"")
+                if self.last_status:
+                    self._publish_retained(self.topics.status, self.last_status)
+            else:
+                log.warning("lost the broker (%s); paho reconnects with backoff", msg.reason)
+            return
+        if self.topics.device_of(msg.topic, "update") is not None:
+            self.on_update_message(msg)
+        elif self.topics.device_of(msg.topic, "presence") is not None:
+            self.on_presence(msg)
+        else:
+            self.link.ack(msg)
+
+    def run(self, stop: threading.Event) -> None:
+        self.link.connect(timeout=30.0)
+        self.link.subscribe(self.topics.update_filter, qos=1)
+        self.link.subscribe(self.topics.presence_filter, qos=1)
+        log.info("aggregator up: strategy %s, %d rounds, waiting for %d device(s)", self.strategy.name,
+                 self.round_config.rounds, self.cfg.fleet.expected_clients)
+        while not stop.is_set():
+            try:
+                msg = self.link.inbox.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                self.handle(msg)
+            for message_id in self.reassembler.expire(self.clock()):
+                for held in self.held.pop(message_id, []):  # a message whose other chunks never came
+                    self.link.ack(held)
+            self.maybe_close()
+            self.maybe_open()
+        self.link.close()
+        self.store.close()

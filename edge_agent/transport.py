@@ -1,0 +1,702 @@
+"""MQTT v5 link to the broker: the one module of edge-fl that imports paho-mqtt.
+
+A small, typed, blocking wrapper in the spirit of aiomqtt: paho's network thread does the I/O
+and paho's callbacks only hand results over (queue puts, events), never block. Callers see our
+own :class:`Message`, :class:`ConnectionEvent` and exception tree, never paho types.
+
+Delivery contract (see DESIGN.md section 4)
+
+- :meth:`MqttLink.publish` with QoS 1 returns only when the broker's PUBACK arrived, with its
+  reason code; a code >= 0x80 raises :class:`PublishError`. Until then the caller must keep
+  the message (the agent's on-disk outbox): if the connection drops first, ``publish`` raises
+  :class:`NotConnected` and paho may still deliver the message after reconnecting, so QoS 1 is
+  at-least-once and receivers deduplicate.
+- Sizes are checked before sending. Mosquitto answers an oversized PUBLISH by DISCONNECTing the
+  client (reason 0x95), and paho would resend the same message after every reconnect.
+- Connection losses and reconnects are reported as :class:`ConnectionEvent` on the same inbox
+  as messages, so a service loop sees them in order. Reconnection itself is paho's loop with
+  exponential backoff; subscriptions are restored after every reconnect.
+- Incoming QoS 1 messages are acknowledged when they reach the inbox, or with
+  ``manual_ack=True`` only when the application calls :meth:`MqttLink.ack` (after committing
+  them), so that a crash in between makes the broker deliver them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+__all__ = [
+    "MqttError", "ConnectError", "NotConnected", "PublishError", "PublishTimeout",
+    "PayloadTooLarge", "SubscribeError", "Message", "ConnectionEvent", "MqttLink",
+    "DEFAULT_MAX_PAYLOAD",
+]
+
+log = logging.getLogger(__name__)
+
+#: The broker_config limit (max_packet_size 262144) less 1 KiB for topic and properties.
+DEFAULT_MAX_PAYLOAD = 262144 - 1024
+
+# Reason codes with which a broker refuses a CONNECT because of credentials.
+_AUTH_CODES = {0x86, 0x87, 0x8C}
+
+
+class MqttError(RuntimeError):
+    """Base class of every error raised by this module."""
+
+
+class ConnectError(MqttError):
+    """The broker refused the connection, or could not be reached in time."""
+
+
+class NotConnected(MqttError):
+    """There is no connection to the broker (or it was lost while waiting for an answer)."""
+
+
+class PublishError(MqttError):
+    """The broker answered a publish with a failure reason code (>= 0x80).
+
+    Attributes
+    ----------
+    reason_code
+        The PUBACK reason code, e.g. ``0x87`` when an ACL denies the topic.
+    reason
+        Its name in the MQTT v5 specification, e.g. ``"Not authorized"``.
+    """
+
+    def __init__(self, message: str, reason_code: int, reason: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.reason = reason
+
+
+class SubscribeError(MqttError):
+    """The broker refused a subscription (SUBACK reason code >= 0x80).
+
+    Attributes
+    ----------
+    reason_code
+        The SUBACK reason code, e.g. ``0x87`` when an ACL denies the filter.
+    reason
+        Its name in the MQTT v5 specification.
+    """
+
+    def __init__(self, message: str, reason_code: int, reason: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.reason = reason
+
+
+class PublishTimeout(MqttError):
+    """No PUBACK arrived in time (the message may still be delivered later)."""
+
+
+class PayloadTooLarge(MqttError):
+    """A message was refused before sending because it exceeds our or the broker's limit."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received on a subscription.
+
+    Attributes
+    ----------
+    topic, payload, qos, retain
+        As delivered by the broker (``retain`` is True for a retained message sent at
+        subscription time).
+    user_properties
+        MQTT v5 user properties, in order, as ``(name, value)`` pairs.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """The link connected (``connected=True``, subscriptions restored) or lost its connection."""
+
+    connected: bool
+    reason: str
+
+
+class _Waiter:
+    """One publish or subscribe waiting for its acknowledgement (set from paho's thread)."""
+
+    __slots__ = ("done", "codes", "names", "lost")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.codes: list[int] = []
+        self.names: list[str] = []
+        self.lost: str | None = None  # why the connection went away before the answer
+
+    def resolve(self, codes: list[int], names: list[str]) -> None:
+        self.codes, self.names = codes, names
+        self.done.set()
+
+    def fail(self, why: str) -> None:
+        self.lost = why
+        self.done.set()
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int, properties: bytes) -> int:
+    """Size in bytes of the MQTT v5 PUBLISH packet, as brokers compare with Maximum-Packet-Size.
+
+    Parameters
+    ----------
+    topic
+        Topic name.
+    payload_len
+        Payload size in bytes.
+    qos
+        0, 1 or 2 (QoS > 0 adds a 2-byte packet identifier).
+    properties
+        The encoded property block, including its own length prefix (``b"\\x00"`` if none).
+    """
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(properties) + payload_len
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _rc(reason: ReasonCode | int) -> tuple[int, str]:
+    if isinstance(reason, ReasonCode):
+        return reason.value, reason.getName()
+    return int(reason), paho.error_string(reason)
+
+
+class MqttLink:
+    """One client connection (MQTT v5) with acknowledged publishes and automatic reconnects.
+
+    Parameters
+    ----------
+    client_id
+        Unique per device: two clients with one id keep kicking each other off.
+    host, port
+        The broker.
+    username, password
+        Credentials (Mosquitto refuses anonymous clients in our configs).
+    will
+        ``(topic, payload, retain)`` published by the broker with QoS 1 if this client
+        disappears without a clean DISCONNECT: at once when its process dies (the OS closes
+        the socket), after 1.5 x ``keepalive_s`` when the network goes away.
+    clean_start
+        False (default) resumes the broker-side session of ``client_id``: its subscriptions and
+        the QoS 1 messages queued while it was away. True discards that session at the first
+        connection only; reconnects of this link always resume the session.
+    session_expiry_s
+        How long the broker keeps the session after a disconnection.
+    keepalive_s
+        Ping interval; the broker declares the client gone after 1.5x this without traffic.
+    max_payload_bytes
+        Our own payload limit, checked before sending; the broker's CONNACK
+        Maximum-Packet-Size, when it sends one, is checked as well.
+    reconnect_min_s, reconnect_max_s
+        Backoff between reconnection attempts: doubles from min to max, reset by a successful
+        connection.
+    manual_ack
+        False: a QoS 1 message is acknowledged to the broker as soon as it is in ``inbox``.
+        True: only when the application calls :meth:`ack` (e.g. after committing it to disk),
+        so a crash before that makes the broker deliver it again (to a persistent session).
+    receive_maximum
+        How many QoS 1 messages the broker may send us before we acknowledge them (MQTT v5
+        Receive-Maximum). Default: the broker's choice (Mosquitto: ``max_inflight_messages``,
+        20 in our configs). With ``manual_ack`` this bounds how many messages the application
+        may hold unacknowledged: past it, delivery stalls until it acknowledges one.
+
+    Attributes
+    ----------
+    inbox
+        Received :class:`Message` s and :class:`ConnectionEvent` s, in arrival order.
+    """
+
+    inbox: queue.Queue[Message | ConnectionEvent]
+
+    def __init__(self, client_id: str, host: str, port: int, *, username: str | None = None,
+                 password: str | None = None, will: tuple[str, bytes, bool] | None = None,
+                 clean_start: bool = False, session_expiry_s: int = 3600, keepalive_s: int = 30,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
+                 reconnect_max_s: float = 30.0, manual_ack: bool = False,
+                 receive_maximum: int | None = None) -> None:
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.max_payload_bytes = max_payload_bytes
+        self.inbox = queue.Queue()
+        self._clean_start = clean_start
+        self._session_expiry_s = session_expiry_s
+        self._keepalive_s = keepalive_s
+        self._username = username
+
+        # Guards the state below. Never held while calling into paho, except for ack() (see
+        # there), because paho holds its own locks while it runs our callbacks.
+        self._lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._early: dict[int, tuple[list[int], list[str]]] = {}  # acks that beat registration
+        self._ignored: set[int] = set()  # mids whose ack nobody waits for any more
+        self._subscriptions: dict[str, int] = {}
+        self._resubscribe_mid: int | None = None
+        self._session_present = False
+        self._broker_max_packet: int | None = None
+        self._ever_connected = False
+        self._up = False  # a CONNACK accepted us and no disconnection since (under _lock)
+        self._announced = False  # ConnectionEvent(True) was put for the current connection
+        self._last_reason = "never connected"
+        self._ready = threading.Event()  # first CONNACK (and its resubscription) handled
+        self._refused: tuple[int, str] | None = None
+        self._started = False
+        self._closed = False
+        self._manual_ack = manual_ack
+        self._receive_maximum = receive_maximum
+        # Messages delivered but not yet acknowledged (manual_ack): id(message) -> (message,
+        # packet id, connection number). A packet id means nothing on another connection.
+        self._unacked: dict[int, tuple[Message, int, int]] = {}
+        self._connection_no = 0
+
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv5, reconnect_on_failure=True,
+                             manual_ack=manual_ack)
+        if username is not None:
+            client.username_pw_set(username, password)
+        if will is not None:
+            will_topic, will_payload, will_retain = will
+            client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
+        # paho only does arithmetic and time.sleep() with these, so sub-second floats work
+        # (its annotations say int).
+        client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
+        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        # An exception in one of our callbacks must be logged, not end paho's network thread.
+        client.suppress_exceptions = True
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+
+    # -- public API --------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect, wait for the CONNACK, and keep reconnecting by itself afterwards.
+
+        Returns once the broker accepted the connection and the subscriptions made before
+        (see :meth:`subscribe`) are in place. A :class:`ConnectionEvent` ``(True, ...)`` is put
+        on the inbox then and after every reconnection.
+
+        Raises
+        ------
+        ConnectError
+            The broker refused (e.g. bad credentials) or was not reachable within ``timeout``.
+        """
+        if self._closed:
+            raise MqttError("this link was closed; make a new MqttLink")
+        if self._started:
+            return
+        self._ready.clear()
+        self._refused = None
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
+        # clean_start=True means "do not inherit a previous process's session"; once connected,
+        # reconnects of this link resume its own session (FIRST_ONLY).
+        clean = paho.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start else False
+        self._client.connect_async(self.host, self.port, keepalive=self._keepalive_s,
+                                   clean_start=clean, properties=props)
+        self._client.loop_start()  # retries the first connection too, with backoff
+        self._started = True
+        if not self._ready.wait(timeout):
+            self._shutdown()
+            raise ConnectError(
+                f"no MQTT broker answered at {self.host}:{self.port} within {timeout:g} s: check "
+                f"that the broker is running and listening there (scripts/setup installs "
+                f"mosquitto; `edge-fl demo` starts its own), and the host and port settings")
+        if self._refused is not None:
+            self._shutdown()
+            code, name = self._refused
+            hint = (" (check the username and password: Mosquitto answers 'Not authorized' to an "
+                    "unknown user, a wrong password and a client without credentials alike)"
+                    if code in _AUTH_CODES else "")
+            user = f"user {self._username!r}" if self._username is not None else "no username"
+            raise ConnectError(f"broker {self.host}:{self.port} refused client "
+                               f"{self.client_id!r} ({user}): {name} (0x{code:02X}){hint}")
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (paho's state)."""
+        return self._client.is_connected()
+
+    @property
+    def broker_max_packet_size(self) -> int | None:
+        """Maximum-Packet-Size announced by the broker in its last CONNACK, if any."""
+        return self._broker_max_packet
+
+    def subscribe(self, topic: str, qos: int = 1, *, timeout: float = 10.0) -> None:
+        """Subscribe and remember the subscription (restored after every reconnection).
+
+        When connected, waits for the SUBACK so that messages published afterwards (by anyone)
+        are delivered. When not connected, the subscription is made at the next connection.
+
+        Raises
+        ------
+        SubscribeError
+            The broker refused (e.g. the ACL denies the filter).
+        MqttError
+            No SUBACK within ``timeout``.
+        NotConnected
+            The connection dropped before the SUBACK (the subscription stays remembered).
+        """
+        _check_qos(qos)
+        with self._lock:
+            self._subscriptions[topic] = qos
+        if not self.connected:
+            return
+        rc, mid = self._client.subscribe(topic, options=SubscribeOptions(qos=qos))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return  # dropped meanwhile: on_connect will subscribe
+        codes, names = self._await(mid, timeout, f"SUBACK for {topic!r}", MqttError)
+        if codes and codes[0] >= 0x80:
+            with self._lock:
+                self._subscriptions.pop(topic, None)
+            raise SubscribeError(f"broker refused subscription to {topic!r}: {names[0]} "
+                                 f"(0x{codes[0]:02X})", codes[0], names[0])
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                expiry_s: int | None = None, timeout: float = 10.0,
+                user_properties: Sequence[tuple[str, str]] = ()) -> int:
+        """Publish and, for QoS 1, wait for the broker's PUBACK.
+
+        Parameters
+        ----------
+        topic, payload, qos, retain
+            The message; ``qos`` is 0 or 1.
+        expiry_s
+            MQTT v5 Message-Expiry-Interval: the broker drops the message (also a retained
+            one) after this many seconds, e.g. a round announcement after its deadline.
+        timeout
+            Seconds to wait for the PUBACK.
+        user_properties
+            MQTT v5 user properties sent with the message.
+
+        Returns
+        -------
+        int
+            The PUBACK reason code, < 0x80: ``0`` (success) or ``0x10`` (accepted, no matching
+            subscribers). ``0`` for QoS 0 (handed to the socket).
+
+        Raises
+        ------
+        PayloadTooLarge
+            Before anything is sent.
+        NotConnected
+            Not connected at call time, or the connection dropped before the PUBACK (the
+            message may still be delivered after reconnecting).
+        PublishError
+            The broker answered with a reason code >= 0x80.
+        PublishTimeout
+            No PUBACK within ``timeout``.
+        """
+        info = self._send(topic, payload, qos, retain, expiry_s, user_properties)
+        if qos == 0:
+            self._forget(info.mid)
+            return 0
+        codes, names = self._await(info.mid, timeout, f"PUBACK for {topic!r}", PublishTimeout)
+        code, name = codes[0], names[0]
+        if code >= 0x80:
+            raise PublishError(f"broker refused publish to {topic!r}: {name} (0x{code:02X})",
+                               code, name)
+        return code
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0,
+                       retain: bool = False) -> None:
+        """Publish without waiting for an acknowledgement (telemetry).
+
+        Raises
+        ------
+        PayloadTooLarge
+            Before anything is sent.
+        NotConnected
+            Not connected: the message is dropped (QoS 0 is only worth anything live).
+        """
+        info = self._send(topic, payload, qos, retain, None, ())
+        self._forget(info.mid)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a QoS 1 message received with ``manual_ack=True``.
+
+        Idempotent; does nothing for QoS 0 messages, without ``manual_ack``, or for a message
+        that arrived on an earlier connection (the broker delivers it again, with the same
+        content, on the current one: receivers deduplicate anyway).
+        """
+        with self._lock:
+            entry = self._unacked.get(id(message))
+            if entry is None or entry[0] is not message:
+                return
+            del self._unacked[id(message)]
+            _, mid, connection_no = entry
+            # Under the lock, so no reconnection can slip in between the check and the PUBACK
+            # (the same packet id on a new connection is another message). paho's ack() only
+            # appends to its output queue: it takes no lock of paho's.
+            if connection_no == self._connection_no and self._up:
+                self._client.ack(mid, 1)
+
+    def close(self) -> None:
+        """Disconnect cleanly (the will is NOT published) and stop the network thread.
+
+        The broker keeps the session for ``session_expiry_s``. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown()
+        self._fail_waiters("the link was closed")
+
+    def __enter__(self) -> MqttLink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else self._last_reason
+        return f"MqttLink({self.client_id!r} -> {self.host}:{self.port}, {state})"
+
+    # -- internals (caller's thread) ---------------------------------------------------------
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool, expiry_s: int | None,
+              user_properties: Sequence[tuple[str, str]]) -> paho.MQTTMessageInfo:
+        _check_qos(qos)
+        payload = bytes(payload)
+        props = _properties(PacketTypes.PUBLISH)
+        if expiry_s is not None:
+            props.MessageExpiryInterval = expiry_s
+        if user_properties:
+            props.UserProperty = [(str(k), str(v)) for k, v in user_properties]
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload for {topic!r} is {len(payload)} bytes, over the limit of "
+                f"{self.max_payload_bytes} bytes: chunk it")
+        limit = self._broker_max_packet
+        if limit is not None:
+            size = publish_packet_size(topic, len(payload), qos, _pack(props))
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"message for {topic!r} ({len(payload)} bytes of payload) makes a "
+                    f"{size}-byte packet, over the broker's Maximum-Packet-Size of {limit} "
+                    f"bytes: chunk it")
+        if not self.connected:
+            raise NotConnected(f"not connected to {self.host}:{self.port} ({self._last_reason}): "
+                               f"nothing sent to {topic!r}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # Lost between our check and paho's send. paho keeps a QoS 1 message and sends it
+            # after reconnecting; nobody will wait for that acknowledgement.
+            self._forget(info.mid)
+            raise NotConnected(f"connection to {self.host}:{self.port} lost while publishing to "
+                               f"{topic!r}")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._forget(info.mid)
+            raise MqttError(f"paho could not queue the message for {topic!r}: "
+                            f"{paho.error_string(info.rc)}")
+        return info
+
+    def _await(self, mid: int, timeout: float, what: str,
+               timeout_error: type[MqttError]) -> tuple[list[int], list[str]]:
+        waiter = _Waiter()
+        with self._lock:
+            early = self._early.pop(mid, None)
+            up = self._up
+            if early is None:
+                if up:
+                    self._waiters[mid] = waiter
+                else:  # dropped after sending: _on_disconnect already failed the waiters
+                    self._ignored.add(mid)
+        if early is not None:  # the acknowledgement arrived before we registered
+            return early
+        if not up:
+            raise NotConnected(f"connection to {self.host}:{self.port} lost before the {what} "
+                               f"arrived (it may still be delivered after reconnecting)")
+        if not waiter.done.wait(timeout):
+            with self._lock:
+                if self._waiters.pop(mid, None) is not None:
+                    self._ignored.add(mid)
+            if not waiter.done.is_set():
+                raise timeout_error(f"no {what} from {self.host}:{self.port} within "
+                                     f"{timeout:g} s (it may still be delivered)")
+        if waiter.lost is not None:
+            raise NotConnected(f"{waiter.lost} before the {what} arrived "
+                               f"(it may still be delivered after reconnecting)")
+        return waiter.codes, waiter.names
+
+    def _forget(self, mid: int) -> None:
+        with self._lock:
+            if self._early.pop(mid, None) is None:
+                self._ignored.add(mid)
+
+    def _fail_waiters(self, why: str) -> None:
+        with self._lock:
+            waiters = list(self._waiters.items())
+            self._waiters.clear()
+            self._ignored.update(mid for mid, _ in waiters)
+        for _, waiter in waiters:
+            waiter.fail(why)
+
+    def _shutdown(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+
+    # -- paho callbacks (network thread: hand over, never block) -----------------------------
+
+    def _resolve(self, mid: int, codes: list[int], names: list[str]) -> None:
+        with self._lock:
+            if mid in self._ignored:
+                self._ignored.discard(mid)
+                return
+            waiter = self._waiters.pop(mid, None)
+            if waiter is None:
+                self._early[mid] = (codes, names)
+                return
+        waiter.resolve(codes, names)
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        code, name = _rc(reason_code)
+        self._resolve(mid, [code], [name])
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        pairs = [_rc(rc) for rc in reason_codes]
+        codes, names = [c for c, _ in pairs], [n for _, n in pairs]
+        with self._lock:
+            is_resubscribe = mid == self._resubscribe_mid
+            if is_resubscribe:
+                self._resubscribe_mid = None
+                topics = list(self._subscriptions)
+        if not is_resubscribe:
+            self._resolve(mid, codes, names)
+            return
+        refused = [f"{t}: {n}" for t, c, n in zip(topics, codes, names) if c >= 0x80]
+        if refused:
+            log.warning("%s: broker refused restored subscriptions: %s", self.client_id, refused)
+        self._announce_connected(refused)
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        code, name = _rc(reason_code)
+        if code >= 0x80:
+            why = f"refused: {name} (0x{code:02X})"
+            # After a reconnection refused this way paho keeps retrying: report it once.
+            if self._ever_connected and why != self._last_reason:
+                self.inbox.put(ConnectionEvent(False, why))
+            self._last_reason = why
+            if not self._ever_connected:
+                self._refused = (code, name)
+                self._ready.set()
+            return
+        self._ever_connected = True
+        with self._lock:
+            self._up = True
+            self._connection_no += 1
+        self._session_present = bool(flags.session_present)
+        max_packet = getattr(properties, "MaximumPacketSize", None)
+        self._broker_max_packet = int(max_packet) if max_packet is not None else None
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        if not subscriptions:
+            self._announce_connected([])
+            return
+        # Restore subscriptions in one SUBSCRIBE. If the broker kept our session it still has
+        # them: then only subscriptions it does not know deliver retained messages (handling 1),
+        # otherwise we missed updates while away and want the retained state again (0).
+        handling = (SubscribeOptions.RETAIN_SEND_IF_NEW_SUB if self._session_present
+                    else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
+        rc, mid = client.subscribe(
+            [(t, SubscribeOptions(qos=q, retainHandling=handling)) for t, q in subscriptions])
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:
+                self._resubscribe_mid = mid  # ConnectionEvent(True) follows its SUBACK
+        else:
+            self._announce_connected([f"resubscribe failed: {paho.error_string(rc)}"])
+
+    def _announce_connected(self, problems: list[str]) -> None:
+        session = "session resumed" if self._session_present else "new session"
+        reason = f"connected to {self.host}:{self.port}, {session}"
+        if problems:
+            reason += "; " + "; ".join(problems)
+        self._last_reason = reason
+        self._announced = True
+        self.inbox.put(ConnectionEvent(True, reason))
+        self._ready.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: object,
+                       flags: paho.DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
+        code, name = _rc(reason_code)
+        with self._lock:
+            was_up, self._up = self._up, False
+            self._resubscribe_mid = None
+            self._unacked.clear()  # their packet ids die with the connection
+        if not was_up:
+            return  # paho reports a refused CONNACK a second time, as "Protocol error"
+        if self._closed:
+            why = "closed by this client"
+        elif flags.is_disconnect_packet_from_server:
+            why = f"broker sent DISCONNECT: {name} (0x{code:02X})"
+        else:
+            # paho maps every socket-level loss (EOF, reset, keepalive) to 0x80 "Unspecified".
+            why = "connection lost" + (f": {name} (0x{code:02X})" if code != 0x80 else "")
+        self._last_reason = why
+        self._fail_waiters(f"connection to {self.host}:{self.port} lost ({why})")
+        # Events come in pairs: no "lost" for a connection that was never announced (it
+        # dropped between CONNACK and the SUBACK restoring its subscriptions).
+        if self._announced:
+            self._announced = False
+            self.inbox.put(ConnectionEvent(False, why))
+
+    def _on_message(self, client: paho.Client, userdata: object,
+                    message: paho.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        user_props = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", ()) or ())
+        msg = Message(topic=message.topic, payload=bytes(message.payload), qos=message.qos,
+                      retain=bool(message.retain), user_properties=user_props)
+        if self._manual_ack and message.qos > 0:
+            with self._lock:
+                self._unacked[id(msg)] = (msg, message.mid, self._connection_no)
+        self.inbox.put(msg)
+
+
+# paho's Properties class carries no annotations.
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def _pack(props: Properties) -> bytes:
+    return bytes(props.pack())  # type: ignore[no-untyped-call]
+
+
+def _check_qos(qos: int) -> None:
+    if qos not in (0, 1):
+        raise ValueError(f"qos must be 0 or 1 (edge-fl uses no QoS 2), not {qos!r}")
+
