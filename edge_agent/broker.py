@@ -179,6 +179,7 @@ class LocalBroker:
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="edgefl-broker-"))
             self._owns_workdir = True
+        self._workdir.mkdir(parents=True, exist_ok=True)
         return self._workdir
 
     @property

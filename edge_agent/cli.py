@@ -251,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # paho's own log repeats, less clearly, what the link reports (reconnect attempts while a broker is away).
+    logging.getLogger("edge_agent.transport.paho").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     from .backbone import BackboneError
     from .data.watch import DatasetError
 

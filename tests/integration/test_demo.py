@@ -1,0 +1,66 @@
+"""`edge-fl demo` end to end: a private broker, the aggregator and six agent processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.data.partition import PartitionConfig
+from edge_agent.sim import SimConfig, federate, run_simulation
+
+from ..conftest import ROOT
+
+pytestmark = pytest.mark.fleet
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def test_demo_matches_simulate_and_leaves_nothing_behind(tmp_path: Path, embedded) -> None:  # type: ignore[no-untyped-def]
+    out, workdir = tmp_path / "demo.json", tmp_path / "work"
+    p = subprocess.run([sys.executable, "-m", "edge_agent.cli", "demo", "--strategy", "ditto", "--rounds", "6",
+                        "--seed", "1", "--workdir", str(workdir), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=170)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reporting" in p.stdout and "   6 " in p.stdout  # the live table reached round 6
+    demo = json.loads(out.read_text())
+    sim = run_simulation(federate(embedded, PartitionConfig("natural", seed=1)),
+                         SimConfig(strategy="ditto", rounds=6, seed=1))
+    assert len(demo["rounds"]) == 6
+    assert abs(demo["summary"]["mean_acc"] - sim["summary"]["mean_acc"]) <= 0.01
+    last_demo, last_sim = demo["rounds"][-1]["client_acc"], sim["rounds"][-1]["client_acc"]
+    assert set(last_demo) == set(last_sim)
+    for cid in last_sim:
+        assert abs(last_demo[cid] - last_sim[cid]) <= 0.01, (cid, last_demo[cid], last_sim[cid])
+    assert all(r["clients_reporting"] == 6 and r["rejected"] == 0 for r in demo["rounds"])
+    assert _processes_mentioning(str(workdir)) == []  # no agent, aggregator or broker left running
+
+
+def test_demo_with_an_unreachable_broker_fails_with_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "edge_agent.cli", "demo", "--rounds", "1", "--broker",
+                        f"127.0.0.1:{port}", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.startswith("edge-fl: error:") and f"127.0.0.1:{port}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
