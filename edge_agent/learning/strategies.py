@@ -192,12 +192,14 @@ class FedAvgFineTune(FedAvg):
 class FedPer(Strategy):
     name = "fedper"
     summary = "adapter shared and averaged, classifier personal; both trained together"
+    SHARED: tuple[str, ...] = ADAPTER_KEYS
 
     @property
     def shared_keys(self) -> frozenset[str]:
+        # A split of the head into shared and personal layers needs two layers to split.
         if not self.head.adapter_dim:
             raise ValueError(f"{self.name} needs a head with an adapter (adapter_dim > 0)")
-        return frozenset(ADAPTER_KEYS)
+        return frozenset(self.SHARED)
 
     def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
         trained = self._fit({**server.params, **state.personal}, data, rng)
@@ -220,12 +222,7 @@ class FedRep(FedPer):
 class LGFedAvg(FedPer):
     name = "lg-fedavg"
     summary = "the reverse split: adapter personal (local representation), classifier shared"
-
-    @property
-    def shared_keys(self) -> frozenset[str]:
-        if not self.head.adapter_dim:
-            raise ValueError(f"{self.name} needs a head with an adapter (adapter_dim > 0)")
-        return frozenset(CLASSIFIER_KEYS)
+    SHARED = CLASSIFIER_KEYS
 
 
 class Ditto(FedAvg):
