@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .fsutil import atomic_write, sha256
+from .codec.digest import sha256
+from .fsutil import atomic_write
 
 RuntimeName = Literal["auto", "ai-edge-litert", "tflite-runtime"]
 _RUNTIME_MODULES: dict[str, str] = {

@@ -6,25 +6,9 @@ import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 _counter = itertools.count()
-
-
-def sha256() -> Any:
-    """A sha256 hasher that does not load OpenSSL.
-
-    `hashlib` pulls in libcrypto, 3.7 MB of resident memory on a device whose whole budget is 50 MB, to
-    hash a 33 KB model. CPython's builtin implementation is enough for that.
-    """
-    try:
-        from _sha2 import sha256 as builtin  # type: ignore[import-not-found]  # CPython >= 3.12
-    except ImportError:
-        try:
-            from _sha256 import sha256 as builtin  # type: ignore[import-not-found,no-redef]  # CPython <= 3.11
-        except ImportError:
-            from hashlib import sha256 as builtin  # type: ignore[assignment]  # other interpreters
-    return builtin()
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:

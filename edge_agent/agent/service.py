@@ -29,7 +29,7 @@ from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelop
 from ..config import AgentConfig
 from ..faults import crash_point
 from ..fleet import from_meta
-from ..fsutil import sha256
+from ..codec.digest import sha256
 from ..learning.head import quantize_head
 from ..learning.metrics import accuracy
 from ..learning.strategies import ClientData, ClientState, ServerState, Strategy
@@ -132,8 +132,8 @@ class AgentService:
 
     def train(self, env: UpdateEnvelope) -> None:
         round_no = int(env.meta.get("round", env.round))
-        selected = str(env.meta.get("selected", "")).split(",")
-        if self.cfg.device_id not in selected:
+        selected = str(env.meta.get("selected", ""))
+        if selected != "*" and self.cfg.device_id not in selected.split(","):
             log.info("round %d: not selected", round_no)
             return
         task = self._task(env)

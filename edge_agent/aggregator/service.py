@@ -108,8 +108,12 @@ class AggregatorService:
 
     def publish_task(self) -> None:
         assert self.state is not None
+        # "*" when every online device is selected (the default): a list of a thousand ids would not fit the
+        # envelope's 8 KB meta strings. A sampled round lists its devices (up to ~700 short ids).
+        everyone = set(self.state.selected) >= self.online
+        selected = "*" if everyone else ",".join(self.state.selected)
         payload = self._global_envelope(self.state.round, {"round": self.state.round, "deadline": self.state.deadline,
-                                                           "selected": ",".join(self.state.selected)})
+                                                           "selected": selected})
         if self._publish_retained(self.topics.round_current, payload):
             self.counters.bytes_out += len(payload) * len(self.state.selected)
         log.info("round %d open: %d device(s) selected, deadline in %.0f s, training from version %d",

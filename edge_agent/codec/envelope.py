@@ -28,7 +28,6 @@ detects corruption in transit; it is not a signature (anyone can recompute it).
 from __future__ import annotations
 
 import enum
-import importlib
 import json
 import math
 import re
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .digest import sha256
 from .tensor_pack import CodecError, decode_tensors, encode_tensors, parse_specs
 
 MAGIC = b"EFLE"
@@ -88,21 +88,10 @@ class UpdateEnvelope:
     meta: Mapping[str, MetaValue] = field(default_factory=dict)  # <= 64 JSON scalars, keys like device_id
 
 
-def _sha256() -> Any:
-    # CPython's builtin sha256 (as edge_agent.fsutil does, which the pure codec may not import): hashlib
-    # would load OpenSSL's libcrypto, 3.7 MB of resident memory on a device with a 50 MB budget.
-    for module in ("_sha2", "_sha256"):  # CPython >= 3.12, <= 3.11
-        try:
-            return importlib.import_module(module).sha256()
-        except ImportError:
-            pass
-    import hashlib  # other interpreters
-
-    return hashlib.sha256()
 
 
 def _digest(prefix: bytes | memoryview, header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
-    h = _sha256()
+    h = sha256()
     for part in (prefix, header, payload):
         h.update(part)
     return bytes(h.digest())

@@ -179,7 +179,7 @@ def test_oversized_is_refused_before_hashing(monkeypatch: pytest.MonkeyPatch) ->
     def no_hashing() -> None:
         raise AssertionError("hashed an oversized envelope")
 
-    monkeypatch.setattr(envelope_module, "_sha256", no_hashing)
+    monkeypatch.setattr(envelope_module, "sha256", no_hashing)
     with pytest.raises(EnvelopeError, match=f"oversized: {len(data)} bytes, at most {len(data) - 1}"):
         decode_envelope(data, max_bytes=len(data) - 1)
     with pytest.raises(EnvelopeError, match="oversized"):
@@ -498,7 +498,7 @@ def test_codec_package_imports_nothing_impure() -> None:
     ours = [m for m in loaded if m.startswith("edge_agent.")]
     assert not [m for m in loaded for f in forbidden if m == f or m.startswith(f + ".")]
     assert set(ours) <= {"edge_agent.codec", "edge_agent.codec.envelope", "edge_agent.codec.chunking",
-                         "edge_agent.codec.tensor_pack", "edge_agent.learning", "edge_agent.learning.quant"}, ours
+                         "edge_agent.codec.tensor_pack", "edge_agent.codec.digest", "edge_agent.learning", "edge_agent.learning.quant"}, ours
 
 
 def test_hand_written_layout_helpers_agree_with_the_codec() -> None:
