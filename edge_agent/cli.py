@@ -243,12 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="keep configs, logs and state here (default: a temp dir)")
     demo.add_argument("--out", type=Path, help="write the results JSON here")
     demo.set_defaults(func=cmd_demo)
+
+    # Listed for `edge-fl --help`; main() hands `edge-fl bridge ...` to firmware_bridge.bridge_cli whole.
+    sub.add_parser("bridge", help="live view of a microcontroller on a serial link (edge-fl bridge --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bridge"]:
+        from firmware_bridge.bridge_cli import main as bridge_main
+
+        return int(bridge_main(args_list[1:]))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # paho's own log repeats, less clearly, what the link reports (reconnect attempts while a broker is away).

@@ -37,3 +37,8 @@ def embedded(dataset, backbone, tmp_path_factory):  # type: ignore[no-untyped-de
     from edge_agent.sim import embed_dataset
 
     return embed_dataset(dataset, backbone, cache=EmbeddingCache(tmp_path_factory.mktemp("emb")))
+
+
+def pytest_addoption(parser):  # type: ignore[no-untyped-def]
+    parser.addoption("--hil-port", default=None, metavar="URL",
+                     help="run the hil tests against a real board on this pyserial URL (default: an emulated MCU on a pty)")

@@ -1,0 +1,128 @@
+"""Serial link throughput and head-push time at 115200 baud, against the emulated MCU on a pty.
+
+The emulator paces its own writes and reads at 115200/10 = 11,520 B/s per direction (8N1, full duplex),
+so the numbers are those of a UART at that rate, not of the pty. Measured with the real `SerialLink`:
+
+1. stream: the emulator sends windows back to back (realtime=False) for --seconds; windows/s and
+   bytes/s received vs the 11,520 B/s line rate (one window = 100x6 int16 = a 1,230-byte frame).
+2. realtime: the sensor rate (a window every 0.5 s stride) with a committed head, windows and
+   INFER_RESULTs per second and the share of the line it uses.
+3. head push: our head blob (adapter 64->32 + classifier 32->7, trained on real embeddings) pushed with
+   512-byte chunks (each ACKed), --pushes times, while windows stream (realtime) as they would on a device.
+
+    .venv/bin/python bench/serial_link.py [--seconds 6] [--pushes 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchlib  # noqa: E402
+
+BAUD = 115200
+LINE_RATE = BAUD / 10
+
+
+def head_blob() -> bytes:
+    from edge_agent.backbone import FrozenBackbone
+    from edge_agent.data.partition import PartitionConfig
+    from edge_agent.data.watch import load_watch_dataset
+    from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead, quantize_head
+    from edge_agent.sim import embed_dataset, federate
+    from firmware_bridge.head_blob import encode_head
+
+    emb = embed_dataset(load_watch_dataset(), FrozenBackbone())
+    data = federate(emb, PartitionConfig())
+    c = data.clients[data.client_ids.index("subject-07")]
+    head = PersonalizationHead.initial(HeadConfig(data.embedding_dim, data.num_classes), np.random.default_rng(0))
+    head = head.fit(c.x_train, c.y_train, FitConfig(epochs=10), np.random.default_rng(1))
+    return encode_head(quantize_head(head.params), emb.standardizer.mean, emb.standardizer.std)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--pushes", type=int, default=5)
+    args = p.parse_args()
+    from firmware_bridge.emulator import EmulatedMcu
+    from firmware_bridge.link import SerialLink
+
+    blob = head_blob()
+    doc: dict = {"baudrate": BAUD, "line_rate_Bps": LINE_RATE, "head_blob_bytes": len(blob), "environment": benchlib.environment()}
+
+    # 1. saturated stream
+    with EmulatedMcu.on_pty(subject=7, realtime=False, baudrate=BAUD) as emu, SerialLink(emu.port_url, baudrate=BAUD) as link:
+        link.wait_peer_hello(5.0)
+        link.get_window(5.0)
+        link.drain()
+        b0, w0, t0 = link.stats.bytes_rx, link.stats.windows, time.monotonic()
+        time.sleep(args.seconds)
+        dt = time.monotonic() - t0
+        nbytes, nwin = link.stats.bytes_rx - b0, link.stats.windows - w0
+        doc["stream"] = {"seconds": dt, "windows": nwin, "windows_per_s": nwin / dt, "bytes_per_s": nbytes / dt,
+                         "line_utilisation": nbytes / dt / LINE_RATE, "frame_bytes": nbytes / max(nwin, 1),
+                         "dropped_frames": link.decoder.stats.dropped, "inference_runtime": emu.inference_runtime}
+
+    # 2 + 3. real time with a head, and head pushes while streaming
+    with EmulatedMcu.on_pty(subject=7, realtime=True, baudrate=BAUD) as emu, SerialLink(emu.port_url, baudrate=BAUD) as link:
+        link.wait_peer_hello(5.0)
+        times = []
+        for _ in range(args.pushes):
+            t = time.monotonic()
+            link.push_head(blob, chunk_size=512)
+            times.append(time.monotonic() - t)
+        n_chunks = -(-len(blob) // 512)
+        wire = sum(len(f) for f in _push_frames(blob))
+        doc["head_push"] = {"chunk_size": 512, "chunks": n_chunks, "agent_to_mcu_wire_bytes": wire,
+                            "seconds": benchlib.summarize(times), "samples": times,
+                            "line_limited_floor_s": wire / LINE_RATE, "retries": link.stats.retries}
+        link.drain()
+        b0, w0, r0, t0 = link.stats.bytes_rx, link.stats.windows, link.stats.infer_results, time.monotonic()
+        time.sleep(args.seconds)
+        dt = time.monotonic() - t0
+        doc["realtime"] = {"seconds": dt, "windows_per_s": (link.stats.windows - w0) / dt,
+                           "results_per_s": (link.stats.infer_results - r0) / dt,
+                           "bytes_per_s": (link.stats.bytes_rx - b0) / dt,
+                           "line_utilisation": (link.stats.bytes_rx - b0) / dt / LINE_RATE}
+
+    s, r, h = doc["stream"], doc["realtime"], doc["head_push"]
+    md = "\n".join([
+        "# Serial link at 115200 baud (emulated MCU, pty, both directions paced at 11,520 B/s)",
+        "",
+        benchlib.md_table(["measurement", "value"], [
+            ["saturated stream: windows/s", round(s["windows_per_s"], 2)],
+            ["saturated stream: bytes/s (of 11,520)", f"{s['bytes_per_s']:.0f} ({100 * s['line_utilisation']:.1f} %)"],
+            ["bytes per window frame", round(s["frame_bytes"], 1)],
+            ["real time (0.5 s stride) + head: windows/s, results/s", f"{r['windows_per_s']:.2f}, {r['results_per_s']:.2f}"],
+            ["real time: line use", f"{r['bytes_per_s']:.0f} B/s ({100 * r['line_utilisation']:.1f} %)"],
+            [f"head push ({h['chunks']} x 512-byte chunks, {len(blob)} B blob), median s",
+             f"{h['seconds']['median']:.3f} (line floor {h['line_limited_floor_s']:.3f})"],
+        ]),
+        "",
+        f"Inference on the emulator: {s['inference_runtime']}. Reproduce: `.venv/bin/python bench/serial_link.py`.",
+        "",
+        benchlib.env_summary_md(doc["environment"]),
+    ])
+    benchlib.write_results("serial_link", doc, md)
+    print(md)
+    return 0
+
+
+def _push_frames(blob: bytes) -> list[bytes]:
+    from firmware_bridge.messages import head_push, to_frame
+
+    begin, chunks, commit = head_push(1, blob, 512)
+    return [to_frame(m, i) for i, m in enumerate([begin, *chunks, commit])]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
