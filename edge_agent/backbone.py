@@ -18,6 +18,7 @@ import numpy as np
 
 from .codec.digest import sha256
 from .fsutil import atomic_write
+from .learning.features import EmbeddingStandardizer
 
 RuntimeName = Literal["auto", "ai-edge-litert", "tflite-runtime"]
 _RUNTIME_MODULES: dict[str, str] = {
@@ -135,6 +136,17 @@ class FrozenBackbone:
         stats = self.metadata.get("input", {})
         self._mean = np.asarray(stats.get("channel_mean", 0.0), np.float32)
         self._std = np.asarray(stats.get("channel_std", 1.0), np.float32)
+
+    def embedding_standardizer(self) -> EmbeddingStandardizer | None:
+        """The embedding statistics shipped in the sidecar (fitted on the backbone subjects), if any.
+
+        A device has no access to the backbone subjects' data; this is how it standardizes exactly as
+        the simulation does.
+        """
+        stats = self.metadata.get("embedding_standardization")
+        if not stats:
+            return None
+        return EmbeddingStandardizer(np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))
 
     def _read_metadata(self, metadata_path: str | os.PathLike[str] | None) -> dict[str, Any]:
         path = Path(metadata_path) if metadata_path else self.path.with_suffix(".json")

@@ -47,6 +47,7 @@ from edge_agent.data.partition import (  # noqa: E402
     BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS, PartitionConfig, partition_clients)
 from edge_agent.data.watch import load_watch_dataset  # noqa: E402
 from edge_agent.data.windows import WindowConfig, WindowSet, split_and_window  # noqa: E402
+from edge_agent.learning.features import EmbeddingStandardizer  # noqa: E402
 
 MODEL_FILE = "backbone_int8.tflite"
 SIDECAR_FILE = "backbone_int8.json"
@@ -633,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     # Describe the outputs now, while the batch dimension is still the converted model's 1.
     outputs = describe_outputs(backbone)
 
+    # What a device needs to standardize embeddings without the backbone subjects' data: the same
+    # statistics `edge_agent.sim` fits at run time, shipped with the model.
+    emb_stats = EmbeddingStandardizer.fit(backbone.run(standardize(bb_train.x))[EMBEDDING_KEY])
+
     bb_int8 = backbone.run(standardize(bb_test.x))
     int8_acc = float(np.mean(bb_int8[LOGITS_KEY].argmax(axis=1) == bb_test.y))
     agreement = float(np.mean(bb_int8[LOGITS_KEY].argmax(axis=1) == float_out[LOGITS_KEY].argmax(axis=1)))
@@ -671,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "feature_output": EMBEDDING_KEY,
         "embedding_dim": EMBEDDING_DIM,
+        "embedding_standardization": {
+            "mean": [float(v) for v in emb_stats.mean], "std": [float(v) for v in emb_stats.std],
+            "fit_on": f"int8 embeddings of the training windows of subjects {list(BACKBONE_SUBJECTS)}",
+        },
         "outputs": outputs,
         "classes": list(dataset.class_names),
         "train_subjects": list(BACKBONE_SUBJECTS),

@@ -114,3 +114,10 @@ def test_cli_errors_are_one_clear_line_and_exit_1(tmp_path) -> None:  # type: ig
     assert p.stderr.startswith("edge-fl: error: backbone model not found") and "Traceback" not in p.stderr
     p = _cli("simulate", "--regime", "iid")
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_sidecar_ships_the_same_embedding_statistics_the_simulation_fits(embedded, backbone) -> None:  # type: ignore[no-untyped-def]
+    shipped = backbone.embedding_standardizer()
+    assert shipped is not None
+    np.testing.assert_allclose(shipped.mean, embedded.standardizer.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(shipped.std, embedded.standardizer.std, rtol=1e-6, atol=1e-6)
