@@ -130,7 +130,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from .config import AgentConfig, load_toml
 
     cfg = load_toml(args.config, AgentConfig)
-    data = load_dataset_client(cfg)
+    data = load_dataset_client(cfg) if cfg.data.source == "watch-dataset" else None
     AgentService(cfg, data).run(_stop_on_signals())
     return 0
 

@@ -39,7 +39,10 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "watch-dataset"  # the demo's data: this subject's windows of the bundled recordings
+    source: str = "watch-dataset"  # the demo's data (this subject's bundled recordings), or "serial": an attached MCU
+    port: str | None = None  # serial: any pyserial URL (/dev/ttyACM0, socket://host:port, a pty)
+    baudrate: int = 115200
+    min_windows: int = 14  # serial: labelled windows needed before the device trains
     subject: int = 4
     regime: str = "natural"
     seed: int = 0

@@ -50,7 +50,7 @@ def load_dataset_client(cfg: AgentConfig) -> ClientData:
 
     d = cfg.data
     if d.source != "watch-dataset":
-        raise ValueError(f"unknown data source {d.source!r}; this build knows 'watch-dataset'")
+        raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset' or 'serial'")
     backbone = FrozenBackbone(cfg.backbone or DEFAULT_MODEL)
     cache = EmbeddingCache(d.cache_dir or default_cache_dir())
     embedded = embed_dataset(load_watch_dataset(d.dataset), backbone, cache=cache)
@@ -77,12 +77,24 @@ class _Task:
 
 
 class AgentService:
-    def __init__(self, cfg: AgentConfig, data: ClientData, *,
+    def __init__(self, cfg: AgentConfig, data: ClientData | None, *,
                  link_factory: Callable[..., MqttLink] = MqttLink) -> None:
         self.cfg = cfg
-        self.data = data
+        self.fixed_data = data
         self.topics = Topics(cfg.fleet)
         self.store = AgentStore(Path(cfg.state_dir) / "agent.db")
+        self.bridge = None
+        self.waiting: UpdateEnvelope | None = None  # a round task that arrived before enough local data
+        if cfg.data.source == "serial":
+            from ..backbone import DEFAULT_MODEL, FrozenBackbone
+            from .bridge_source import BridgeSource
+
+            if not cfg.data.port:
+                raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
+            self.bridge = BridgeSource(cfg.data.port, self.store, FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
+                                       baudrate=cfg.data.baudrate, min_windows=cfg.data.min_windows)
+        elif data is None:
+            raise ValueError(f"data source {cfg.data.source!r} gave no data")
         b = cfg.broker
         self.link = link_factory(
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
@@ -105,21 +117,28 @@ class AgentService:
             self.store.save_initial_state(state)
         return state
 
-    def evaluate(self, task: _Task) -> None:
+    def data(self) -> ClientData | None:
+        """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
+        return self.bridge.client_data() if self.bridge is not None else self.fixed_data
+
+    def evaluate(self, task: _Task, data: ClientData | None = None) -> None:
         version = task.server.round
         if self.store.evaluated(version):
             return
+        data = data or self.data()
+        if data is None or data.y_test.size == 0:
+            return
         state = self._state(task)
-        personal = task.strategy.personalized(task.server, state, self.data,
+        personal = task.strategy.personalized(task.server, state, data,
                                               self._rng(task.seed, 4, version, self.cfg.rng_stream))
         report: dict[str, Any] = {
-            "device": self.cfg.device_id, "version": version, "n_test": int(self.data.y_test.size),
-            "personal_acc": accuracy(quantize_head(personal).predict(self.data.x_test), self.data.y_test),
+            "device": self.cfg.device_id, "version": version, "n_test": int(data.y_test.size),
+            "personal_acc": accuracy(quantize_head(personal).predict(data.x_test), data.y_test),
             "global_acc": None,
         }
         glob = task.strategy.new_user_head(task.server)
         if glob is not None:
-            report["global_acc"] = accuracy(quantize_head(glob).predict(self.data.x_test), self.data.y_test)
+            report["global_acc"] = accuracy(quantize_head(glob).predict(data.x_test), data.y_test)
         text = json.dumps(report)
         self.store.record_evaluation(version, text)
         self._send_telemetry(text)
@@ -137,13 +156,19 @@ class AgentService:
             log.info("round %d: not selected", round_no)
             return
         task = self._task(env)
-        self.evaluate(task)  # the task carries the global head of the last round: score it before training
+        data = self.data()
+        if data is None:
+            log.info("round %d: not enough local data yet; will train when there is", round_no)
+            self.waiting = env  # retried from the idle loop as windows arrive
+            return
+        self.waiting = None
+        self.evaluate(task, data)  # the task carries the global head of the last round: score it before training
         if self.store.trained(round_no):
             log.info("round %d: already trained, the update is in the outbox or delivered", round_no)
             return
         state = self._state(task)
         t0 = time.perf_counter()
-        state, update = task.strategy.client_round(task.server, state, self.data,
+        state, update = task.strategy.client_round(task.server, state, data,
                                                    self._rng(task.seed, 3, round_no, self.cfg.rng_stream))
         item = None
         if update is not None:
@@ -155,8 +180,11 @@ class AgentService:
                               encode_envelope(envelope))
         self.store.commit_round(round_no, env.model_version, state, item)
         crash_point("agent.after_commit", round_no)
-        log.info("round %d: trained on %d windows in %.0f ms%s", round_no, self.data.y_train.size,
+        log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
                  1000 * (time.perf_counter() - t0), f", update {item.update_id} ({len(item.payload)} B) queued" if item else "")
+        if self.bridge is not None:  # the attached MCU runs this device's new personalized head
+            self.bridge.push(task.strategy.personalized(task.server, state, data,
+                                                        self._rng(task.seed, 4, round_no, self.cfg.rng_stream)))
 
     def flush_outbox(self, *, resend: bool = False) -> None:
         for item in self.store.outbox(include_sent=resend):
@@ -196,6 +224,7 @@ class AgentService:
             return
         if not msg.payload:
             if msg.topic == self.topics.round_current:  # the aggregator cleared the task: the fleet is done
+                self.waiting = None
                 self.store.forget_rounds_before(1 << 62)
             return
         try:
@@ -204,6 +233,7 @@ class AgentService:
             log.error("ignored a malformed message on %s: %s", msg.topic, exc)
             return
         if msg.topic == self.topics.round_current and env.kind is Kind.GLOBAL:
+            self.waiting = None  # a newer task replaces one we could not train yet
             self.store.forget_rounds_before(int(env.meta.get("round", env.round)))
             self.train(env)
             self.flush_outbox()
@@ -214,12 +244,14 @@ class AgentService:
         self.link.connect(timeout=30.0)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
-        log.info("agent %s up: %d training / %d test windows, fleet %s", self.cfg.device_id,
-                 self.data.y_train.size, self.data.y_test.size, self.cfg.fleet)
+        log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id,
+                 f"the MCU on {self.cfg.data.port}" if self.bridge else f"subject {self.cfg.data.subject}", self.cfg.fleet)
         while not stop.is_set():
             try:
                 msg = self.link.inbox.get(timeout=1.0)
-            except queue.Empty:  # quiet: retry whatever is still waiting in the outbox
+            except queue.Empty:  # quiet: retry what waits for data, then what waits in the outbox
+                if self.waiting is not None:
+                    self.train(self.waiting)
                 if self.link.connected and self.store.outbox():  # unsent only
                     self.flush_outbox()
                 continue
@@ -229,4 +261,6 @@ class AgentService:
         except MqttError:
             pass
         self.link.close()
+        if self.bridge is not None:
+            self.bridge.close()
         self.store.close()

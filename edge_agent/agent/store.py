@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     created_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS evaluations (version INTEGER PRIMARY KEY, report TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS windows (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL,
+    shape TEXT NOT NULL, samples BLOB NOT NULL);
 """
 
 
@@ -47,7 +50,7 @@ class AgentStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a device may lose power at any moment
         self.db.executescript(SCHEMA)
@@ -95,6 +98,19 @@ class AgentStore:
     def forget_rounds_before(self, round_no: int) -> int:
         """Drop updates of rounds that are over (the aggregator has moved on); returns how many."""
         return self.db.execute("DELETE FROM outbox WHERE round < ?", (round_no,)).rowcount
+
+    def add_window(self, window_id: int, label: int, x: np.ndarray) -> None:
+        """A labelled window from an attached MCU: the user's raw data, kept on this device only."""
+        x = np.ascontiguousarray(x, np.float32)
+        self.db.execute("INSERT INTO windows (window_id, label, shape, samples) VALUES (?, ?, ?, ?)",
+                        (window_id, label, ",".join(map(str, x.shape)), x.tobytes()))
+
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.db.execute("SELECT label, shape, samples FROM windows ORDER BY seq").fetchall()
+        if not rows:
+            return np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int64)
+        xs = [np.frombuffer(r[2], np.float32).reshape(tuple(int(d) for d in r[1].split(","))) for r in rows]
+        return np.stack(xs), np.array([r[0] for r in rows], np.int64)
 
     def evaluated(self, version: int) -> bool:
         return self.db.execute("SELECT 1 FROM evaluations WHERE version=?", (version,)).fetchone() is not None
