@@ -41,6 +41,7 @@ class BrokerConfig:
 class DataConfig:
     source: str = "watch-dataset"  # the demo's data (this subject's bundled recordings), or "serial": an attached MCU
     port: str | None = None  # serial: any pyserial URL (/dev/ttyACM0, socket://host:port, a pty)
+    more_ports: list[str] = field(default_factory=list)  # serial: further MCUs attached to this agent
     baudrate: int = 115200
     min_windows: int = 14  # serial: labelled windows needed before the device trains
     subject: int = 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,11 +20,16 @@ from ..learning.head import quantize_head
 from ..learning.strategies import ClientData
 from .store import AgentStore
 
+if TYPE_CHECKING:
+    from firmware_bridge.link import SerialLink
+
 log = logging.getLogger("edge_fl.agent.bridge")
 
 
 class BridgeSource:
-    def __init__(self, url: str, store: AgentStore, backbone: FrozenBackbone, *, baudrate: int = 115200,
+    """Every attached MCU (one serial link each) feeds the store and receives each new head."""
+
+    def __init__(self, urls: list[str], store: AgentStore, backbone: FrozenBackbone, *, baudrate: int = 115200,
                  test_fraction: float = 0.3, min_windows: int = 14) -> None:
         from firmware_bridge.link import SerialLink  # pyserial only where a bridge is configured
 
@@ -33,17 +39,19 @@ class BridgeSource:
                              "models/build_backbone.py (a device cannot compute these statistics itself)")
         self.store, self.backbone, self.standardizer = store, backbone, standardizer
         self.test_fraction, self.min_windows = test_fraction, min_windows
-        self.link = SerialLink(url, baudrate=baudrate)
+        self.links = [SerialLink(url, baudrate=baudrate) for url in urls]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._collect, name="bridge-collector", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._collect, args=(link,), name=f"bridge-collector {link.url}",
+                                          daemon=True) for link in self.links]
+        for t in self._threads:
+            t.start()
 
-    def _collect(self) -> None:
-        # SQLite connections belong to their thread: the collector writes through its own.
+    def _collect(self, link: "SerialLink") -> None:
+        # SQLite connections belong to their thread: each collector writes through its own.
         store = AgentStore(self.store.path)
         try:
             while not self._stop.is_set():
-                for w in self.link.windows(timeout=0.5):
+                for w in link.windows(timeout=0.5):
                     if w.label >= 0:
                         store.add_window(w.window_id, int(w.label), w.to_float())
                     if self._stop.is_set():
@@ -65,21 +73,27 @@ class BridgeSource:
             train[idx[:cut]] = True
         return ClientData(emb[train], y[train], emb[~train], y[~train])
 
-    def push(self, params: Mapping[str, np.ndarray]) -> int | None:
-        """Send the int8 twin of `params` to the MCU; returns its head id, or None if the MCU is away."""
+    def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
+        """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away."""
         from firmware_bridge.head_blob import encode_head
         from firmware_bridge.link import LinkError
 
         blob = encode_head(quantize_head(params), self.standardizer.mean, self.standardizer.std)
-        try:
-            head_id = self.link.push_head(blob)
-        except LinkError as exc:
-            log.warning("head not pushed to the MCU (%s); it keeps its previous head", exc)
-            return None
-        log.info("pushed head %d (%d bytes) to the MCU", head_id, len(blob))
-        return head_id
+        ids: list[int | None] = []
+        for link in self.links:
+            try:
+                head_id = link.push_head(blob)
+            except LinkError as exc:
+                log.warning("head not pushed to the MCU on %s (%s); it keeps its previous head", link.url, exc)
+                ids.append(None)
+                continue
+            log.info("pushed head %d (%d bytes) to the MCU on %s", head_id, len(blob), link.url)
+            ids.append(head_id)
+        return ids
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2.0)
-        self.link.close()
+        for t in self._threads:
+            t.join(timeout=2.0)
+        for link in self.links:
+            link.close()

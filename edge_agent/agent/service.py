@@ -91,7 +91,7 @@ class AgentService:
 
             if not cfg.data.port:
                 raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
-            self.bridge = BridgeSource(cfg.data.port, self.store, FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
+            self.bridge = BridgeSource([cfg.data.port, *cfg.data.more_ports], self.store, FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
                                        baudrate=cfg.data.baudrate, min_windows=cfg.data.min_windows)
         elif data is None:
             raise ValueError(f"data source {cfg.data.source!r} gave no data")

@@ -23,6 +23,7 @@ FLEET = "bridge"
 
 def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroker, tmp_path: Path) -> None:
     emu = EmulatedMcu.on_pty(subject=6, speedup=20)  # 40 windows/s instead of 2
+    emu2 = EmulatedMcu.on_pty(subject=6, speedup=20, labelled=False)  # a second MCU on the same agent
     fleet = Fleet(tmp_path)
     monitor = MqttLink("monitor", broker.host, broker.port, username="aggregator",
                        password=broker.users["aggregator"], clean_start=True)
@@ -35,7 +36,7 @@ def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroke
         agent_cfg.write_text(_toml(
             {"broker": {"host": broker.host, "port": broker.port, "username": "device",
                         "password": broker.users["device"]},
-             "data": {"source": "serial", "port": emu.port_url, "min_windows": 40}},
+             "data": {"source": "serial", "port": emu.port_url, "more_ports": [emu2.port_url], "min_windows": 40}},
             {"device_id": "pi-with-mcu", "state_dir": str(tmp_path / "state"), "fleet": FLEET}))
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
         fleet.spawn("agent", "agent", "--config", str(agent_cfg))
@@ -54,11 +55,11 @@ def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroke
         assert all(s["reporting"] == 1 and s["rejected"] == 0 for s in statuses.values()), statuses
         # The MCU runs the head the agent pushed after its last round, and answers with it.
         end = time.monotonic() + 30
-        while emu.head_id is None and time.monotonic() < end:
+        while (emu.head_id is None or emu2.head_id is None) and time.monotonic() < end:
             time.sleep(0.1)  # the emulator exposes no event for a commit; bounded poll of its state
-        assert emu.head_id is not None, fleet.tail("agent", 40)
+        assert emu.head_id is not None and emu2.head_id is not None, fleet.tail("agent", 40)
         log = (tmp_path / "agent.log").read_text()
-        assert f"pushed head {emu.head_id}" in log
+        assert f"pushed head {emu.head_id} " in log and f"pushed head {emu2.head_id} " in log
         # The user's raw windows stayed on the device: in its own store, never in what it uploaded.
         db = sqlite3.connect(tmp_path / "state" / "agent.db")
         assert db.execute("SELECT COUNT(*) FROM windows").fetchone()[0] >= 40
@@ -66,3 +67,4 @@ def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroke
         fleet.stop()
         monitor.close()
         emu.stop()
+        emu2.stop()
