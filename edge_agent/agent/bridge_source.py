@@ -39,6 +39,7 @@ class BridgeSource:
                              "models/build_backbone.py (a device cannot compute these statistics itself)")
         self.store, self.backbone, self.standardizer = store, backbone, standardizer
         self.test_fraction, self.min_windows = test_fraction, min_windows
+        self._last_reported = -1
         self.links = [SerialLink(url, baudrate=baudrate) for url in urls]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._collect, args=(link,), name=f"bridge-collector {link.url}",
@@ -63,7 +64,9 @@ class BridgeSource:
         """Everything collected so far, or None while there is too little to train on."""
         x, y = self.store.windows()
         if y.size < self.min_windows:
-            log.info("only %d labelled window(s) from the MCU so far (need %d)", y.size, self.min_windows)
+            if y.size != self._last_reported:  # the idle loop asks every second: say it once per change
+                log.info("%d labelled window(s) from the MCU so far, %d needed to train", y.size, self.min_windows)
+                self._last_reported = int(y.size)
             return None
         emb = self.standardizer(self.backbone.embed(x))
         train = np.zeros(y.size, bool)
