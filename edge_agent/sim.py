@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def run_simulation(data: FederatedData, config: SimConfig, *,
     for rnd in range(1, config.rounds + 1):
         up0, down0 = wire.uplink_bytes, wire.downlink_bytes
         chosen = sorted(sampler.choice(n_clients, size=per_round, replace=False).tolist())
-        broadcast = type(server)(server.round, wire.down(server.params, len(chosen)), server.reported, server.failed)
+        broadcast = replace(server, params=wire.down(server.params, len(chosen)))
         updates = []
         for i in chosen:
             states[i], update = strategy.client_round(broadcast, states[i], data.clients[i],
@@ -164,7 +164,7 @@ def run_simulation(data: FederatedData, config: SimConfig, *,
         if watch_server:
             watch_server(server)
         # Every device runs the int8 twin of its personalized head: that is what we score.
-        view = type(server)(server.round, wire.down(server.params, 0), server.reported, server.failed)
+        view = replace(server, params=wire.down(server.params, 0))
         client_acc = {}
         for i, cd in enumerate(data.clients):
             personal = strategy.personalized(view, states[i], cd, np.random.default_rng([config.seed, 4, rnd, i]))

@@ -40,6 +40,7 @@ class BridgeSource:
         self.store, self.backbone, self.standardizer = store, backbone, standardizer
         self.test_fraction, self.min_windows = test_fraction, min_windows
         self._last_reported = -1
+        self._cached: tuple[int, ClientData] | None = None
         self.links = [SerialLink(url, baudrate=baudrate) for url in urls]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._collect, args=(link,), name=f"bridge-collector {link.url}",
@@ -62,19 +63,24 @@ class BridgeSource:
 
     def client_data(self) -> ClientData | None:
         """Everything collected so far, or None while there is too little to train on."""
-        x, y = self.store.windows()
-        if y.size < self.min_windows:
-            if y.size != self._last_reported:  # the idle loop asks every second: say it once per change
-                log.info("%d labelled window(s) from the MCU so far, %d needed to train", y.size, self.min_windows)
-                self._last_reported = int(y.size)
+        count = self.store.window_count()
+        if count < self.min_windows:
+            if count != self._last_reported:  # the idle loop asks every second: say it once per change
+                log.info("%d labelled window(s) from the MCU so far, %d needed to train", count, self.min_windows)
+                self._last_reported = count
             return None
+        if self._cached is not None and self._cached[0] == count:
+            return self._cached[1]  # nothing new: do not embed every window again
+        x, y = self.store.windows()
         emb = self.standardizer(self.backbone.embed(x))
         train = np.zeros(y.size, bool)
         for label in np.unique(y):
             idx = np.flatnonzero(y == label)  # in arrival order
             cut = max(1, int(round(idx.size * (1.0 - self.test_fraction))))
             train[idx[:cut]] = True
-        return ClientData(emb[train], y[train], emb[~train], y[~train])
+        data = ClientData(emb[train], y[train], emb[~train], y[~train])
+        self._cached = (int(y.size), data)
+        return data
 
     def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
         """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away."""

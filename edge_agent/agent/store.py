@@ -14,7 +14,6 @@ what it already counted).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..codec.tensor_pack import pack_tensors, unpack_tensors
+from ..db import connect, transaction
 from ..learning.strategies import ClientState
 
 SCHEMA = """
@@ -49,11 +49,7 @@ class OutboxItem:
 class AgentStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a device may lose power at any moment
-        self.db.executescript(SCHEMA)
+        self.db = connect(self.path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -70,18 +66,13 @@ class AgentStore:
     def commit_round(self, round_no: int, model_version: int, state: ClientState, item: OutboxItem | None) -> None:
         """New personal state + round log + outbox row, all or nothing."""
         blob = pack_tensors({k: np.asarray(v, np.float32) for k, v in state.personal.items()}, int8=False)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO personal VALUES (1, ?, ?)", (blob, state.rounds_done))
             self.db.execute("INSERT INTO round_log VALUES (?, ?, ?, ?)",
                             (round_no, item.update_id if item else None, model_version, time.time()))
             if item is not None:
                 self.db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, 0)",
                                 (item.update_id, item.round, item.topic, item.payload, time.time()))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def save_initial_state(self, state: ClientState) -> None:
         blob = pack_tensors({k: np.asarray(v, np.float32) for k, v in state.personal.items()}, int8=False)
@@ -104,6 +95,9 @@ class AgentStore:
         x = np.ascontiguousarray(x, np.float32)
         self.db.execute("INSERT INTO windows (window_id, label, shape, samples) VALUES (?, ?, ?, ?)",
                         (window_id, label, ",".join(map(str, x.shape)), x.tobytes()))
+
+    def window_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
 
     def windows(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self.db.execute("SELECT label, shape, samples FROM windows ORDER BY seq").fetchall()

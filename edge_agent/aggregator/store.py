@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..codec.tensor_pack import pack_tensors, unpack_tensors
+from ..db import connect, transaction
 from ..learning.strategies import ClientFailure
 from .rounds import Phase, RoundState, UpdateLike
 
@@ -56,17 +56,10 @@ def _bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
 class AggregatorStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not only process death
-        self.db.executescript(SCHEMA)
+        self.db = connect(self.path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
-
-    def _txn(self) -> "_Txn":
-        return _Txn(self.db)
 
     # --- configuration fingerprint -------------------------------------------------------------
     def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
@@ -81,7 +74,7 @@ class AggregatorStore:
 
     # --- global versions -----------------------------------------------------------------------
     def save_global(self, version: int, params: Mapping[str, np.ndarray]) -> None:
-        with self._txn():
+        with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
                             (version, pack_tensors(params, int8=False), time.time()))
 
@@ -91,7 +84,7 @@ class AggregatorStore:
 
     # --- rounds --------------------------------------------------------------------------------
     def open_round(self, state: RoundState) -> None:
-        with self._txn():
+        with transaction(self.db):
             self.db.execute("INSERT INTO rounds (round, model_version, selected, opened_at, deadline, phase) "
                             "VALUES (?, ?, ?, ?, ?, ?)",
                             (state.round, state.model_version, json.dumps(list(state.selected)),
@@ -108,7 +101,7 @@ class AggregatorStore:
 
     def accept(self, state: RoundState, update: UpdateLike, accumulator: Mapping[str, np.ndarray], now: float) -> None:
         """Record the update and the accumulator that includes it, atomically."""
-        with self._txn():
+        with transaction(self.db):
             self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)",
                             (state.round, update.device_id, update.update_id, update.num_examples, now))
             self.db.execute("INSERT OR REPLACE INTO accumulator VALUES (?, ?)",
@@ -121,7 +114,7 @@ class AggregatorStore:
     def close_round(self, state: RoundState, failures: Sequence[ClientFailure], succeeded: bool,
                     new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float) -> None:
         """Close the round and, when it succeeded, store the new global version, atomically."""
-        with self._txn():
+        with transaction(self.db):
             self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=? WHERE round=?",
                             (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded), state.round))
             if new_version is not None and new_params is not None:
@@ -137,13 +130,3 @@ class AggregatorStore:
     def accepted_count(self, round_no: int) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM accepted WHERE round=?", (round_no,)).fetchone()[0])
 
-
-class _Txn:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -29,6 +29,13 @@ class HeadConfig:
     def keys(self) -> tuple[str, ...]:
         return (ADAPTER_KEYS if self.adapter_dim else ()) + CLASSIFIER_KEYS
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, without building the tensors (the aggregator checks uploads against it)."""
+        width = self.adapter_dim or self.in_dim
+        adapter = {"adapter.w": (self.in_dim, self.adapter_dim), "adapter.b": (self.adapter_dim,)} if self.adapter_dim else {}
+        return {**adapter, "classifier.w": (width, self.num_classes), "classifier.b": (self.num_classes,)}
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:

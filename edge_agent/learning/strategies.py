@@ -123,8 +123,7 @@ class Strategy(ABC):
 
     def upload_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor a client uploads in the round that trains from `server`."""
-        full = init_params(self.head, np.random.default_rng(0))
-        return {k: tuple(v.shape) for k, v in full.items() if k in self.shared_keys}
+        return {k: shape for k, shape in self.head.shapes.items() if k in self.shared_keys}
 
     # --- client -------------------------------------------------------------------------------
     def init_client(self, rng: np.random.Generator) -> ClientState:

@@ -9,6 +9,7 @@ counted twice anywhere changes that weighted mean.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
 import subprocess
 import time
@@ -72,7 +73,7 @@ class Run:
         while time.monotonic() < end:
             try:
                 msg = self.monitor.inbox.get(timeout=0.5)
-            except Exception:
+            except queue.Empty:
                 continue
             if isinstance(msg, Message) and msg.payload:
                 doc = json.loads(msg.payload)

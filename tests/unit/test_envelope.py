@@ -360,7 +360,7 @@ def test_errors_are_codec_errors_and_value_errors() -> None:
 
 # --- fuzzing --------------------------------------------------------------------------------------
 
-def _decode_or_envelope_error(data: Any, **limits: int) -> UpdateEnvelope | None:
+def _check_decodes_or_envelope_error(data: Any, **limits: int) -> UpdateEnvelope | None:
     try:
         env = decode_envelope(data, **limits)
     except EnvelopeError:
@@ -375,10 +375,10 @@ def _decode_or_envelope_error(data: Any, **limits: int) -> UpdateEnvelope | None
 @FUZZ
 @given(st.binary(max_size=600))
 def test_fuzz_random_bytes(noise: bytes) -> None:
-    _decode_or_envelope_error(noise)
+    _check_decodes_or_envelope_error(noise)
     # the same noise behind a plausible prefix gets past the magic, version and kind checks
-    _decode_or_envelope_error(b"EFLE\x01\x01" + noise)
-    _decode_or_envelope_error(_seal(noise, b""))
+    _check_decodes_or_envelope_error(b"EFLE\x01\x01" + noise)
+    _check_decodes_or_envelope_error(_seal(noise, b""))
 
 
 @FUZZ
@@ -387,7 +387,7 @@ def test_fuzz_spliced_bytes(at: int, noise: bytes) -> None:
     data = encode_envelope(_env())
     at %= len(data)
     spliced = data[:at] + noise + data[at + len(noise):]
-    assert _decode_or_envelope_error(spliced) is None or spliced == data  # any change is caught by the digest
+    assert _check_decodes_or_envelope_error(spliced) is None or spliced == data  # any change is caught by the digest
 
 
 _json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
@@ -430,14 +430,14 @@ def test_fuzz_header_mutations_resealed(mutations: list[Mutation], kind: int, fl
             m(header)
         except (LookupError, TypeError, AttributeError):
             pass  # an earlier mutation removed what this one changes (or the float codec has fewer specs)
-    _decode_or_envelope_error(_seal(header, payload, kind=kind))
+    _check_decodes_or_envelope_error(_seal(header, payload, kind=kind))
 
 
 @FUZZ
 @given(st.binary(min_size=30, max_size=30))
 def test_fuzz_payload_resealed(payload: bytes) -> None:
     header, _, _ = _split(encode_envelope(_env()))
-    _decode_or_envelope_error(_seal(header, payload))  # NaN/inf anywhere must be refused
+    _check_decodes_or_envelope_error(_seal(header, payload))  # NaN/inf anywhere must be refused
 
 
 _ident = st.text(string.ascii_letters + string.digits + "._-", min_size=1, max_size=64)

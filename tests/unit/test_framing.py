@@ -175,7 +175,7 @@ def test_buffer_is_bounded_and_overrun_counted() -> None:
     assert decoder.feed(encode_frame(8, 1, b"\x00" * 4))[0].seq == 1
 
 
-def _flip_every_bit_is_rejected(frame: bytes, original: Frame) -> None:
+def _check_every_bit_flip_is_rejected(frame: bytes, original: Frame) -> None:
     for pos in range(len(frame) - 1):  # the delimiter's own flips are covered by merging below
         for bit in range(8):
             mangled = bytearray(frame)
@@ -190,7 +190,7 @@ def _flip_every_bit_is_rejected(frame: bytes, original: Frame) -> None:
 def test_single_bit_flips_are_never_accepted(length: int) -> None:
     payload = bytes((i * 37) % 256 for i in range(length))  # has zeros: COBS code bytes get flipped too
     frame = encode_frame(0x04, 77, payload)
-    _flip_every_bit_is_rejected(frame, Frame(1, 0x04, 77, payload))
+    _check_every_bit_flip_is_rejected(frame, Frame(1, 0x04, 77, payload))
 
 
 def _check_frames_are_genuine(frames: list[Frame]) -> None:

@@ -118,3 +118,10 @@ def test_adam_first_step_moves_every_weight_by_about_lr() -> None:
     _, grads = loss_and_grads(params, x, y)
     for k in params:
         np.testing.assert_allclose(got[k] - params[k], -0.01 * np.sign(grads[k]), atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("adapter_dim", [0, 5])
+def test_declared_shapes_are_the_built_ones(adapter_dim: int) -> None:
+    cfg = HeadConfig(8, 3, adapter_dim)
+    built = init_params(cfg, np.random.default_rng(0))
+    assert cfg.shapes == {k: v.shape for k, v in built.items()}
