@@ -67,10 +67,15 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, stats_e
     p.add_argument("--no-windows", action="store_true", help="do not print SENSOR_WINDOW lines")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    inbox: queue.Queue[Message] = queue.Queue()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    inbox: queue.Queue[Message | str] = queue.Queue()
+
+    def on_state(up: bool, detail: str) -> None:
+        inbox.put(f"LINK    {'up' if up else 'DOWN'}: {detail}")
+
     try:
-        link = SerialLink(args.port, baudrate=args.baud, on_message=inbox.put)
+        link = SerialLink(args.port, baudrate=args.baud, on_message=inbox.put, on_state=on_state)
     except LinkOpenError as exc:
         print(f"edge-fl bridge: {exc}", file=sys.stderr)
         return 2
@@ -85,15 +90,18 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, stats_e
             try:
                 blob = load_head_blob(args.push_head)
                 head_id = link.push_head(blob)
-                print(f"pushed head {head_id:#010x} ({len(blob)} bytes) in {time.monotonic() - t:.2f} s", file=out, flush=True)
+                print(f"pushed head {head_id:#010x} ({len(blob)} bytes) in {time.monotonic() - t:.2f} s", file=out,
+                      flush=True)
             except (HeadPushError, OSError, ValueError, RuntimeError) as exc:
                 print(f"edge-fl bridge: head push failed: {exc}", file=sys.stderr)
         last = time.monotonic()
         while True:
             try:
-                msg = inbox.get(timeout=0.5)
-                if not (args.no_windows and isinstance(msg, SensorWindow)):
-                    print(describe(msg), file=out, flush=True)
+                item = inbox.get(timeout=0.5)
+                if isinstance(item, str):
+                    print(item, file=out, flush=True)
+                elif not (args.no_windows and isinstance(item, SensorWindow)):
+                    print(describe(item), file=out, flush=True)
             except queue.Empty:
                 pass
             if time.monotonic() - last >= stats_every:
@@ -108,11 +116,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, stats_e
 
 def stats_line(link: SerialLink) -> str:
     s: dict[str, Any] = link.snapshot()
-    d = s["decoder"]
-    state = "up" if link.connected else "DOWN (reconnecting)"
+    state = ("up" if link.peer_alive else "open, device silent") if link.connected else "DOWN (reconnecting)"
     return (f"STATS   link {state}, frames rx {s['frames_rx']} tx {s['frames_tx']}, bytes rx {s['bytes_rx']}, "
             f"windows {s['windows']}, predictions {s['infer_results']}, dropped {link.decoder.stats.dropped}, "
-            f"errors rx {s['errors_rx']}, reconnects {max(0, s['connects'] - 1)}")
+            f"errors rx {s['errors_rx']}, reconnects {max(0, s['connects'] - 1)}, "
+            f"silent drops {s['liveness_timeouts']}")
 
 
 if __name__ == "__main__":

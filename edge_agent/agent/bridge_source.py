@@ -4,6 +4,10 @@ Labelled SENSOR_WINDOWs from the MCU are kept in the agent's own SQLite store (t
 device), embedded with the frozen backbone and standardized with the statistics shipped in the model
 sidecar. Per label, the earlier windows train and the later ones test: the same time split as the
 bundled recordings, so an evaluation never scores a window that overlaps a training one.
+
+A gateway outlives its cables: an MCU may be missing when the agent starts, be unplugged, reboot or
+hang. Each link reconnects on its own (firmware_bridge.link), and the collector re-pushes the latest
+head on every new connection, because a rebooted MCU comes back without one.
 """
 
 from __future__ import annotations
@@ -41,25 +45,62 @@ class BridgeSource:
         self.test_fraction, self.min_windows = test_fraction, min_windows
         self._last_reported = -1
         self._cached: tuple[int, ClientData] | None = None
-        self.links = [SerialLink(url, baudrate=baudrate) for url in urls]
+        self.links = [SerialLink(url, baudrate=baudrate, require_port=False) for url in urls]
         self._stop = threading.Event()
+        self._blob: bytes | None = None  # the latest head, for MCUs that (re)connect after it was pushed
+        self._push_locks = {link.url: threading.Lock() for link in self.links}
+        # url -> (connection generation, blob, head id) of the last head that MCU accepted
+        self._pushed: dict[str, tuple[int, bytes, int]] = {}
         self._threads = [threading.Thread(target=self._collect, args=(link,), name=f"bridge-collector {link.url}",
                                           daemon=True) for link in self.links]
         for t in self._threads:
             t.start()
 
-    def _collect(self, link: "SerialLink") -> None:
+    def _collect(self, link: SerialLink) -> None:
+        from firmware_bridge.link import LinkError
+
         # SQLite connections belong to their thread: each collector writes through its own.
         store = AgentStore(self.store.path)
         try:
             while not self._stop.is_set():
-                for w in link.windows(timeout=0.5):
-                    if w.label >= 0:
-                        store.add_window(w.window_id, int(w.label), w.to_float())
-                    if self._stop.is_set():
-                        break
+                self._repush_if_reconnected(link)
+                try:
+                    w = link.get_window(0.5)
+                except LinkError:
+                    continue
+                if w.label < 0:
+                    continue
+                try:
+                    store.add_window(w.window_id, int(w.label), w.to_float())
+                except Exception:  # a full disk or a locked database must not end collection for good
+                    log.exception("window %d from the MCU on %s not stored", w.window_id, link.url)
         finally:
             store.close()
+
+    def _repush_if_reconnected(self, link: SerialLink) -> None:
+        blob, gen, done = self._blob, link.generation, self._pushed.get(link.url)
+        if blob is None or not link.connected or link.peer_generation != gen:
+            return  # nothing to push yet, or the MCU has not said HELLO on this connection yet
+        if done is None or done[0] != gen or done[1] is not blob:
+            self._push_one(link, blob, again=True)
+
+    def _push_one(self, link: SerialLink, blob: bytes, *, again: bool = False) -> int | None:
+        from firmware_bridge.link import LinkError
+
+        with self._push_locks[link.url]:
+            gen, done = link.generation, self._pushed.get(link.url)
+            if done is not None and done[0] == gen and done[1] is blob:
+                return done[2]  # the other thread pushed this very head on this connection a moment ago
+            try:
+                head_id = link.push_head(blob)
+            except LinkError as exc:
+                log.warning("head not pushed to the MCU on %s (%s); it keeps its previous head until it "
+                            "reconnects", link.url, exc)
+                return None
+            self._pushed[link.url] = (gen, blob, head_id)
+        log.info("%s head %d (%d bytes) to the MCU on %s", "re-pushed" if again else "pushed", head_id, len(blob),
+                 link.url)
+        return head_id
 
     def client_data(self) -> ClientData | None:
         """Everything collected so far, or None while there is too little to train on."""
@@ -76,29 +117,20 @@ class BridgeSource:
         train = np.zeros(y.size, bool)
         for label in np.unique(y):
             idx = np.flatnonzero(y == label)  # in arrival order
-            cut = max(1, int(round(idx.size * (1.0 - self.test_fraction))))
+            cut = max(1, round(idx.size * (1.0 - self.test_fraction)))
             train[idx[:cut]] = True
         data = ClientData(emb[train], y[train], emb[~train], y[~train])
         self._cached = (int(y.size), data)
         return data
 
     def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
-        """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away."""
+        """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away (it gets
+        the head when it reconnects)."""
         from firmware_bridge.head_blob import encode_head
-        from firmware_bridge.link import LinkError
 
         blob = encode_head(quantize_head(params), self.standardizer.mean, self.standardizer.std)
-        ids: list[int | None] = []
-        for link in self.links:
-            try:
-                head_id = link.push_head(blob)
-            except LinkError as exc:
-                log.warning("head not pushed to the MCU on %s (%s); it keeps its previous head", link.url, exc)
-                ids.append(None)
-                continue
-            log.info("pushed head %d (%d bytes) to the MCU on %s", head_id, len(blob), link.url)
-            ids.append(head_id)
-        return ids
+        self._blob = blob
+        return [self._push_one(link, blob) for link in self.links]
 
     def close(self) -> None:
         self._stop.set()
