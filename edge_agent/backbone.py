@@ -247,7 +247,8 @@ class EmbeddingCache:
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)
-                if cached.shape == (len(windows), backbone.embedding_dim):
+                # np.load returns whatever the file holds; only an array of the right shape is ours.
+                if isinstance(cached, np.ndarray) and cached.shape == (len(windows), backbone.embedding_dim):
                     return cached
             except (OSError, ValueError):
                 pass  # a torn or foreign file: recompute and overwrite it

@@ -244,7 +244,7 @@ class LocalBroker:
         # Logs accumulate over restarts (a failing test shows the whole story); errors at this
         # start are reported from what was written since.
         self._marks = {p: p.stat().st_size if p.exists() else 0 for p in self._log_files()}
-        stderr = open(self.workdir / "mosquitto.stderr", "ab")  # noqa: SIM115 (child owns it)
+        stderr = open(self.workdir / "mosquitto.stderr", "ab")
         try:
             self._proc = subprocess.Popen(
                 [*_die_with_parent(), binary, "-c", str(conf)], stdin=subprocess.DEVNULL,

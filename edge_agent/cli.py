@@ -91,8 +91,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg = SimConfig(**{**base.__dict__, "strategy": name})
 
         def tick(r: int, n: int, rec: dict[str, Any], _name: str = name) -> None:
-            progress.update(f"[{_name}] round {r}/{n}  mean {100 * rec['mean_acc']:.1f}%  worst {100 * rec['worst_acc']:.1f}%",
-                            final=(r == n and not progress.tty))
+            progress.update(f"[{_name}] round {r}/{n}  mean {100 * rec['mean_acc']:.1f}%  "
+                            f"worst {100 * rec['worst_acc']:.1f}%", final=(r == n and not progress.tty))
 
         results[name] = run_simulation(data, cfg, progress=tick)
         results[name]["backbone"] = {"path": str(backbone.path), "sha256": backbone.sha256, "runtime": backbone.runtime}
@@ -192,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--classes-per-client", type=int, default=3, help="label-skew: classes each client keeps")
     sim.add_argument("--alpha", type=float, default=0.5, help="dirichlet: concentration of class proportions")
     sim.add_argument("--fraction", type=float, default=defaults.fraction, help="share of clients sampled per round")
-    sim.add_argument("--adapter-dim", type=int, default=defaults.adapter_dim, help="width of the shared adapter (0 = none)")
-    sim.add_argument("--local-epochs", type=int, default=defaults.local_epochs, help="epochs each client trains per round")
+    sim.add_argument("--adapter-dim", type=int, default=defaults.adapter_dim,
+                     help="width of the shared adapter (0 = none)")
+    sim.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
+                     help="epochs each client trains per round")
     sim.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate of the head")
     sim.add_argument("--ditto-lambda", type=float, default=defaults.ditto_lambda,
                      help="ditto: pull of the personal head towards the global head")
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", type=Path, metavar="PNG",
                      help=f"also draw accuracy vs labelled windows per class for {DEFAULT_STRATEGY}, fedavg and local")
     sim.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="backbone .tflite")
-    sim.add_argument("--feature-output", help="backbone output to use as embedding: signature key, tensor name or index")
+    sim.add_argument("--feature-output",
+                     help="backbone output to use as embedding: signature key, tensor name or index")
     sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
     sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
     sim.add_argument("--reference-kernels", action="store_true",

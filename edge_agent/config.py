@@ -4,9 +4,9 @@ and the key. Unknown keys are errors: a typo must not silently fall back to a de
 from __future__ import annotations
 
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,7 +15,10 @@ else:  # pragma: no cover
 
 from .sim import SimConfig
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -87,19 +90,19 @@ class AggregatorConfig:
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
     for name, f in known.items():
         if name not in data:
-            if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+            if f.default is MISSING and f.default_factory is MISSING:
                 raise ConfigError(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
         sub = f.type if isinstance(f.type, type) else _NESTED.get(str(f.type))
-        if sub is not None and hasattr(sub, "__dataclass_fields__"):
+        if sub is not None and is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             value = _build(sub, value, f"{where} [{name}]")

@@ -137,7 +137,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
     from .transport import Message, MqttLink
 
     owned = cfg.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-")) if owned else Path(cfg.workdir)  # type: ignore[arg-type]
+    workdir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-")) if cfg.workdir is None else Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     broker = None
     if cfg.broker:
@@ -165,13 +165,14 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
                                       fleet=cfg.fleet, clients=len(clients), strategy=cfg.strategy,
                                       rounds=cfg.rounds, seed=cfg.seed, deadline_s=cfg.deadline_s)
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
-        for i, (cid, subject) in enumerate(zip(clients, CLIENT_SUBJECTS)):
+        for i, (cid, subject) in enumerate(zip(clients, CLIENT_SUBJECTS, strict=True)):
             path = write_agent_config(workdir, host, port, user_names["device"], users["device"], fleet=cfg.fleet,
                                       subject=subject, rng_stream=i, regime=cfg.regime, seed=cfg.seed)
             fleet.spawn(cid, "agent", "--config", str(path))
         printer(f"started the aggregator and {len(clients)} agents ({cfg.strategy}, {cfg.regime}, {cfg.rounds} rounds, "
                 f"seed {cfg.seed}); logs in {workdir}")
-        header = f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} {'bytes in':>9} {'bytes out':>10}"
+        header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
+                  f"{'bytes in':>9} {'bytes out':>10}")
         printer(header)
         printer("-" * len(header))
         telemetry: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)

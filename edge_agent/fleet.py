@@ -15,7 +15,8 @@ from .sim import SimConfig
 
 def task_meta(train: SimConfig, head: HeadConfig, **extra: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {f"train.{k}": v for k, v in asdict(train).items()}
-    meta.update({"head.in_dim": head.in_dim, "head.num_classes": head.num_classes, "head.adapter_dim": head.adapter_dim})
+    meta.update({"head.in_dim": head.in_dim, "head.num_classes": head.num_classes,
+                 "head.adapter_dim": head.adapter_dim})
     meta.update(extra)
     return meta
 

@@ -2,12 +2,15 @@
 
 | message | topic | QoS | retain | payload |
 |---|---|---|---|---|
-| global model, latest version | `edgefl/<fleet>/model/current` | 1 | yes | UpdateEnvelope kind GLOBAL (version = rounds completed) |
-| round task | `edgefl/<fleet>/round/current` | 1 | yes | UpdateEnvelope kind GLOBAL: the tensors to train from, meta = round, deadline, selected devices, training config |
-| update upload | `edgefl/<fleet>/update/<device>/<round>` | 1 | no | UpdateEnvelope kind UPDATE, or its chunks (codec.chunking) when larger than the broker's packet limit |
+| global model (latest) | `edgefl/<fleet>/model/current` | 1 | yes | envelope kind GLOBAL; version = rounds done |
+| round task | `edgefl/<fleet>/round/current` | 1 | yes | envelope kind GLOBAL: the tensors to train from (1) |
+| update upload | `edgefl/<fleet>/update/<device>/<round>` | 1 | no | envelope kind UPDATE, or its chunks (2) |
 | presence | `edgefl/<fleet>/presence/<device>` | 1 | yes | `online` on connect; `offline` as the last will |
-| telemetry | `edgefl/<fleet>/telemetry/<device>` | 1 | no | JSON: accuracy of the device's heads after each global version |
+| telemetry | `edgefl/<fleet>/telemetry/<device>` | 1 | no | JSON: the device's head accuracies per global version |
 | aggregator status | `edgefl/<fleet>/status` | 1 | yes | JSON: the last closed round (reporting, rejected, bytes) |
+
+Envelopes are `codec.envelope.UpdateEnvelope`. (1) Its meta holds the round, deadline, selected devices and
+training configuration. (2) Chunks (`codec.chunking`) when the envelope is larger than the broker's packet limit.
 
 Telemetry is QoS 1 rather than 0 here because `edge-fl demo` builds its per-round table from it.
 """

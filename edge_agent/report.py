@@ -40,9 +40,9 @@ def few_shot_curve(embedded: Embedded, base: SimConfig, seeds: Sequence[int], st
         for key in keys:
             arr = np.asarray(raw[name][key], dtype=float)  # (len(K), len(seeds))
             ok = ~np.all(np.isnan(arr), axis=1)
-            entry[key] = [float(np.nanmean(r)) if o else None for r, o in zip(arr, ok)]
-            entry[key + "_min"] = [float(np.nanmin(r)) if o else None for r, o in zip(arr, ok)]
-            entry[key + "_max"] = [float(np.nanmax(r)) if o else None for r, o in zip(arr, ok)]
+            entry[key] = [float(np.nanmean(r)) if o else None for r, o in zip(arr, ok, strict=True)]
+            entry[key + "_min"] = [float(np.nanmin(r)) if o else None for r, o in zip(arr, ok, strict=True)]
+            entry[key + "_max"] = [float(np.nanmax(r)) if o else None for r, o in zip(arr, ok, strict=True)]
         curve["strategies"][name] = entry
     return curve
 

@@ -7,7 +7,7 @@ bytes counted and the int8 rounding are the ones a real deployment sees.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from .data.partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECT
 from .data.watch import WatchDataset
 from .data.windows import WindowConfig, split_and_window
 from .learning.features import EmbeddingStandardizer
-from .learning.head import FitConfig, HeadConfig, OptimizerConfig, quantize_head
+from .learning.head import OPTIMIZER_KINDS, FitConfig, HeadConfig, OptimizerConfig, OptimizerKind, quantize_head
 from .learning.metrics import accuracy, summarize
 from .learning.strategies import ClientData, ClientUpdate, ServerState, StrategyConfig, make_strategy
 
@@ -95,7 +95,7 @@ class SimConfig:
     local_epochs: int = 1
     batch_size: int = FitConfig.batch_size
     lr: float = OptimizerConfig.lr
-    optimizer: str = OptimizerConfig.kind
+    optimizer: OptimizerKind = OptimizerConfig.kind
     weight_decay: float = FitConfig.weight_decay
     class_weighting: bool = FitConfig.class_weighting
     finetune_epochs: int = StrategyConfig.finetune_epochs
@@ -103,8 +103,13 @@ class SimConfig:
     ditto_lambda: float = StrategyConfig.ditto_lambda
     int8_updates: bool = True
 
+    def __post_init__(self) -> None:
+        # Values arrive from TOML and from round-task meta: refuse a bad one here, where the config is read.
+        if self.optimizer not in OPTIMIZER_KINDS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_KINDS)}")
+
     def strategy_config(self) -> StrategyConfig:
-        opt = OptimizerConfig(kind=self.optimizer, lr=self.lr)  # type: ignore[arg-type]
+        opt = OptimizerConfig(kind=self.optimizer, lr=self.lr)
         fit = FitConfig(epochs=self.local_epochs, batch_size=self.batch_size, optimizer=opt,
                         weight_decay=self.weight_decay, class_weighting=self.class_weighting)
         return StrategyConfig(fit=fit, finetune_epochs=self.finetune_epochs,
@@ -148,7 +153,7 @@ def run_simulation(data: FederatedData, config: SimConfig, *,
     states = [strategy.init_client(np.random.default_rng([config.seed, 1, i])) for i in range(len(data.clients))]
     sampler = np.random.default_rng([config.seed, 2])
     n_clients = len(data.clients)
-    per_round = max(1, int(round(config.fraction * n_clients)))
+    per_round = max(1, round(config.fraction * n_clients))
     rounds: list[dict[str, Any]] = []
     for rnd in range(1, config.rounds + 1):
         up0, down0 = wire.uplink_bytes, wire.downlink_bytes
@@ -185,19 +190,8 @@ def run_simulation(data: FederatedData, config: SimConfig, *,
         "config": asdict(config),
         "partition": asdict(data.partition),
         "clients": [{"id": cid, "n_train": int(cd.y_train.size), "n_test": int(cd.y_test.size)}
-                    for cid, cd in zip(data.client_ids, data.clients)],
+                    for cid, cd in zip(data.client_ids, data.clients, strict=True)],
         "shared_tensors": sorted(strategy.shared_keys),
         "rounds": rounds,
         "summary": summary,
     }
-
-
-def compare_strategies(data: FederatedData, names: Sequence[str], base: SimConfig,
-                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Every strategy on identical splits, seeds and codecs."""
-    results = {}
-    for name in names:
-        cfg = SimConfig(**{**asdict(base), "strategy": name})
-        cb = (lambda r, n, _rec, _name=name: progress(_name, r, n)) if progress else None
-        results[name] = run_simulation(data, cfg, progress=cb)
-    return results

@@ -34,7 +34,8 @@ def save_head_state(path: str | os.PathLike[str], params: Mapping[str, np.ndarra
         if v.dtype == object:
             raise ValueError(f"tensor {k!r} has dtype object; only numeric arrays are stored")
     arrays[_META] = np.frombuffer(json.dumps(doc, sort_keys=True).encode(), dtype=np.uint8)
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    # allow_pickle spelled out: it also keeps a tensor named "allow_pickle" from being taken for the flag.
+    atomic_write(path, lambda fh: np.savez(fh, allow_pickle=False, **arrays))
 
 
 def load_head_state(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -44,7 +45,8 @@ def load_head_state(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray]
     except FileNotFoundError:
         raise StateError(f"head state not found: {path}") from None
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise StateError(f"{path}: not a readable head-state file ({exc}); delete it to start from the global head") from exc
+        raise StateError(f"{path}: not a readable head-state file ({exc}); "
+                         "delete it to start from the global head") from exc
     if _META not in arrays:
         raise StateError(f"{path}: no metadata entry; not an edge-fl head state")
     try:

@@ -257,6 +257,7 @@ class MqttLink:
         self._ignored: set[int] = set()  # mids whose ack nobody waits for any more
         self._subscriptions: dict[str, int] = {}
         self._resubscribe_mid: int | None = None
+        self._resubscribe_topics: list[str] = []  # the topic filters of that SUBSCRIBE, in order
         self._session_present = False
         self._broker_max_packet: int | None = None
         self._ever_connected = False
@@ -594,11 +595,13 @@ class MqttLink:
             is_resubscribe = mid == self._resubscribe_mid
             if is_resubscribe:
                 self._resubscribe_mid = None
-                topics = list(self._subscriptions)
+                topics = self._resubscribe_topics  # not the current list: it may have changed since
         if not is_resubscribe:
             self._resolve(mid, codes, names)
             return
-        refused = [f"{t}: {n}" for t, c, n in zip(topics, codes, names) if c >= 0x80]
+        # Not strict: a broker that answers with the wrong number of codes must not stop the
+        # connection from being announced (the SUBACK is only read for this warning).
+        refused = [f"{t}: {n}" for t, c, n in zip(topics, codes, names, strict=False) if c >= 0x80]
         if refused:
             log.warning("%s: broker refused restored subscriptions: %s", self.client_id, refused)
         self._announce_connected(refused)
@@ -646,6 +649,7 @@ class MqttLink:
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             with self._lock:
                 self._resubscribe_mid = mid  # ConnectionEvent(True) follows its SUBACK
+                self._resubscribe_topics = [t for t, _ in subscriptions]
         else:
             self._announce_connected([f"resubscribe failed: {paho.error_string(rc)}"])
 

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from ..codec.chunking import split_message
+from ..codec.digest import sha256
 from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelope, encode_envelope
 from ..config import AgentConfig
 from ..faults import crash_point
 from ..fleet import from_meta
-from ..codec.digest import sha256
 from ..learning.head import quantize_head
 from ..learning.metrics import accuracy
 from ..learning.strategies import ClientData, ClientState, ServerState, Strategy
@@ -91,7 +91,8 @@ class AgentService:
 
             if not cfg.data.port:
                 raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
-            self.bridge = BridgeSource([cfg.data.port, *cfg.data.more_ports], self.store, FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
+            self.bridge = BridgeSource([cfg.data.port, *cfg.data.more_ports], self.store,
+                                       FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
                                        baudrate=cfg.data.baudrate, min_windows=cfg.data.min_windows)
         elif data is None:
             raise ValueError(f"data source {cfg.data.source!r} gave no data")
@@ -180,8 +181,9 @@ class AgentService:
                               encode_envelope(envelope))
         self.store.commit_round(round_no, env.model_version, state, item)
         crash_point("agent.after_commit", round_no)
+        queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
         log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
-                 1000 * (time.perf_counter() - t0), f", update {item.update_id} ({len(item.payload)} B) queued" if item else "")
+                 1000 * (time.perf_counter() - t0), queued)
         if self.bridge is not None:  # the attached MCU runs this device's new personalized head
             self.bridge.push(task.strategy.personalized(task.server, state, data,
                                                         self._rng(task.seed, 4, round_no, self.cfg.rng_stream)))
@@ -244,8 +246,8 @@ class AgentService:
         self.link.connect(timeout=30.0)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
-        log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id,
-                 f"the MCU on {self.cfg.data.port}" if self.bridge else f"subject {self.cfg.data.subject}", self.cfg.fleet)
+        source = f"the MCU on {self.cfg.data.port}" if self.bridge else f"subject {self.cfg.data.subject}"
+        log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, source, self.cfg.fleet)
         while not stop.is_set():
             try:
                 msg = self.link.inbox.get(timeout=1.0)

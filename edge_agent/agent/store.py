@@ -25,7 +25,8 @@ from ..db import connect, transaction
 from ..learning.strategies import ClientState
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS personal (id INTEGER PRIMARY KEY CHECK (id = 1), blob BLOB NOT NULL, rounds_done INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS personal (
+    id INTEGER PRIMARY KEY CHECK (id = 1), blob BLOB NOT NULL, rounds_done INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS round_log (
     round INTEGER PRIMARY KEY, update_id TEXT, model_version INTEGER NOT NULL, trained_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -80,7 +81,8 @@ class AgentStore:
 
     def outbox(self, *, include_sent: bool = False) -> list[OutboxItem]:
         where = "" if include_sent else " WHERE sent = 0"
-        rows = self.db.execute(f"SELECT update_id, round, topic, payload FROM outbox{where} ORDER BY created_at").fetchall()
+        rows = self.db.execute(f"SELECT update_id, round, topic, payload FROM outbox{where} "
+                               "ORDER BY created_at").fetchall()
         return [OutboxItem(r[0], int(r[1]), r[2], bytes(r[3])) for r in rows]
 
     def mark_sent(self, update_id: str) -> None:

@@ -20,15 +20,26 @@ from ..learning.strategies import ClientFailure
 
 
 class UpdateLike(Protocol):
-    """What the state machine needs to know about an incoming update (an UpdateEnvelope has it)."""
+    """What the state machine needs to know about an incoming update (an UpdateEnvelope has it).
 
-    device_id: str
-    round: int
-    model_version: int
-    strategy: str
-    update_id: str
-    num_examples: int
-    tensors: Mapping[str, np.ndarray]
+    Read-only properties, not plain attributes: the state machine never assigns them, and a frozen
+    dataclass (UpdateEnvelope) only satisfies a protocol whose members are read-only.
+    """
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def round(self) -> int: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def update_id(self) -> str: ...
+    @property
+    def num_examples(self) -> int: ...
+    @property
+    def tensors(self) -> Mapping[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -80,13 +91,14 @@ def select_devices(online: Sequence[str], fraction: float, rng: np.random.Genera
     pool = sorted(online)
     if not pool:
         return ()
-    k = max(1, int(round(fraction * len(pool))))
+    k = max(1, round(fraction * len(pool)))
     if k >= len(pool):
         return tuple(pool)
     return tuple(pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False).tolist()))
 
 
-def open_round(round_no: int, model_version: int, selected: Sequence[str], now: float, config: RoundConfig) -> RoundState:
+def open_round(round_no: int, model_version: int, selected: Sequence[str], now: float,
+               config: RoundConfig) -> RoundState:
     if not selected:
         raise ValueError("cannot open a round with no selected device")
     return RoundState(round_no, model_version, tuple(selected), now, now + config.deadline_s)

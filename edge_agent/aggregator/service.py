@@ -24,7 +24,6 @@ from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelop
 from ..config import AggregatorConfig
 from ..faults import crash_point
 from ..fleet import task_meta
-from ..learning.aggregate import WeightedMean
 from ..learning.head import HeadConfig
 from ..learning.strategies import ClientUpdate, ServerState, make_strategy
 from ..protocol import Topics

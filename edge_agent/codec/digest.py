@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 
-def _resolve() -> Callable[[], Any]:
+class Hasher(Protocol):
+    """The part of a hashlib object we use."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def digest(self) -> bytes: ...
+    def hexdigest(self) -> str: ...
+
+
+def _resolve() -> Callable[[], Hasher]:
     for module in ("_sha2", "_sha256"):  # CPython >= 3.12, <= 3.11
         try:
-            return importlib.import_module(module).sha256  # type: ignore[no-any-return]
+            # A private module imported by name has no static type: this annotation states what it is.
+            factory: Callable[[], Hasher] = importlib.import_module(module).sha256
+            return factory
         except ImportError:
             pass
     import hashlib  # other interpreters
@@ -22,4 +32,4 @@ def _resolve() -> Callable[[], Any]:
     return hashlib.sha256
 
 
-sha256: Callable[[], Any] = _resolve()
+sha256: Callable[[], Hasher] = _resolve()

@@ -34,7 +34,6 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -86,8 +85,6 @@ class UpdateEnvelope:
     tensors: Mapping[str, np.ndarray]
     codec: str = "int8"  # "int8" (2-D float matrices int8 per output channel, the rest as is) or "float32"
     meta: Mapping[str, MetaValue] = field(default_factory=dict)  # <= 64 JSON scalars, keys like device_id
-
-
 
 
 def _digest(prefix: bytes | memoryview, header: bytes | memoryview, payload: bytes | memoryview) -> bytes:

@@ -80,7 +80,7 @@ def _subsample_by_class(idx: np.ndarray, y: np.ndarray, frac: np.ndarray, rng: n
     kept = []
     for c, f in enumerate(frac):
         members = idx[y[idx] == c]
-        k = int(round(f * members.size))
+        k = round(f * members.size)
         if k:
             kept.append(rng.choice(members, size=k, replace=False))
     return np.concatenate(kept) if kept else idx[:0]

@@ -85,8 +85,11 @@ def load_watch_dataset(path: str | os.PathLike[str] | None = None) -> WatchDatas
     if not isinstance(raw, dict) or not expected <= set(raw):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise DatasetError(f"{file}: expected keys {sorted(expected)}, found {found}")
+    lengths = {k: len(raw[k]) for k in ("X", "y", "subject", "side")}
+    if len(set(lengths.values())) != 1:
+        raise DatasetError(f"{file}: the per-recording arrays differ in length: {lengths}")
     recordings = []
-    for i, (x, y, subject, side) in enumerate(zip(raw["X"], raw["y"], raw["subject"], raw["side"])):
+    for i, (x, y, subject, side) in enumerate(zip(raw["X"], raw["y"], raw["subject"], raw["side"], strict=True)):
         samples = np.asarray(x, dtype=np.float32)
         if samples.ndim != 2 or samples.shape[1] != len(raw["X_labels"]):
             raise DatasetError(f"{file}: recording {i} has shape {samples.shape}, expected (n, 6)")

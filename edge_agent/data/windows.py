@@ -21,8 +21,8 @@ class WindowConfig:
     test_fraction: float = 0.3  # the later 30% of every recording is test data
 
     def samples(self, rate_hz: int) -> tuple[int, int]:
-        length = int(round(self.length_s * rate_hz))
-        stride = int(round(self.stride_s * rate_hz))
+        length = round(self.length_s * rate_hz)
+        stride = round(self.stride_s * rate_hz)
         if length < 1 or stride < 1:
             raise ValueError(f"window length and stride must be at least one sample, got {self}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -44,8 +44,9 @@ class WindowSet:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def select(self, mask_or_index: np.ndarray) -> "WindowSet":
-        return WindowSet(*(a[mask_or_index] for a in (self.x, self.y, self.subject, self.recording, self.start, self.stop)))
+    def select(self, mask_or_index: np.ndarray) -> WindowSet:
+        columns = (self.x, self.y, self.subject, self.recording, self.start, self.stop)
+        return WindowSet(*(a[mask_or_index] for a in columns))
 
 
 def window_starts(n_samples: int, length: int, stride: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def split_and_window(dataset: WatchDataset, config: WindowConfig = WindowConfig(
     parts: dict[str, list[tuple[np.ndarray, ...]]] = {"train": [], "test": []}
     for rec in dataset.recordings:
         n = rec.samples.shape[0]
-        cut = int(round(n * (1.0 - config.test_fraction)))
+        cut = round(n * (1.0 - config.test_fraction))
         for name, lo, hi in (("train", 0, cut), ("test", cut, n)):
             starts = window_starts(hi - lo, length, stride) + lo
             if starts.size == 0:
@@ -82,5 +83,5 @@ def _concat(chunks: list[tuple[np.ndarray, ...]], length: int) -> WindowSet:
     if not chunks:
         empty = np.zeros(0, np.int64)
         return WindowSet(np.zeros((0, length, 6), np.float32), empty, empty, empty, empty, empty)
-    cols = list(zip(*chunks))
+    cols = list(zip(*chunks, strict=True))
     return WindowSet(*(np.concatenate(c) for c in cols))

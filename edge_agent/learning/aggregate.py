@@ -38,7 +38,7 @@ class WeightedMean:
                 "__total_weight__": np.array(self.total_weight), "__count__": np.array(self.count)}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "WeightedMean":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> WeightedMean:
         acc = cls()
         acc._sum = {k[4:]: np.asarray(v, np.float64) for k, v in arrays.items() if k.startswith("sum:")}
         acc.total_weight = float(arrays["__total_weight__"])

@@ -18,7 +18,7 @@ class EmbeddingStandardizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, reference: np.ndarray, floor_fraction: float = 0.1) -> "EmbeddingStandardizer":
+    def fit(cls, reference: np.ndarray, floor_fraction: float = 0.1) -> EmbeddingStandardizer:
         """`floor_fraction` of the median unit spread is the smallest std any unit may have."""
         mean = reference.mean(axis=0)
         std = reference.std(axis=0)
@@ -26,4 +26,5 @@ class EmbeddingStandardizer:
         return cls(mean.astype(np.float32), np.maximum(std, floor).astype(np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
+        z: np.ndarray = ((x - self.mean) / self.std).astype(np.float32)
+        return z

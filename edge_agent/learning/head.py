@@ -12,11 +12,13 @@ from typing import Literal
 
 import numpy as np
 
-from .quant import QuantizedTensor, int8_dense, quantize_per_channel
+from .quant import MIN_SCALE, QMAX, QuantizedTensor, int8_dense, quantize_per_channel
 
 Params = dict[str, np.ndarray]
 ADAPTER_KEYS: tuple[str, str] = ("adapter.w", "adapter.b")
 CLASSIFIER_KEYS: tuple[str, str] = ("classifier.w", "classifier.b")
+OptimizerKind = Literal["adam", "sgd"]
+OPTIMIZER_KINDS: tuple[OptimizerKind, ...] = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,23 @@ class HeadConfig:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, without building the tensors (the aggregator checks uploads against it)."""
         width = self.adapter_dim or self.in_dim
-        adapter = {"adapter.w": (self.in_dim, self.adapter_dim), "adapter.b": (self.adapter_dim,)} if self.adapter_dim else {}
+        adapter = ({"adapter.w": (self.in_dim, self.adapter_dim), "adapter.b": (self.adapter_dim,)}
+                   if self.adapter_dim else {})
         return {**adapter, "classifier.w": (width, self.num_classes), "classifier.b": (self.num_classes,)}
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    kind: Literal["adam", "sgd"] = "adam"
+    kind: OptimizerKind = "adam"
     lr: float = 0.003
     momentum: float = 0.9  # sgd
     beta1: float = 0.9  # adam
     beta2: float = 0.999
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZER_KINDS:  # `fit` would otherwise quietly run Adam for a misspelt name
+            raise ValueError(f"unknown optimizer {self.kind!r}; choose one of {', '.join(OPTIMIZER_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class FitConfig:
     weight_decay: float = 1e-4  # L2 on weight matrices, not on biases
     class_weighting: bool = False  # weight each class by n / (classes * count) on the client's data
 
-    def with_epochs(self, epochs: int) -> "FitConfig":
+    def with_epochs(self, epochs: int) -> FitConfig:
         return replace(self, epochs=epochs)
 
 
@@ -63,10 +70,12 @@ def init_params(config: HeadConfig, rng: np.random.Generator) -> Params:
     params: Params = {}
     width = config.in_dim
     if config.adapter_dim:
-        params["adapter.w"] = (rng.standard_normal((config.in_dim, config.adapter_dim)) * np.sqrt(2.0 / config.in_dim)).astype(np.float32)
+        scale = np.sqrt(2.0 / config.in_dim)  # He initialization for the ReLU layer
+        params["adapter.w"] = (rng.standard_normal((config.in_dim, config.adapter_dim)) * scale).astype(np.float32)
         params["adapter.b"] = np.zeros(config.adapter_dim, np.float32)
         width = config.adapter_dim
-    params["classifier.w"] = (rng.standard_normal((width, config.num_classes)) * np.sqrt(1.0 / width)).astype(np.float32)
+    scale = np.sqrt(1.0 / width)
+    params["classifier.w"] = (rng.standard_normal((width, config.num_classes)) * scale).astype(np.float32)
     params["classifier.b"] = np.zeros(config.num_classes, np.float32)
     return params
 
@@ -74,12 +83,14 @@ def init_params(config: HeadConfig, rng: np.random.Generator) -> Params:
 def features(params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """What the classifier sees: the adapter's ReLU output, or the embedding itself."""
     if "adapter.w" in params:
-        return np.maximum(x @ params["adapter.w"] + params["adapter.b"], 0.0)
+        h: np.ndarray = np.maximum(x @ params["adapter.w"] + params["adapter.b"], 0.0)
+        return h
     return x
 
 
 def logits(params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    return features(params, x) @ params["classifier.w"] + params["classifier.b"]
+    z: np.ndarray = features(params, x) @ params["classifier.w"] + params["classifier.b"]
+    return z
 
 
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -286,7 +297,8 @@ class Int8Head:
         return int8_dense(h, self.weights["classifier.w"], self.biases["classifier.b"])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.argmax(self.logits(x), axis=1)
+        labels: np.ndarray = np.argmax(self.logits(x), axis=1)
+        return labels
 
     def dequantized(self) -> Params:
         return {**{k: q.dequantize() for k, q in self.weights.items()}, **{k: b.copy() for k, b in self.biases.items()}}
@@ -303,6 +315,71 @@ def quantize_head(params: Mapping[str, np.ndarray]) -> Int8Head:
     )
 
 
+# float32 slack of the interval bounds below: a few float32 roundings (2**-24 each) per value, generously.
+_F32_SLACK = 1e-6
+
+
+def _widen(lo: np.ndarray, hi: np.ndarray, magnitude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pad = _F32_SLACK * (magnitude + 1.0)
+    return lo - pad, hi + pad
+
+
+def int8_logit_intervals(head: Int8Head, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds (zlo, zhi) on `head.logits(x)` for every input with lo <= x <= hi (rows, features).
+
+    Interval arithmetic through exactly the int8 arithmetic of `Int8Head.logits` (and of the head blob
+    an MCU runs): per layer the row's activation scale a = max|x| / 127 lies in [a_lo, a_hi], each
+    x / a in [min, max] over the corners, its int8 value in [rint(min), rint(max)] (rint is monotone),
+    the int32 accumulator in [q_lo, q_hi] @ W (positive and negative weights apart), the rescaled
+    output acc * a * scale + bias over the corners; ReLU is monotone. Pure float64 numpy, padded by
+    a few float32 roundings so the float32 computation is inside.
+    """
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    layers = [("adapter", True)] if "adapter.w" in head.weights else []
+    for name, relu in [*layers, ("classifier", False)]:
+        w, b = head.weights[f"{name}.w"], np.asarray(head.biases[f"{name}.b"], np.float64)
+        lo, hi = _widen(lo, hi, np.maximum(np.abs(lo), np.abs(hi)))
+        mag_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(np.abs(lo), np.abs(hi)))
+        mag_hi = np.maximum(np.abs(lo), np.abs(hi))
+        a_lo = np.maximum(mag_lo.max(axis=1, keepdims=True) / QMAX, MIN_SCALE) * (1 - _F32_SLACK)
+        a_hi = np.maximum(mag_hi.max(axis=1, keepdims=True) / QMAX, MIN_SCALE) * (1 + _F32_SLACK)
+        ratios = np.stack([lo / a_lo, lo / a_hi, hi / a_lo, hi / a_hi])
+        v_lo, v_hi = _widen(ratios.min(axis=0), ratios.max(axis=0), np.abs(ratios).max(axis=0))
+        q_lo = np.clip(np.rint(v_lo), -QMAX, QMAX)
+        q_hi = np.clip(np.rint(v_hi), -QMAX, QMAX)
+        wq = w.q.astype(np.float64)  # integer-valued: the accumulators below are exact
+        w_pos, w_neg = np.maximum(wq, 0.0), np.minimum(wq, 0.0)
+        acc_lo, acc_hi = q_lo @ w_pos + q_hi @ w_neg, q_hi @ w_pos + q_lo @ w_neg
+        s = np.asarray(w.scale, np.float64)[None, :]
+        scaled = np.stack([acc_lo * a_lo, acc_lo * a_hi, acc_hi * a_lo, acc_hi * a_hi]) * s
+        lo, hi = _widen(scaled.min(axis=0) + b, scaled.max(axis=0) + b, np.abs(scaled).max(axis=0) + np.abs(b))
+        if relu:
+            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+    return lo, hi
+
+
+def prediction_flip_bound(head: Int8Head, x: np.ndarray, radius: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """(margin, bound) per row: when can another input x' with |x' - x| <= radius change the prediction?
+
+    margin = z[top] - max_{c != top} z[c] of `head.logits(x)`. B[c] = how far the logit c of any x' in
+    the box can be from z[c] (`int8_logit_intervals`). x' predicts some c != top only if
+    z[top] - z[c] <= B[top] + B[c], hence only where margin <= bound = B[top] + max_{c != top} B[c].
+    A row with margin > bound predicts the same class for every input in the box.
+    """
+    x32 = np.asarray(x, np.float32)
+    r = np.broadcast_to(np.asarray(radius, np.float64), x32.shape)
+    z = head.logits(x32).astype(np.float64)
+    zlo, zhi = int8_logit_intervals(head, x32 - r, x32 + r)
+    if z.shape[1] < 2:  # one class: nothing to flip to
+        return np.full(z.shape[0], np.inf), np.zeros(z.shape[0])
+    spread = np.maximum(np.maximum(zhi - z, z - zlo), 0.0)
+    rows, top = np.arange(z.shape[0]), np.argmax(z, axis=1)
+    others, other_spread = z.copy(), spread.copy()
+    others[rows, top] = -np.inf
+    other_spread[rows, top] = -np.inf
+    return z[rows, top] - others.max(axis=1), spread[rows, top] + other_spread.max(axis=1)
+
+
 @dataclass(frozen=True)
 class PersonalizationHead:
     """A head's float32 master weights with its config; `quantized()` gives what the device runs and sends."""
@@ -311,17 +388,22 @@ class PersonalizationHead:
     params: Params
 
     @classmethod
-    def initial(cls, config: HeadConfig, rng: np.random.Generator) -> "PersonalizationHead":
+    def initial(cls, config: HeadConfig, rng: np.random.Generator) -> PersonalizationHead:
         return cls(config, init_params(config, rng))
 
-    def fit(self, x: np.ndarray, y: np.ndarray, fit_config: FitConfig, rng: np.random.Generator, **kw: object) -> "PersonalizationHead":
-        return PersonalizationHead(self.config, fit(self.params, x, y, fit_config, rng, num_classes=self.config.num_classes, **kw))  # type: ignore[arg-type]
+    def fit(self, x: np.ndarray, y: np.ndarray, fit_config: FitConfig, rng: np.random.Generator, *,
+            trainable: Collection[str] | None = None, prox_center: Mapping[str, np.ndarray] | None = None,
+            prox_lambda: float = 0.0) -> PersonalizationHead:
+        params = fit(self.params, x, y, fit_config, rng, trainable=trainable, prox_center=prox_center,
+                     prox_lambda=prox_lambda, num_classes=self.config.num_classes)
+        return PersonalizationHead(self.config, params)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return logits(self.params, x)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.argmax(self.logits(x), axis=1)
+        labels: np.ndarray = np.argmax(self.logits(x), axis=1)
+        return labels
 
     def quantized(self) -> Int8Head:
         return quantize_head(self.params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 QMAX = 127
 # A channel whose weights are all ~0 would get scale 0 and divide by zero; this floor keeps it finite.
@@ -15,8 +16,8 @@ MIN_SCALE = 1e-8
 class QuantizedTensor:
     """int8 values with one float32 scale per slice along `axis` (real = q * scale)."""
 
-    q: np.ndarray  # int8
-    scale: np.ndarray  # float32, shape (q.shape[axis],)
+    q: npt.NDArray[np.int8]
+    scale: npt.NDArray[np.float32]  # shape (q.shape[axis],)
     axis: int
 
     def dequantize(self) -> np.ndarray:
@@ -56,4 +57,5 @@ def int8_dense(x: np.ndarray, w: QuantizedTensor, b: np.ndarray) -> np.ndarray:
         raise ValueError("int8_dense needs weights quantized along the output (last) axis")
     xq, xs = quantize_rows(x)
     acc = xq.astype(np.int32) @ w.q.astype(np.int32)
-    return acc.astype(np.float32) * xs[:, None] * w.scale[None, :] + b
+    y: np.ndarray = acc.astype(np.float32) * xs[:, None] * w.scale[None, :] + b
+    return y

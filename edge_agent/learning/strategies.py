@@ -9,7 +9,7 @@ an update holding only shared tensors, and `ClientUpdate` refuses anything else.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,7 +34,8 @@ class StrategyConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=1))
     finetune_epochs: int = 5  # fedavg-ft / ncm: local epochs on top of the global head before use
     fedrep_head_epochs: int = 5  # fedrep: classifier epochs (body frozen) before the body epoch(s)
-    ditto_lambda: float = 0.005  # ditto: pull of the personal head towards the global one (on the summed squared distance of ~2,300 weights)
+    # ditto: pull of the personal head towards the global one (on the summed squared distance of ~2,300 weights)
+    ditto_lambda: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,11 @@ class Strategy(ABC):
                             int(data.y_train.size), self.shared_keys)
 
     def _fit(self, params: Mapping[str, np.ndarray], data: ClientData, rng: np.random.Generator,
-             epochs: int | None = None, **kw: object) -> Params:
+             epochs: int | None = None, *, trainable: Collection[str] | None = None,
+             prox_center: Mapping[str, np.ndarray] | None = None, prox_lambda: float = 0.0) -> Params:
         cfg = self.config.fit if epochs is None else self.config.fit.with_epochs(epochs)
-        return fit(params, data.x_train, data.y_train, cfg, rng, num_classes=self.head.num_classes, **kw)  # type: ignore[arg-type]
+        return fit(params, data.x_train, data.y_train, cfg, rng, trainable=trainable, prox_center=prox_center,
+                   prox_lambda=prox_lambda, num_classes=self.head.num_classes)
 
 
 class LocalOnly(Strategy):
@@ -163,7 +166,8 @@ class LocalOnly(Strategy):
     def shared_keys(self) -> frozenset[str]:
         return frozenset()
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         return ClientState(self._fit(state.personal, data, rng), state.rounds_done + 1), None
 
 
@@ -175,7 +179,8 @@ class FedAvg(Strategy):
     def shared_keys(self) -> frozenset[str]:
         return frozenset(self.head.keys)
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         trained = self._fit(server.params, data, rng)
         return ClientState(state.personal, state.rounds_done + 1), self._update(trained, data)
 
@@ -184,7 +189,8 @@ class FedAvgFineTune(FedAvg):
     name = "fedavg-ft"
     summary = "FedAvg, then each device fine-tunes the global head on its own data before using it"
 
-    def personalized(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def personalized(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> Params:
         return self._fit(server.params, data, rng, epochs=self.config.finetune_epochs)
 
 
@@ -200,7 +206,8 @@ class FedPer(Strategy):
             raise ValueError(f"{self.name} needs a head with an adapter (adapter_dim > 0)")
         return frozenset(self.SHARED)
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         trained = self._fit({**server.params, **state.personal}, data, rng)
         personal = {k: trained[k] for k in self.personal_keys}
         return ClientState(personal, state.rounds_done + 1), self._update(trained, data)
@@ -210,7 +217,8 @@ class FedRep(FedPer):
     name = "fedrep"
     summary = "adapter shared; each round trains the personal classifier first (adapter frozen), then the adapter"
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         params = {**server.params, **state.personal}
         params = self._fit(params, data, rng, epochs=self.config.fedrep_head_epochs, trainable=CLASSIFIER_KEYS)
         params = self._fit(params, data, rng, trainable=ADAPTER_KEYS)
@@ -231,13 +239,15 @@ class Ditto(FedAvg):
     def init_client(self, rng: np.random.Generator) -> ClientState:
         return ClientState()  # the personal head starts from the first global head it receives
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         trained = self._fit(server.params, data, rng)
         personal = state.personal or server.params
         personal = self._fit(personal, data, rng, prox_center=server.params, prox_lambda=self.config.ditto_lambda)
         return ClientState(personal, state.rounds_done + 1), self._update(trained, data)
 
-    def personalized(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def personalized(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> Params:
         return dict(state.personal or server.params)
 
 
@@ -251,14 +261,16 @@ class FedNCM(FedAvgFineTune):
     def shared_keys(self) -> frozenset[str]:
         return frozenset(self.head.keys) | frozenset(self.STATS)
 
-    def client_round(self, server, state, data, rng):  # type: ignore[no-untyped-def]
+    def client_round(self, server: ServerState, state: ClientState, data: ClientData,
+                     rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
         if server.round > 0:
             return super().client_round(server, state, data, rng)
         h = features(server.params, data.x_train)
         onehot = np.eye(self.head.num_classes, dtype=np.float32)[data.y_train]
         stats = {"ncm.class_sum": (onehot.T @ h).astype(np.float32),
                  "ncm.class_count": onehot.sum(axis=0)}
-        return ClientState(state.personal, state.rounds_done + 1), ClientUpdate(stats, int(data.y_train.size), self.shared_keys)
+        update = ClientUpdate(stats, int(data.y_train.size), self.shared_keys)
+        return ClientState(state.personal, state.rounds_done + 1), update
 
     def upload_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
         if server.round > 0:
@@ -275,7 +287,8 @@ class FedNCM(FedAvgFineTune):
         else:
             super().add_update(server, acc, update)
 
-    def finish_aggregation(self, server, acc, failures=()):  # type: ignore[no-untyped-def]
+    def finish_aggregation(self, server: ServerState, acc: WeightedMean,
+                           failures: Sequence[ClientFailure] = ()) -> ServerState:
         if server.round > 0 or not acc.count:
             return super().finish_aggregation(server, acc, failures)
         sums = acc.result()

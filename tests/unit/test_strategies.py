@@ -6,7 +6,7 @@ import pytest
 from edge_agent.learning.aggregate import WeightedMean
 from edge_agent.learning.head import HeadConfig, features
 from edge_agent.learning.strategies import (
-    STRATEGIES, ClientData, ClientState, ClientUpdate, ServerState, make_strategy,
+    STRATEGIES, ClientData, ClientState, ClientUpdate, make_strategy,
 )
 
 HEAD = HeadConfig(in_dim=6, num_classes=3, adapter_dim=4)
