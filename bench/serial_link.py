@@ -9,6 +9,8 @@ so the numbers are those of a UART at that rate, not of the pty. Measured with t
    INFER_RESULTs per second and the share of the line it uses.
 3. head push: our head blob (adapter 64->32 + classifier 32->7, trained on real embeddings) pushed with
    512-byte chunks (each ACKed), --pushes times, while windows stream (realtime) as they would on a device.
+4. unpaced receive: how fast the link itself takes frames off a pty and off a `socket://` URL (ser2net, an
+   ESP32 WiFi bridge) when nothing limits the line: 2,000 window frames written as fast as the peer can.
 
     .venv/bin/python bench/serial_link.py [--seconds 6] [--pushes 5]
 """
@@ -94,7 +96,11 @@ def main() -> int:
                            "bytes_per_s": (link.stats.bytes_rx - b0) / dt,
                            "line_utilisation": (link.stats.bytes_rx - b0) / dt / LINE_RATE}
 
+    doc["unpaced_receive"] = {f"{kind} {reader}": unpaced_receive(kind, reader=reader)
+                              for kind in ("pty", "socket") for reader in ("SerialLink", "pyserial")}
+
     s, r, h = doc["stream"], doc["realtime"], doc["head_push"]
+    u = doc["unpaced_receive"]
     md = "\n".join([
         "# Serial link at 115200 baud (emulated MCU, pty, both directions paced at 11,520 B/s)",
         "",
@@ -106,6 +112,10 @@ def main() -> int:
             ["real time: line use", f"{r['bytes_per_s']:.0f} B/s ({100 * r['line_utilisation']:.1f} %)"],
             [f"head push ({h['chunks']} x 512-byte chunks, {len(blob)} B blob), median s",
              f"{h['seconds']['median']:.3f} (line floor {h['line_limited_floor_s']:.3f})"],
+            *[[f"unpaced receive, {kind}: MB/s, SerialLink vs pyserial ReaderThread (ratio)",
+               f"{u[kind + ' SerialLink']['MB_per_s']:.2f} vs {u[kind + ' pyserial']['MB_per_s']:.2f} "
+               f"({u[kind + ' SerialLink']['MB_per_s'] / u[kind + ' pyserial']['MB_per_s']:.1f}x)"]
+              for kind in ("pty", "socket")],
         ]),
         "",
         f"Inference on the emulator: {s['inference_runtime']}. Reproduce: `.venv/bin/python bench/serial_link.py`.",
@@ -115,6 +125,85 @@ def main() -> int:
     benchlib.write_results("serial_link", doc, md)
     print(md)
     return 0
+
+
+def unpaced_receive(kind: str, frames: int = 2000, *, reader: str = "SerialLink") -> dict[str, float]:
+    """Seconds to receive `frames` window frames written back to back by a peer, with the real SerialLink
+    or (reader="pyserial") with pyserial's own ReaderThread feeding the same decoder: the usual choice."""
+    import os
+    import socket
+    import threading
+    import tty
+
+    from firmware_bridge.link import SerialLink
+    from firmware_bridge.messages import SensorWindow, to_frame
+
+    rng = np.random.default_rng(0)
+    frame = to_frame(SensorWindow(1, rng.integers(-2000, 2000, (100, 6)).astype(np.int16), 0.01, 3), 1)
+    data = frame * frames
+    conns: list[socket.socket] = []
+    if kind == "pty":
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        url = os.ttyname(slave)
+
+        def write() -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(master, view):]
+    else:
+        server = socket.create_server(("127.0.0.1", 0))
+        url = f"socket://127.0.0.1:{server.getsockname()[1]}"
+
+        def write() -> None:
+            conn, _ = server.accept()
+            conns.append(conn)
+            conn.sendall(data)
+    writer = threading.Thread(target=write, daemon=True)
+    if kind == "socket":
+        writer.start()
+    if reader == "SerialLink":
+        with SerialLink(url, heartbeat_s=0, liveness_s=0, announce=False) as link:
+            t0 = time.monotonic()
+            if kind == "pty":
+                writer.start()
+            while link.stats.windows < frames and time.monotonic() - t0 < 120:
+                time.sleep(0.005)
+            dt = time.monotonic() - t0
+            got, reads = link.stats.windows, link.stats.reads
+    else:
+        import serial
+        import serial.threaded
+
+        from firmware_bridge.framing import FrameDecoder
+
+        counted = {"frames": 0, "reads": 0}
+
+        class Count(serial.threaded.Protocol):  # type: ignore[misc]
+            decoder = FrameDecoder()
+
+            def data_received(self, chunk: bytes) -> None:
+                counted["reads"] += 1
+                counted["frames"] += len(self.decoder.feed(chunk))
+
+        port = serial.serial_for_url(url, timeout=0.05)
+        with serial.threaded.ReaderThread(port, Count):
+            t0 = time.monotonic()
+            if kind == "pty":
+                writer.start()
+            while counted["frames"] < frames and time.monotonic() - t0 < 120:
+                time.sleep(0.005)
+            dt = time.monotonic() - t0
+        got, reads = counted["frames"], counted["reads"]
+    writer.join(5)
+    if kind == "pty":
+        os.close(master)
+        os.close(slave)
+    else:
+        for c in conns:
+            c.close()
+        server.close()
+    return {"frames": got, "seconds": dt, "MB_per_s": len(frame) * got / dt / 1e6, "reads": reads}
 
 
 def _push_frames(blob: bytes) -> list[bytes]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,15 @@ import pytest
 
 SUBJECT = 7  # a federated client: the head is trained on this subject's train windows, streamed are its test windows
 SPEEDUP = 10.0  # emulator windows every 50 ms instead of every 500 ms: keeps the run short
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Bounded poll of a condition another thread changes (counters and device state have no event)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

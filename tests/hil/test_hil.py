@@ -7,32 +7,31 @@ Tests that need the emulator's internals (its counters, unplugging it) skip on a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 from firmware_bridge.framing import encode_frame
-from firmware_bridge.head_blob import decode_head
 from firmware_bridge.link import HeadPushError, LinkOpenError, ProtocolVersionError, SerialLink
 from firmware_bridge.messages import (
-    ErrorCode, ErrorMsg, HeadBegin, HeadChunk, HeadCommit, Hello, InferResult, MessageType, SensorWindow,
-    encode_message, head_push, to_frame,
+    ErrorCode,
+    ErrorMsg,
+    HeadBegin,
+    HeadChunk,
+    HeadCommit,
+    Hello,
+    InferResult,
+    MessageType,
+    SensorWindow,
+    encode_message,
+    head_push,
+    to_frame,
 )
 
 from .conftest import SPEEDUP, SUBJECT
 
 pytestmark = pytest.mark.hil
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Await a counter another thread bumps (bounded; polls because the counter has no event)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def results_for(link: SerialLink, head_id: int, n: int, timeout: float = 15.0) -> list[tuple[SensorWindow, InferResult]]:
@@ -49,12 +48,6 @@ def results_for(link: SerialLink, head_id: int, n: int, timeout: float = 15.0) -
         if res.head_id == head_id and res.window_id in windows:
             pairs.append((windows[res.window_id], res))
     return pairs
-
-
-def agent_predictions(backbone: Any, head: Any, windows: list[SensorWindow]) -> np.ndarray:
-    """What the agent itself predicts: FrozenBackbone on the float window rebuilt from the int16 samples."""
-    emb = backbone.embed(np.stack([w.to_float() for w in windows]))
-    return head.int8.predict(((emb - head.mean) / head.std).astype(np.float32))
 
 
 def test_hello_handshake(link: SerialLink, emulator: Any) -> None:
@@ -85,34 +78,6 @@ def test_windows_stream_with_real_content_at_the_sensor_rate(link: SerialLink, e
         # Real time (compressed by SPEEDUP): one window per stride, not faster; a generous upper bound.
         per_window = elapsed / (len(got) - 1)
         assert 0.5 * emulator.interval <= per_window <= 6 * emulator.interval, per_window
-
-
-def test_head_push_and_predictions_equal_the_agents_int8_head(link: SerialLink, emulator: Any, backbone: Any,
-                                                             trained_head: Any, record_property: Any) -> None:
-    head_id = link.push_head(trained_head.blob, chunk_size=512)
-    pairs = results_for(link, head_id, 60)
-    windows = [w for w, _ in pairs]
-    device = np.array([r.class_id for _, r in pairs])
-    agent = agent_predictions(backbone, trained_head, windows)
-    mismatches = int(np.sum(device != agent))
-    record_property("stream_mismatches", f"{mismatches}/{len(pairs)}")
-    assert mismatches <= 0.01 * len(pairs), f"{mismatches}/{len(pairs)} predictions differ"
-    # The scores are the softmax probability of the predicted class.
-    assert all(0.0 < r.score <= 1.0 for _, r in pairs)
-    labels = np.array([w.label for w in windows])
-    if (labels >= 0).all():
-        assert np.mean(device == labels) > 0.6  # a real head on a real user's later windows
-    if emulator is not None:
-        # Every window of the subject, on the device's runtime vs the agent's: the number the report quotes.
-        blob = decode_head(trained_head.blob)
-        x = np.stack([SensorWindow.from_float(0, w, emulator.scale).to_float() for w in emulator.windows_x])
-        mcu = np.array([blob.predict(emulator.backbone.embed(w))[0][0] for w in x])
-        ours = agent_predictions(backbone, trained_head, [SensorWindow.from_float(0, w, emulator.scale)
-                                                          for w in emulator.windows_x])
-        full = int(np.sum(mcu != ours))
-        record_property("all_windows_mismatches", f"{full}/{len(x)} ({emulator.inference_runtime})")
-        print(f"\n{emulator.inference_runtime} vs agent FrozenBackbone: {full}/{len(x)} predictions differ")
-        assert full <= 0.01 * len(x)
 
 
 def test_corrupted_frames_are_dropped_and_counted_on_both_sides(link: SerialLink, emulator: Any) -> None:
@@ -243,13 +208,14 @@ def test_version_mismatch_is_a_clear_error_both_ways(link: SerialLink, emulator:
         return
     from firmware_bridge.emulator import EmulatedMcu
 
-    with EmulatedMcu.on_pty(subject=SUBJECT, proto_version=2, speedup=SPEEDUP) as future:
-        errors = future.stats.errors_rx
-        with SerialLink(future.port_url, reconnect=False) as lk:
-            with pytest.raises(ProtocolVersionError, match="version 2.*version 1"):
-                lk.hello(timeout=2.0)
-            wait_until(lambda: future.stats.errors_rx > errors, 5.0, "the device to receive ERROR BAD_VERSION")
-            assert lk.version_error is not None
+    with EmulatedMcu.on_pty(subject=SUBJECT, proto_version=2, speedup=SPEEDUP) as future, \
+            SerialLink(future.port_url, reconnect=False) as lk:
+        with pytest.raises(ProtocolVersionError, match=r"version 2.*version 1"):
+            lk.hello(timeout=2.0)
+        assert lk.version_error is not None
+        # The device's refusal came as an ERROR frame, which the agent never answers: no error ping-pong
+        # (test_link_resilience.py bounds the exchange between two such peers).
+        assert lk.stats.error_replies_suppressed >= 1
 
 
 def test_callback_errors_are_logged_and_do_not_stop_the_reader(port_url: str) -> None:
@@ -264,6 +230,6 @@ def test_callback_errors_are_logged_and_do_not_stop_the_reader(port_url: str) ->
 
 
 def test_a_port_that_cannot_be_opened_is_a_clear_error(tmp_path: Any) -> None:
-    with pytest.raises(LinkOpenError, match="cannot open serial port .*nope"):
+    with pytest.raises(LinkOpenError, match=r"cannot open serial port .*nope"):
         SerialLink(str(tmp_path / "nope"))
     assert MessageType.HELLO == 1

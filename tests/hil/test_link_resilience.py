@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +37,10 @@ from firmware_bridge.messages import (
     encode_message,
 )
 
-from .conftest import SPEEDUP, SUBJECT
+from .conftest import SPEEDUP, SUBJECT, wait_until
 
 pytestmark = pytest.mark.hil
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Bounded poll of a condition another thread changes (these counters have no event)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def free_port() -> int:
@@ -237,8 +228,8 @@ def test_a_quiet_board_that_answers_heartbeats_is_never_dropped(needs_emulator: 
 
     # announce=False: no HELLO, so the board never starts streaming; only heartbeats keep the link alive.
     with EmulatedMcu.on_pty(subject=SUBJECT, speedup=SPEEDUP) as emu, \
-            SerialLink(emu.port_url, announce=False, heartbeat_s=0.1, liveness_s=0.4) as link:
-        wait_until(lambda: link.stats.heartbeats_tx >= 15, 20.0, "15 heartbeats (about 4 liveness periods)")
+            SerialLink(emu.port_url, announce=False, heartbeat_s=0.2, liveness_s=1.0) as link:
+        wait_until(lambda: link.stats.heartbeats_tx >= 15, 30.0, "15 heartbeats (3 liveness periods)")
         assert link.stats.liveness_timeouts == 0 and link.generation == 1 and link.stats.disconnects == 0
         assert link.stats.frames_rx >= 10 and emu.stats.windows_sent == 0
 
