@@ -7,6 +7,11 @@ sends INFER_RESULT. The backbone runs under TensorFlow Lite Micro (`tflite-micro
 as on an MCU; otherwise under the regular interpreter with reference kernels. `inference_runtime` (and
 the HELLO board string suffix) says which.
 
+Its rules are the C firmware's, checked against the same conformance scenarios
+(firmware_bridge/firmware/conformance/mcu.txt): head-push staging and chunk sizes, head validation, and
+the ERROR-reply rule of `error_replies` (an ERROR is never answered; ERROR replies are rate-limited).
+`freeze()` / `thaw()` make the firmware hang and resume with the port left open.
+
 Ports: `EmulatedMcu.on_pty()` (a pty pair; agents open `port_url`, a stable symlink to the slave, so
 `unplug()`/`replug()` can swap the pty under it), `EmulatedMcu.on_socket(port)` (serves
 `socket://127.0.0.1:PORT`, one agent at a time), or an fd / pyserial URL given to the constructor.
@@ -36,11 +41,28 @@ from typing import Any
 
 import numpy as np
 
-from .framing import PROTOCOL_VERSION, FrameDecoder, crc32, encode_frame
+from .error_replies import ErrorReplyLimiter, answers_with_error
+from .framing import PROTOCOL_VERSION, Frame, FrameDecoder, crc32, encode_frame
 from .head_blob import HeadBlob, HeadBlobError, decode_head
 from .messages import (
-    Ack, ErrorCode, ErrorMsg, HeadBegin, HeadChunk, HeadCommit, Heartbeat, Hello, InferResult, Message,
-    MessageError, SensorWindow, choose_scale, decode_message, encode_message, window_to_int16,
+    HEAD_CHUNK_MAX,
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    HeadBegin,
+    HeadChunk,
+    HeadCommit,
+    Heartbeat,
+    Hello,
+    InferResult,
+    Message,
+    MessageError,
+    MessageType,
+    SensorWindow,
+    choose_scale,
+    decode_message,
+    encode_message,
+    window_to_int16,
 )
 
 log = logging.getLogger("firmware_bridge.emulator")
@@ -51,6 +73,7 @@ BOARD = "edge-fl-emulator"
 TOTAL_RAM = 256 * 1024  # what the emulated board pretends to have
 ARENA_SIZE = 64 * 1024  # tflite-micro tensor arena (the backbone needs ~30 KiB; measured with print_allocations)
 MAX_HEAD_BYTES = 32 * 1024  # staging buffer: a HEAD_BEGIN announcing more is refused OUT_OF_MEMORY
+EMBEDDING_DIM = 64  # what the backbone gives: a head for another width is refused BAD_MESSAGE
 
 
 # --- ports ----------------------------------------------------------------------------------------
@@ -180,7 +203,13 @@ class _SerialPort(_Port):
 # --- inference ------------------------------------------------------------------------------------
 
 class _Backbone:
-    """int8 backbone as an MCU runs it: one window at a time; tflite-micro when it imports."""
+    """int8 backbone as an MCU runs it: one window at a time; tflite-micro when it imports.
+
+    One interpreter, one input and one output buffer: `embed` is serialized by a lock, because the
+    stream thread and a caller (tests, benches) may embed at the same time. Without it, a thread
+    switch between set_input, invoke and get_output hands one caller the other's window (measured:
+    154 of 23994 embeddings wrong while the stream ran and two busy loops loaded the 2 cores).
+    """
 
     def __init__(self, path: Path, runtime: str = "auto", arena_size: int = ARENA_SIZE) -> None:
         import json
@@ -192,6 +221,7 @@ class _Backbone:
         self.runtime = ""
         self._tfm: Any = None
         self._fallback: Any = None
+        self._lock = threading.Lock()  # set_input -> invoke -> get_output must not interleave
         errors = []
         if runtime in ("auto", "tflite-micro"):
             try:
@@ -203,7 +233,8 @@ class _Backbone:
                 self._in_zp = int(inp["quantization_parameters"]["zero_points"][0])
                 self._in_shape = tuple(int(d) for d in inp["shape"])
                 outs = [self._tfm.get_output_details(i) for i in range(2)]
-                self._out_index = next(i for i, o in enumerate(outs) if int(np.prod(o["shape"][1:])) == meta.get("embedding_dim", 64))
+                dim = meta.get("embedding_dim", 64)
+                self._out_index = next(i for i, o in enumerate(outs) if int(np.prod(o["shape"][1:])) == dim)
                 q = outs[self._out_index]["quantization_parameters"]
                 self._out_scale, self._out_zp = float(q["scales"][0]), int(q["zero_points"][0])
                 self.runtime = "tflite-micro"
@@ -214,21 +245,29 @@ class _Backbone:
         if self._tfm is None:
             from edge_agent.backbone import FrozenBackbone
 
-            # Reference kernels: what an MCU's builtin kernels compute (no XNNPACK rounding).
+            # The builtin kernels without XNNPACK: closest to an MCU's, yet not bit-identical to tflite-micro
+            # (the last FULLY_CONNECTED requantizes ties differently: 1 LSB on ~0.07 % of the values).
             self._fallback = FrozenBackbone(path, reference_kernels=True, batch_size=1)
             self.runtime = f"{self._fallback.runtime} (reference kernels)"
             log.info("tflite-micro unavailable (%s); using %s", "; ".join(errors), self.runtime)
         self.arena_size = arena_size if self._tfm is not None else 0
 
+    @property
+    def embedding_lsb(self) -> float:
+        """One step of the int8 embedding (its output quantization scale), in embedding units."""
+        return float(self._fallback._out_scale if self._fallback is not None else self._out_scale)
+
     def embed(self, window: np.ndarray) -> np.ndarray:
         """One float window (n_samples, channels) -> float32 (1, dim), quantized exactly as FrozenBackbone does."""
         if self._fallback is not None:
-            return self._fallback.embed(window[None])
+            with self._lock:
+                return np.asarray(self._fallback.embed(window[None]))
         x = (np.asarray(window, np.float32)[None] - self.mean) / self.std
         x = np.clip(np.round(x / self._in_scale) + self._in_zp, -128, 127).astype(np.int8)
-        self._tfm.set_input(x.reshape(self._in_shape), 0)
-        self._tfm.invoke()
-        y = np.array(self._tfm.get_output(self._out_index)).reshape(1, -1).astype(np.float32)
+        with self._lock:
+            self._tfm.set_input(x.reshape(self._in_shape), 0)
+            self._tfm.invoke()
+            y = np.array(self._tfm.get_output(self._out_index)).reshape(1, -1).astype(np.float32)
         out = np.empty_like(y)
         out[:] = (y - self._out_zp) * self._out_scale
         return out
@@ -241,10 +280,13 @@ class EmulatorStats:
     frames_rx: int = 0
     frames_tx: int = 0
     bytes_rx: int = 0
+    bytes_handled: int = 0  # received bytes whose frames are all handled (every reply to them written)
     bytes_tx: int = 0
     hello_rx: int = 0
     errors_rx: int = 0
     errors_tx: dict[str, int] = field(default_factory=dict)
+    errors_suppressed: int = 0  # ERROR replies not sent: over the rate limit (error_replies)
+    errors_unanswered: int = 0  # rejected frames that were themselves ERRORs: never answered
     windows_sent: int = 0
     results_sent: int = 0
     chunks_rx: int = 0
@@ -257,11 +299,33 @@ class EmulatorStats:
 
 @dataclass
 class _Staging:
+    """A head push in progress, with the C firmware's rules (PROTOCOL.md, "Head push")."""
+
     head_id: int
     total_len: int
     n_chunks: int
     crc: int
-    chunks: dict[int, bytes] = field(default_factory=dict)
+    chunk_size: int = 0  # 0 until the first chunk to arrive fixes it
+    received: set[int] = field(default_factory=set)
+    data: bytearray = field(default_factory=bytearray)
+
+    def expected_len(self, index: int) -> int:
+        return self.chunk_size if index + 1 < self.n_chunks else self.total_len - (self.n_chunks - 1) * self.chunk_size
+
+    def fix_chunk_size(self, index: int, length: int) -> bool:
+        """Derive the chunk size from the first chunk to arrive; False if no size fits total_len."""
+        n, total = self.n_chunks, self.total_len
+        if n == 1 or index + 1 < n:
+            size = length
+        elif length < total and (total - length) % (n - 1) == 0:
+            size = (total - length) // (n - 1)  # the last chunk came first: the others share the rest
+        else:
+            return False
+        # Every chunk but the last is full; the last holds 1..size bytes.
+        if not 1 <= size <= HEAD_CHUNK_MAX or (n - 1) * size >= total or total - (n - 1) * size > size:
+            return False
+        self.chunk_size = size
+        return True
 
 
 class EmulatedMcu:
@@ -304,6 +368,15 @@ class EmulatedMcu:
         self._window_id = 0
         self._next_window = 0
         self._session = False  # an agent said HELLO on this connection: stream
+        self.error_replies = ErrorReplyLimiter()
+        # freeze(): the firmware hangs. Cleared = hung; the busy locks are held while a frame is handled or
+        # a window streamed, so freeze() returns only once the firmware is really still.
+        self._thawed = threading.Event()
+        self._thawed.set()
+        self._rx_busy = threading.Lock()
+        self._stream_busy = threading.Lock()
+        self._pending: list[Frame] = []  # frames read but not yet handled when the firmware froze...
+        self._pending_bytes = 0  # ...and the bytes they came in
         self._tx_lock = threading.Lock()
         self._stop = threading.Event()
         self._plugged = threading.Event()
@@ -331,11 +404,11 @@ class EmulatedMcu:
                  self.inference_runtime, self.port_url or port_url_or_fd)
 
     @classmethod
-    def on_pty(cls, **kw: Any) -> "EmulatedMcu":
+    def on_pty(cls, **kw: Any) -> EmulatedMcu:
         return cls("pty", **kw)
 
     @classmethod
-    def on_socket(cls, port: int = 0, host: str = "127.0.0.1", **kw: Any) -> "EmulatedMcu":
+    def on_socket(cls, port: int = 0, host: str = "127.0.0.1", **kw: Any) -> EmulatedMcu:
         holder: list[EmulatedMcu] = []
         server = _SocketServerPort(host, port, lambda: holder[0]._new_session() if holder else None)
         emu = cls(f"socket://{host}:{server.address[1]}", _port=server, **kw)
@@ -375,6 +448,7 @@ class EmulatedMcu:
             raise RuntimeError("replug() needs a pty emulator (on_pty)")
         with self._tx_lock:
             self.decoder.reset()
+            self._pending, self._pending_bytes = [], 0
             self._port = self._open_pty()
             self.stats.sessions += 1
         self._plugged.set()
@@ -385,6 +459,7 @@ class EmulatedMcu:
             self._session = False
             self.staging = None
             self.decoder.reset()
+            self._pending, self._pending_bytes = [], 0
             self.stats.sessions += 1
 
     # --- I/O ------------------------------------------------------------------------------------
@@ -403,7 +478,7 @@ class EmulatedMcu:
     def send(self, msg: Message) -> None:
         mtype, payload = encode_message(msg)
         with self._tx_lock:
-            if not self._plugged.is_set():
+            if not self._plugged.is_set() or not self._thawed.is_set():  # unplugged, or hung: nothing goes out
                 self.stats.tx_dropped += 1
                 return
             data = encode_frame(mtype, self._seq, payload, version=self.proto_version)
@@ -425,13 +500,54 @@ class EmulatedMcu:
             self.stats.frames_tx += 1
             self.stats.bytes_tx += len(data)
 
-    def _error(self, code: ErrorCode, detail: str) -> None:
+    def _reply_error(self, frame_type: int, code: ErrorCode, detail: str) -> None:
+        """Answer a rejected frame of `frame_type` with ERROR, as error_replies allows.
+
+        Every ERROR the emulator sends answers a received frame, so every one goes through here: two
+        peers of different versions must not answer each other's ERRORs forever.
+        """
+        if not answers_with_error(frame_type):
+            self.stats.errors_unanswered += 1
+            return
+        if not self.error_replies.allow(time.monotonic()):
+            self.stats.errors_suppressed += 1
+            return
         self.stats.errors_tx[code.name] = self.stats.errors_tx.get(code.name, 0) + 1
         self.send(ErrorMsg(code, detail))
 
+    # --- freeze / thaw --------------------------------------------------------------------------
+
+    def freeze(self) -> None:
+        """The firmware hangs: it stops reading, answering and streaming; the port stays open.
+
+        Returns once a frame being handled or a window being streamed is done, so nothing the
+        firmware does is observable after it. Bytes the agent writes meanwhile wait in the port
+        (as in a UART's buffer) and are handled after `thaw()`.
+        """
+        self._thawed.clear()
+        with self._rx_busy, self._stream_busy:
+            pass
+        log.info("frozen")
+
+    def thaw(self) -> None:
+        """The firmware resumes where it stopped: pending bytes are handled, streaming goes on."""
+        self._thawed.set()
+        log.info("thawed")
+
+    @property
+    def frozen(self) -> bool:
+        return not self._thawed.is_set()
+
+    # --- receive --------------------------------------------------------------------------------
+
     def _rx_loop(self) -> None:
         while not self._stop.is_set():
-            if not self._plugged.wait(0.1):
+            if not self._plugged.wait(0.1) or not self._thawed.wait(0.1):
+                continue
+            if self._pending:
+                frames, n_bytes = self._pending, self._pending_bytes
+                self._pending, self._pending_bytes = [], 0
+                self._handle_frames(frames, n_bytes)
                 continue
             port = self._port
             try:
@@ -450,65 +566,57 @@ class EmulatedMcu:
                 continue
             self._pace(len(data), "rx")
             self.stats.bytes_rx += len(data)
-            for frame in self.decoder.feed(data):
-                self.stats.frames_rx += 1
-                try:
-                    msg = decode_message(frame)
-                except MessageError as exc:
-                    self._error(exc.code, str(exc))
-                    continue
-                try:
-                    self._handle(msg, frame.seq)
-                except Exception as exc:  # a firmware bug must not kill the UART task
-                    log.exception("handling %s failed", type(msg).__name__)
-                    self._error(ErrorCode.BAD_MESSAGE, f"{type(msg).__name__}: {exc}")
+            self._handle_frames(self.decoder.feed(data), len(data))
             self.stats.decoder = self.decoder.stats.as_dict()
+
+    def _handle_frames(self, frames: list[Frame], n_bytes: int) -> None:
+        for i, frame in enumerate(frames):
+            with self._rx_busy:
+                if not self._thawed.is_set():  # froze mid-read: the rest waits for thaw()
+                    self._pending, self._pending_bytes = frames[i:], n_bytes
+                    return
+                self._on_frame(frame)
+        # Counted once every frame in them is handled: a test that wrote N bytes and sees
+        # bytes_handled reach N knows every reply to them is already written.
+        self.stats.bytes_handled += n_bytes
+
+    def _on_frame(self, frame: Frame) -> None:
+        self.stats.frames_rx += 1
+        if frame.type == MessageType.ERROR:  # any version, even one we cannot decode
+            self.stats.errors_rx += 1
+        try:
+            msg = decode_message(frame, version=self.proto_version)
+        except MessageError as exc:
+            self._reply_error(frame.type, exc.code, str(exc))
+            return
+        try:
+            self._handle(msg, frame.seq)
+        except Exception as exc:  # a firmware bug must not kill the UART task
+            log.exception("handling %s failed", type(msg).__name__)
+            self._reply_error(frame.type, ErrorCode.BAD_MESSAGE, f"{type(msg).__name__}: {exc}")
 
     def _handle(self, msg: Message, seq: int) -> None:
         if isinstance(msg, Hello):
             self.stats.hello_rx += 1
             if msg.proto_version != self.proto_version:
-                self._error(ErrorCode.BAD_VERSION, f"MCU speaks protocol version {self.proto_version}, "
-                                                   f"agent said {msg.proto_version}")
+                self._reply_error(msg.TYPE, ErrorCode.BAD_VERSION, f"MCU speaks protocol version {self.proto_version}, "
+                                                                   f"agent said {msg.proto_version}")
                 return
             self.send(Hello(self.rate_hz, TOTAL_RAM - self.backbone.arena_size - MAX_HEAD_BYTES,
                             self.backbone.arena_size, self.board, proto_version=self.proto_version))
             self._session = True
         elif isinstance(msg, HeadBegin):
-            if msg.total_len > MAX_HEAD_BYTES:
-                self._error(ErrorCode.OUT_OF_MEMORY, f"head of {msg.total_len} bytes, staging holds {MAX_HEAD_BYTES}")
-                return
-            if msg.n_chunks == 0 or msg.total_len == 0:
-                self._error(ErrorCode.BAD_MESSAGE, "empty head")
-                return
-            self.staging = _Staging(msg.head_id, msg.total_len, msg.n_chunks, msg.head_crc32)
-            self.send(Ack(int(msg.TYPE), seq))
+            self._begin(msg, seq)
         elif isinstance(msg, HeadChunk):
-            st = self.staging
-            if st is None or st.head_id != msg.head_id:
-                self._error(ErrorCode.BAD_MESSAGE, f"HEAD_CHUNK for head {msg.head_id:#x} without its HEAD_BEGIN")
-                return
-            if msg.index >= st.n_chunks:
-                self._error(ErrorCode.BAD_MESSAGE, f"chunk index {msg.index} >= n_chunks {st.n_chunks}")
-                return
-            self.stats.chunks_rx += 1
-            if self.unplug_on_chunk is not None and msg.index == self.unplug_on_chunk:
-                self.unplug_on_chunk = None
-                threading.Thread(target=self._unplug_replug, daemon=True).start()
-                return
-            st.chunks[msg.index] = msg.data  # a resend of a chunk whose ACK got lost just overwrites
-            self.send(Ack(int(msg.TYPE), seq, 0, msg.index))
+            self._chunk(msg, seq)
         elif isinstance(msg, HeadCommit):
             self._commit(msg, seq)
         elif isinstance(msg, ErrorMsg):
-            self.stats.errors_rx += 1
             log.info("agent reports ERROR %s: %s", getattr(msg.code, "name", msg.code), msg.detail)
         elif isinstance(msg, Heartbeat):
             self.send(Heartbeat(self._uptime_ms()))
-        elif isinstance(msg, Ack):
-            pass
-        else:
-            self._error(ErrorCode.UNKNOWN_TYPE, f"{type(msg).__name__} is not for an MCU")
+        # ACK, SENSOR_WINDOW, INFER_RESULT: known types an MCU does not act on, so not answered
+        # (as the C firmware, which hands them to the application).
 
     def _unplug_replug(self) -> None:
         self.unplug()
@@ -516,39 +624,86 @@ class EmulatedMcu:
             return
         self.replug()
 
+    # --- head push: the same rules as edgefl_head_rx_* in the C firmware (PROTOCOL.md, "Head push") ---
+
+    def _begin(self, msg: HeadBegin, seq: int) -> None:
+        self.staging = None  # a new BEGIN abandons an unfinished push, even when it is refused itself
+        if (msg.total_len == 0 or msg.n_chunks == 0 or msg.n_chunks > msg.total_len
+                or msg.total_len > msg.n_chunks * HEAD_CHUNK_MAX):
+            self._reply_error(msg.TYPE, ErrorCode.BAD_MESSAGE, f"HEAD_BEGIN: {msg.total_len} bytes cannot be "
+                              f"{msg.n_chunks} chunks of 1..{HEAD_CHUNK_MAX} bytes")
+            return
+        if msg.total_len > MAX_HEAD_BYTES:
+            self._reply_error(msg.TYPE, ErrorCode.OUT_OF_MEMORY,
+                              f"head of {msg.total_len} bytes, staging holds {MAX_HEAD_BYTES}")
+            return
+        self.staging = _Staging(msg.head_id, msg.total_len, msg.n_chunks, msg.head_crc32,
+                                data=bytearray(msg.total_len))
+        self.send(Ack(int(msg.TYPE), seq))
+
+    def _chunk(self, msg: HeadChunk, seq: int) -> None:
+        st = self.staging
+        if st is None or st.head_id != msg.head_id:
+            self._reply_error(msg.TYPE, ErrorCode.BAD_MESSAGE,
+                              f"HEAD_CHUNK for head {msg.head_id:#x} without its HEAD_BEGIN")
+            return
+        if msg.index >= st.n_chunks:
+            self._reply_error(msg.TYPE, ErrorCode.BAD_MESSAGE, f"chunk index {msg.index} >= n_chunks {st.n_chunks}")
+            return
+        self.stats.chunks_rx += 1
+        if self.unplug_on_chunk is not None and msg.index == self.unplug_on_chunk:
+            self.unplug_on_chunk = None
+            threading.Thread(target=self._unplug_replug, daemon=True).start()
+            return
+        if st.chunk_size == 0 and not st.fix_chunk_size(msg.index, len(msg.data)):
+            self._reply_error(msg.TYPE, ErrorCode.BAD_LENGTH, f"chunk {msg.index} of {len(msg.data)} bytes: no chunk "
+                              f"size splits {st.total_len} bytes into {st.n_chunks} chunks with it")
+            return
+        if len(msg.data) != st.expected_len(msg.index):
+            self._reply_error(msg.TYPE, ErrorCode.BAD_LENGTH, f"chunk {msg.index} has {len(msg.data)} bytes, "
+                              f"must have {st.expected_len(msg.index)} (chunk size {st.chunk_size})")
+            return
+        off = msg.index * st.chunk_size
+        st.data[off:off + len(msg.data)] = msg.data  # a resend of a chunk whose ACK got lost just overwrites
+        st.received.add(msg.index)
+        self.send(Ack(int(msg.TYPE), seq, 0, msg.index))
+
     def _commit(self, msg: HeadCommit, seq: int) -> None:
         st = self.staging
-        if st is None and msg.head_id == self.head_id:
-            self.send(Ack(int(msg.TYPE), seq))  # a resent COMMIT whose ACK got lost
-            return
-        refuse = None
         if st is None or st.head_id != msg.head_id:
-            refuse = (ErrorCode.HEAD_INCOMPLETE, f"head {msg.head_id:#x} was not staged; keeping head {self.head_id}")
-        else:
-            missing = [i for i in range(st.n_chunks) if i not in st.chunks]
-            blob = b"".join(st.chunks[i] for i in range(st.n_chunks)) if not missing else b""
-            if missing:
-                refuse = (ErrorCode.HEAD_INCOMPLETE, f"head {st.head_id:#x}: missing chunks {missing[:8]}"
-                          f"{'...' if len(missing) > 8 else ''} of {st.n_chunks}")
-            elif len(blob) != st.total_len:
-                refuse = (ErrorCode.HEAD_INCOMPLETE, f"head {st.head_id:#x}: {len(blob)} bytes staged, {st.total_len} announced")
-            elif crc32(blob) != st.crc:
-                refuse = (ErrorCode.HEAD_CRC, f"head {st.head_id:#x}: CRC-32 {crc32(blob):#010x}, announced {st.crc:#010x}")
+            if msg.head_id == self.head_id:
+                self.send(Ack(int(msg.TYPE), seq))  # a resent COMMIT whose ACK got lost
             else:
-                try:
-                    head = decode_head(blob)
-                    if head.embedding_dim != 64:
-                        raise HeadBlobError(f"embedding_dim {head.embedding_dim}, the backbone gives 64")
-                except HeadBlobError as exc:
-                    refuse = (ErrorCode.BAD_MESSAGE, f"head {st.head_id:#x}: {exc}")
-                else:
-                    self.head, self.head_id, self.staging = head, st.head_id, None
-                    self.stats.heads_committed += 1
-                    self.send(Ack(int(msg.TYPE), seq))
-                    return
-        self.stats.commits_refused += 1
-        self.staging = None
-        self._error(*refuse)
+                self.stats.commits_refused += 1
+                self._reply_error(msg.TYPE, ErrorCode.HEAD_INCOMPLETE,
+                                  f"head {msg.head_id:#x} was not staged; keeping head {self.head_id}")
+            return
+        if len(st.received) != st.n_chunks:
+            # Staging is kept: on a flaky link the agent resends the missing chunks and commits again.
+            missing = [i for i in range(st.n_chunks) if i not in st.received]
+            self.stats.commits_refused += 1
+            self._reply_error(msg.TYPE, ErrorCode.HEAD_INCOMPLETE, f"head {st.head_id:#x}: missing chunks {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''} of {st.n_chunks}")
+            return
+        self.staging = None  # complete: from here on the push is over, committed or refused
+        blob = bytes(st.data)
+        if crc32(blob) != st.crc:
+            self.stats.commits_refused += 1
+            self._reply_error(msg.TYPE, ErrorCode.HEAD_CRC,
+                              f"head {st.head_id:#x}: CRC-32 {crc32(blob):#010x}, announced {st.crc:#010x}")
+            return
+        try:
+            head = decode_head(blob)  # finite values, std > 0, scales > 0: PROTOCOL.md, "Head blob"
+            if head.embedding_dim != EMBEDDING_DIM:
+                raise HeadBlobError(f"embedding_dim {head.embedding_dim}, the backbone gives {EMBEDDING_DIM}")
+        except HeadBlobError as exc:
+            self.stats.commits_refused += 1
+            self._reply_error(msg.TYPE, ErrorCode.BAD_MESSAGE, f"head {st.head_id:#x} refused, keeping head "
+                              f"{self.head_id}: {exc}")
+            return
+        self.head, self.head_id = head, st.head_id
+        self.stats.heads_committed += 1
+        self.send(Ack(int(msg.TYPE), seq))
 
     def _uptime_ms(self) -> int:
         return int((time.monotonic() - self._t0) * 1000) & 0xFFFFFFFF
@@ -564,14 +719,17 @@ class EmulatedMcu:
                 if delay > 0 and self._stop.wait(delay):
                     return
                 next_t = max(next_t + self.interval, time.monotonic() - self.interval)
-            if not (self._session and self._plugged.is_set()):
+            if not (self._session and self._plugged.is_set() and self._thawed.is_set()):
                 if not self.realtime:
                     self._stop.wait(0.01)
                 continue
-            self.stream_one()
-            if self.heartbeat_s and time.monotonic() - last_beat > self.heartbeat_s:
-                last_beat = time.monotonic()
-                self.send(Heartbeat(self._uptime_ms()))
+            with self._stream_busy:
+                if not self._thawed.is_set():  # froze while we waited for the next window
+                    continue
+                self.stream_one()
+                if self.heartbeat_s and time.monotonic() - last_beat > self.heartbeat_s:
+                    last_beat = time.monotonic()
+                    self.send(Heartbeat(self._uptime_ms()))
 
     def stream_one(self) -> SensorWindow:
         i = self._next_window
@@ -608,7 +766,7 @@ class EmulatedMcu:
             self._link_dir.cleanup()
         self.stats.decoder = self.decoder.stats.as_dict()
 
-    def __enter__(self) -> "EmulatedMcu":
+    def __enter__(self) -> EmulatedMcu:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -627,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    kw: dict[str, Any] = dict(subject=args.subject, speedup=args.speedup, baudrate=args.baud, labelled=not args.unlabelled)
+    kw: dict[str, Any] = dict(subject=args.subject, speedup=args.speedup, baudrate=args.baud,
+                              labelled=not args.unlabelled)
     emu = EmulatedMcu.on_pty(**kw) if args.pty else EmulatedMcu.on_socket(args.socket, **kw)
     print(emu.port_url, flush=True)
     print(f"inference: {emu.inference_runtime}", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ so the same code runs on a real UART, a loopback, an emulator and a fuzzer.
 
 from __future__ import annotations
 
+import binascii
 import struct
 import zlib
 from dataclasses import dataclass, fields
@@ -105,25 +106,12 @@ def cobs_decode(data: bytes) -> bytes:
 
 # --- CRCs -----------------------------------------------------------------------------------------
 
-def _crc16_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        crc = i << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return tuple(table)
-
-
-_CRC16_TABLE = _crc16_table()
-
-
 def crc16_ccitt(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, not reflected, no xorout (check 0x29B1)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16_TABLE[(crc >> 8) ^ byte]
-    return crc
+    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, not reflected, no xorout (check 0x29B1).
+
+    binascii.crc_hqx is this CRC with a caller-given init; C speed, and no table of our own to get wrong.
+    """
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 def crc32(data: bytes) -> int:
@@ -174,7 +162,8 @@ def decode_body(body: bytes, *, max_payload: int = MAX_PAYLOAD) -> Frame:
     covered, stored = body[:-crc_len], body[-crc_len:]
     if _crc_bytes(covered, use_crc32) != stored:
         kind = "CRC-32" if use_crc32 else "CRC-16"
-        raise FrameError(f"{kind} mismatch: frame says {stored.hex()}, computed {_crc_bytes(covered, use_crc32).hex()}", "bad_crc")
+        computed = _crc_bytes(covered, use_crc32).hex()
+        raise FrameError(f"{kind} mismatch: frame says {stored.hex()}, computed {computed}", "bad_crc")
     if reserved != 0:
         raise FrameError(f"reserved byte is 0x{reserved:02x}, must be 0", "bad_header")
     if flags & ~FLAG_CRC32:
@@ -186,7 +175,8 @@ def decode_body(body: bytes, *, max_payload: int = MAX_PAYLOAD) -> Frame:
         raise FrameError(f"payload of {length} bytes exceeds the {max_payload}-byte maximum", "bad_length")
     if use_crc32 != (length > CRC16_MAX_PAYLOAD):
         want = "CRC-32" if length > CRC16_MAX_PAYLOAD else "CRC-16"
-        raise FrameError(f"flag says {'CRC-32' if use_crc32 else 'CRC-16'} but a {length}-byte payload needs {want}", "bad_header")
+        have = "CRC-32" if use_crc32 else "CRC-16"
+        raise FrameError(f"flag says {have} but a {length}-byte payload needs {want}", "bad_header")
     return Frame(version, type_, seq, covered[HEADER_SIZE:])
 
 
@@ -222,10 +212,12 @@ class FrameDecoder:
 
     - Resynchronises at the next 0x00: garbage before it becomes one dropped (counted) frame.
     - Empty frames (0x00 0x00) are ignored silently: a sender may lead with 0x00 to flush a receiver.
-    - The buffer never exceeds `max_encoded_size(max_payload)`: a longer run without 0x00 cannot be a
-      frame, so it is dropped (one overrun) and everything up to the next 0x00 is discarded.
+    - The buffer never exceeds `max_encoded_size(max_payload)` (2069 bytes for the 2048-byte maximum):
+      a longer run without 0x00 cannot be a frame, so it is dropped (one overrun) and everything up to
+      the next 0x00 is discarded.
     - Frames of another version are returned (see `decode_body`) and counted in
-      `stats.version_mismatches`; callers answer them with ERROR BAD_VERSION.
+      `stats.version_mismatches`; callers answer them with ERROR BAD_VERSION as `error_replies` allows
+      (never an ERROR frame, and at a bounded rate).
     - The last dropped frame's error is kept in `last_error` for logs.
     """
 

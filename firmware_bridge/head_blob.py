@@ -113,9 +113,10 @@ def _validate(blob: HeadBlob) -> None:
         raise HeadBlobError(f"a head needs 1..255 layers, got {len(blob.layers)}")
     dim = blob.embedding_dim
     if not 1 <= dim <= 0xFFFF or blob.mean.shape != (dim,) or blob.std.shape != (dim,):
-        raise HeadBlobError(f"mean {blob.mean.shape} and std {blob.std.shape} must both be (embedding_dim,) with 1 <= dim <= 65535")
-    if not (np.all(np.isfinite(blob.mean)) and np.all(np.isfinite(blob.std)) and np.all(blob.std > 0)):
-        raise HeadBlobError("mean must be finite and std finite and > 0")
+        raise HeadBlobError(f"mean {blob.mean.shape} and std {blob.std.shape} must both be (embedding_dim,) "
+                            "with 1 <= dim <= 65535")
+    _check_values("mean", blob.mean, positive=False)
+    _check_values("std", blob.std, positive=True)
     width = dim
     for i, layer in enumerate(blob.layers):
         if layer.weights.ndim != 2 or layer.in_dim != width:
@@ -125,13 +126,25 @@ def _validate(blob: HeadBlob) -> None:
         if layer.weights.dtype != np.int8:
             raise HeadBlobError(f"layer {i}: weights must be int8, got {layer.weights.dtype}")
         if layer.scales.shape != (layer.out_dim,) or layer.bias.shape != (layer.out_dim,):
-            raise HeadBlobError(f"layer {i}: scales {layer.scales.shape} and bias {layer.bias.shape} must be ({layer.out_dim},)")
-        if not (np.all(np.isfinite(layer.scales)) and np.all(np.isfinite(layer.bias))):
-            raise HeadBlobError(f"layer {i}: scales and bias must be finite")
+            raise HeadBlobError(f"layer {i}: scales {layer.scales.shape} and bias {layer.bias.shape} "
+                                f"must be ({layer.out_dim},)")
+        _check_values(f"layer {i} scales", layer.scales, positive=True)
+        _check_values(f"layer {i} bias", layer.bias, positive=False)
         width = layer.out_dim
 
 
-def head_blob_from_int8(int8_head: "Int8Head", mean: np.ndarray, std: np.ndarray) -> HeadBlob:
+def _check_values(name: str, values: np.ndarray, *, positive: bool) -> None:
+    """Every float of a head must be finite (a NaN would reach the MCU's float-to-int8 conversion,
+    undefined behaviour in C); std and scales must also be > 0 (they divide and scale)."""
+    v = np.asarray(values, np.float32)
+    bad = ~np.isfinite(v) | (v <= 0) if positive else ~np.isfinite(v)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        need = "finite and > 0" if positive else "finite"
+        raise HeadBlobError(f"{name}[{i}] = {float(v[i])!r}: every value must be {need}")
+
+
+def head_blob_from_int8(int8_head: Int8Head, mean: np.ndarray, std: np.ndarray) -> HeadBlob:
     layers = []
     for name, relu in _HEAD_LAYERS:
         key = f"{name}.w"
@@ -139,7 +152,8 @@ def head_blob_from_int8(int8_head: "Int8Head", mean: np.ndarray, std: np.ndarray
             continue
         q = int8_head.weights[key]
         if q.q.ndim != 2 or q.axis != 1:
-            raise HeadBlobError(f"{key}: need (in, out) int8 weights quantized per output channel (axis 1), got axis {q.axis}")
+            raise HeadBlobError(f"{key}: need (in, out) int8 weights quantized per output channel (axis 1), "
+                                f"got axis {q.axis}")
         layers.append(HeadLayer(np.ascontiguousarray(q.q, np.int8), np.asarray(q.scale, np.float32),
                                 np.asarray(int8_head.biases[f"{name}.b"], np.float32), relu))
     if not layers or "classifier.w" not in int8_head.weights:
@@ -149,7 +163,7 @@ def head_blob_from_int8(int8_head: "Int8Head", mean: np.ndarray, std: np.ndarray
     return blob
 
 
-def encode_head(int8_head: "Int8Head", mean: np.ndarray, std: np.ndarray) -> bytes:
+def encode_head(int8_head: Int8Head, mean: np.ndarray, std: np.ndarray) -> bytes:
     """The blob of an int8 head plus the embedding standardization it was trained behind."""
     return head_blob_from_int8(int8_head, mean, std).to_bytes()
 
@@ -193,7 +207,8 @@ def decode_head(blob: bytes) -> HeadBlob:
             raise HeadBlobError(f"layer {i}: out is 0")
         if relu not in (0, 1):
             raise HeadBlobError(f"layer {i}: relu flag is {relu}, must be 0 or 1")
-        weights = np.frombuffer(r.take(n_in * n_out, f"layer {i} weights[{n_in}x{n_out}]"), dtype=np.int8).reshape(n_in, n_out).copy()
+        raw = r.take(n_in * n_out, f"layer {i} weights[{n_in}x{n_out}]")
+        weights = np.frombuffer(raw, dtype=np.int8).reshape(n_in, n_out).copy()
         scales = r.f32(n_out, f"layer {i} scales[{n_out}]")
         bias = r.f32(n_out, f"layer {i} bias[{n_out}]")
         layers.append(HeadLayer(weights, scales, bias, bool(relu)))
@@ -201,7 +216,7 @@ def decode_head(blob: bytes) -> HeadBlob:
     if r.pos != len(r.data):
         raise HeadBlobError(f"{len(r.data) - r.pos} trailing bytes after the last layer (offset {r.pos})")
     head = HeadBlob(mean, std, tuple(layers), version)
-    _validate(head)  # finiteness and std > 0: the byte layout alone does not guarantee them
+    _validate(head)  # finite values, std > 0, scales > 0: the byte layout alone does not guarantee them
     return head
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from collections.abc import Callable
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import numpy as np
 
@@ -144,7 +144,8 @@ class SensorWindow:
         return out
 
     @classmethod
-    def from_float(cls, window_id: int, window: np.ndarray, scale: float | None = None, label: int = LABEL_NONE) -> "SensorWindow":
+    def from_float(cls, window_id: int, window: np.ndarray, scale: float | None = None,
+                   label: int = LABEL_NONE) -> SensorWindow:
         """Quantize a float window; `scale=None` picks one that uses the full int16 range."""
         scale = choose_scale(window) if scale is None else scale
         return cls(window_id, window_to_int16(window, scale), scale, label)
@@ -263,7 +264,7 @@ class ErrorMsg:
         object.__setattr__(self, "detail", _utf8_prefix(self.detail, 0xFF))
 
 
-Message = Union[Hello, SensorWindow, HeadBegin, HeadChunk, HeadCommit, Ack, InferResult, Heartbeat, ErrorMsg]
+Message = Hello | SensorWindow | HeadBegin | HeadChunk | HeadCommit | Ack | InferResult | Heartbeat | ErrorMsg
 
 _HELLO = struct.Struct("<BHIIB")
 _WINDOW = struct.Struct("<IHBbf")
@@ -279,7 +280,8 @@ def encode_message(msg: Message) -> tuple[int, bytes]:
     """(type, payload) of a message."""
     if isinstance(msg, Hello):
         board = msg.board.encode("utf-8")
-        return msg.TYPE, _HELLO.pack(msg.proto_version, msg.sensor_rate_hz, msg.free_ram, msg.arena_size, len(board)) + board
+        head = _HELLO.pack(msg.proto_version, msg.sensor_rate_hz, msg.free_ram, msg.arena_size, len(board))
+        return msg.TYPE, head + board
     if isinstance(msg, SensorWindow):
         head = _WINDOW.pack(msg.window_id, msg.n_samples, msg.n_channels, msg.label, msg.scale)
         return msg.TYPE, head + msg.samples.astype("<i2").tobytes()  # sample-major = C order
@@ -321,13 +323,18 @@ def _text(name: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MessageError(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})", ErrorCode.BAD_MESSAGE) from None
+        detail = f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise MessageError(detail, ErrorCode.BAD_MESSAGE) from None
 
 
-def decode_message(frame: Frame) -> Message:
-    """The message a frame carries. Raises MessageError whose `code` the receiver answers with."""
-    if frame.version != PROTOCOL_VERSION:
-        raise MessageError(f"protocol version {frame.version}, this side speaks {PROTOCOL_VERSION}", ErrorCode.BAD_VERSION)
+def decode_message(frame: Frame, *, version: int = PROTOCOL_VERSION) -> Message:
+    """The message a frame carries. Raises MessageError whose `code` the receiver answers with.
+
+    `version` is the protocol version this side speaks: the emulator plays a peer of another version
+    (same payloads, another version byte) to test what two mismatched peers do to each other.
+    """
+    if frame.version != version:
+        raise MessageError(f"protocol version {frame.version}, this side speaks {version}", ErrorCode.BAD_VERSION)
     try:
         mtype = MessageType(frame.type)
     except ValueError:
@@ -413,12 +420,14 @@ _DECODERS: dict[MessageType, Callable[[bytes], Message]] = {
 
 # --- head push and float windows --------------------------------------------------------------------
 
-def head_push(head_id: int, blob: bytes, chunk_size: int = HEAD_CHUNK_MAX) -> tuple[HeadBegin, list[HeadChunk], HeadCommit]:
+def head_push(head_id: int, blob: bytes,
+              chunk_size: int = HEAD_CHUNK_MAX) -> tuple[HeadBegin, list[HeadChunk], HeadCommit]:
     """The messages that push `blob` as head `head_id`: BEGIN, CHUNKs (index 0..n-1), COMMIT."""
     if not 1 <= chunk_size <= HEAD_CHUNK_MAX:
         raise ValueError(f"chunk_size must be 1..{HEAD_CHUNK_MAX}")
     blob = bytes(blob)
-    chunks = [HeadChunk(head_id, i, blob[off:off + chunk_size]) for i, off in enumerate(range(0, len(blob), chunk_size))]
+    offsets = range(0, len(blob), chunk_size)
+    chunks = [HeadChunk(head_id, i, blob[off:off + chunk_size]) for i, off in enumerate(offsets)]
     return HeadBegin(head_id, len(blob), len(chunks), crc32(blob)), chunks, HeadCommit(head_id)
 
 

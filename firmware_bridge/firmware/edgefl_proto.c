@@ -604,7 +604,28 @@ long edgefl_encode_message_frame(const edgefl_msg_t *m, uint16_t seq, uint8_t *o
 #define QMAX 127
 #define MIN_SCALE 1e-8f
 
-int edgefl_head_validate(const uint8_t *blob, size_t len, edgefl_head_info_t *info)
+/* Finite (not Inf/NaN) by the bit pattern: no <math.h> needed. */
+static int f32_finite(const uint8_t *p) { return (edgefl_rd_u32(p) & 0x7F800000ul) != 0x7F800000ul; }
+
+/* n floats at p are all finite, and all > 0 if `positive`. */
+static int f32_all_ok(const uint8_t *p, uint32_t n, int positive)
+{
+    uint32_t i;
+    for (i = 0; i < n; i++, p += 4) {
+        if (!f32_finite(p) || (positive && !(edgefl_rd_f32(p) > 0.0f)))
+            return 0;
+    }
+    return 1;
+}
+
+static int head_bad(const char **why, const char *text)
+{
+    if (why)
+        *why = text;
+    return EDGEFL_ERR_BAD_MESSAGE;
+}
+
+int edgefl_head_check(const uint8_t *blob, size_t len, edgefl_head_info_t *info, const char **why)
 {
     /* 32-bit offsets: size_t may be 16-bit (AVR), where in * out could wrap. */
     uint32_t off, dim, blen = len > 0xFFFFFFFFul ? 0xFFFFFFFFul : (uint32_t)len;
@@ -613,45 +634,76 @@ int edgefl_head_validate(const uint8_t *blob, size_t len, edgefl_head_info_t *in
     edgefl_head_info_t tmp;
     if (!info)
         info = &tmp;
+    if (why)
+        *why = "";
     if (!blob || blen < HEAD_HDR || memcmp(blob, "EFHD", 4) != 0 || blob[4] != 1u || blob[5] == 0u)
-        return EDGEFL_ERR_BAD_MESSAGE;
+        return head_bad(why, "not a head blob: magic, version or n_layers");
     n_layers = blob[5];
     dim = edgefl_rd_u16(blob + 6);
-    if (dim == 0u || n_layers > EDGEFL_HEAD_MAX_LAYERS)
-        return EDGEFL_ERR_BAD_MESSAGE;
+    if (dim == 0u)
+        return head_bad(why, "embedding_dim is 0");
+    if (n_layers > EDGEFL_HEAD_MAX_LAYERS)
+        return head_bad(why, "more layers than EDGEFL_HEAD_MAX_LAYERS");
     off = (uint32_t)HEAD_HDR + (uint32_t)8u * dim;
+    if (off > blen)
+        return head_bad(why, "truncated: mean/std");
+    /* A NaN or Inf would reach the float-to-int8 conversion of the activations (undefined behaviour),
+     * a zero std divides by zero: refuse them here, as head_blob.decode_head does. */
+    if (!f32_all_ok(blob + HEAD_HDR, dim, 0))
+        return head_bad(why, "mean: every value must be finite");
+    if (!f32_all_ok(blob + HEAD_HDR + 4u * dim, dim, 1))
+        return head_bad(why, "std: every value must be finite and > 0");
     info->n_layers = (uint8_t)n_layers;
     info->embedding_dim = (uint16_t)dim;
     info->max_width = (uint16_t)dim;
     prev = dim;
     for (l = 0; l < n_layers; l++) {
         uint32_t in, out, need;
-        if (off > blen || blen - off < 5u)
-            return EDGEFL_ERR_BAD_MESSAGE;
+        if (blen - off < 5u)
+            return head_bad(why, "truncated: layer header");
         in = edgefl_rd_u16(blob + off);
         out = edgefl_rd_u16(blob + off + 2u);
         if (in != prev || out == 0u || blob[off + 4u] > 1u)
-            return EDGEFL_ERR_BAD_MESSAGE;
+            return head_bad(why, "layer in/out/relu do not chain");
         off += 5u;
         need = in * out + (uint32_t)8u * out; /* <= 65535 * 65543: fits in 32 bits */
         if (blen - off < need)
-            return EDGEFL_ERR_BAD_MESSAGE;
+            return head_bad(why, "truncated: layer weights/scales/bias");
+        if (!f32_all_ok(blob + off + in * out, out, 1))
+            return head_bad(why, "scales: every value must be finite and > 0");
+        if (!f32_all_ok(blob + off + in * out + 4u * out, out, 0))
+            return head_bad(why, "bias: every value must be finite");
         off += need;
         if (out > info->max_width)
             info->max_width = (uint16_t)out;
         prev = out;
     }
     if (off != blen || (size_t)blen != len)
-        return EDGEFL_ERR_BAD_MESSAGE;
+        return head_bad(why, "trailing bytes after the last layer");
     info->n_classes = (uint16_t)prev;
     return EDGEFL_OK;
 }
 
-/* Round half to even, as np.round; |v| is small here (<= ~128). */
-static int32_t round_half_even(float v)
+int edgefl_head_validate(const uint8_t *blob, size_t len, edgefl_head_info_t *info)
 {
-    int32_t i = (int32_t)v; /* toward zero */
-    float frac = v - (float)i;
+    return edgefl_head_check(blob, len, info, NULL);
+}
+
+/* Round half to even (as np.rint) and saturate to +-QMAX (as np.clip). The float-to-int conversion
+ * only ever sees |v| < QMAX: converting NaN, Inf or a value out of int32 range is undefined
+ * behaviour in C, and an extreme embedding can produce any of them. NaN becomes 0. */
+static int32_t quantize_activation(float v)
+{
+    int32_t i;
+    float frac;
+    if (v != v)
+        return 0;
+    if (v >= (float)QMAX)
+        return QMAX;
+    if (v <= -(float)QMAX)
+        return -QMAX;
+    i = (int32_t)v; /* toward zero */
+    frac = v - (float)i;
     if (frac > 0.5f || (frac == 0.5f && (i & 1)))
         i++;
     else if (frac < -0.5f || (frac == -0.5f && (i & 1)))
@@ -720,11 +772,8 @@ int edgefl_head_predict(const uint8_t *blob, size_t len, const float *embedding,
         xs = max_abs / (float)QMAX;
         if (!(xs >= MIN_SCALE))
             xs = MIN_SCALE;
-        for (i = 0; i < in; i++) {
-            float v = a[i] / xs;
-            int32_t r = round_half_even(v);
-            q[i] = (int8_t)(r > QMAX ? QMAX : r < -QMAX ? -QMAX : r);
-        }
+        for (i = 0; i < in; i++)
+            q[i] = (int8_t)quantize_activation(a[i] / xs);
         for (j = 0; j < out; j++) {
             int32_t acc = 0;
             float y;
@@ -846,6 +895,7 @@ void edgefl_head_rx_commit(edgefl_head_rx_t *rx, const edgefl_head_commit_t *m, 
 {
     uint8_t st = (uint8_t)(1u - rx->active_buf);
     edgefl_head_info_t info;
+    const char *why;
     if (!rx->staging || m->head_id != rx->st_id) {
         if (rx->has_head && rx->head_id == m->head_id) /* repeated COMMIT (its ACK was lost) */
             reply_ack(reply, 0);
@@ -862,8 +912,8 @@ void edgefl_head_rx_commit(edgefl_head_rx_t *rx, const edgefl_head_commit_t *m, 
         reply_err(reply, EDGEFL_ERR_HEAD_CRC, "head crc32 mismatch");
         return;
     }
-    if (edgefl_head_validate(rx->bufs[st], rx->st_total, &info) != EDGEFL_OK) {
-        reply_err(reply, EDGEFL_ERR_BAD_MESSAGE, "not a head blob");
+    if (edgefl_head_check(rx->bufs[st], rx->st_total, &info, &why) != EDGEFL_OK) {
+        reply_err(reply, EDGEFL_ERR_BAD_MESSAGE, why);
         return;
     }
     if (info.max_width > EDGEFL_HEAD_MAX_WIDTH) {
@@ -902,6 +952,10 @@ void edgefl_device_init(edgefl_device_t *dev, const char *board, uint16_t sensor
     dev->free_ram = free_ram;
     dev->arena_size = arena_size;
     dev->uptime_ms = 0;
+    dev->err_tokens = EDGEFL_ERROR_REPLY_BURST * 1000u; /* a full bucket */
+    dev->err_last_ms = 0;
+    dev->errors_suppressed = 0;
+    dev->errors_unanswered = 0;
 }
 
 long edgefl_device_send(edgefl_device_t *dev, const edgefl_msg_t *m, uint8_t *tx, size_t tx_cap)
@@ -912,10 +966,43 @@ long edgefl_device_send(edgefl_device_t *dev, const edgefl_msg_t *m, uint8_t *tx
     return n;
 }
 
-static long send_error(edgefl_device_t *dev, uint8_t code, const char *detail, uint8_t *tx, size_t tx_cap)
+/* The ERROR-reply rule (firmware_bridge/error_replies.py): never answer an ERROR frame; otherwise spend
+ * one token of a bucket refilled at EDGEFL_ERROR_REPLY_RATE per second up to EDGEFL_ERROR_REPLY_BURST. */
+static int error_reply_allowed(edgefl_device_t *dev, uint8_t frame_type)
+{
+    const uint32_t full = EDGEFL_ERROR_REPLY_BURST * 1000u;
+    uint32_t elapsed;
+    if (frame_type == EDGEFL_MSG_ERROR) {
+        dev->errors_unanswered++;
+        return 0;
+    }
+    elapsed = dev->uptime_ms - dev->err_last_ms; /* unsigned: right across the 2^32 wrap */
+    dev->err_last_ms = dev->uptime_ms;
+    /* RATE replies per second = RATE thousandths per ms; past the time to refill all, the product
+     * could overflow, so fill directly. */
+    if (elapsed >= full / EDGEFL_ERROR_REPLY_RATE)
+        dev->err_tokens = full;
+    else {
+        dev->err_tokens += elapsed * EDGEFL_ERROR_REPLY_RATE;
+        if (dev->err_tokens > full)
+            dev->err_tokens = full;
+    }
+    if (dev->err_tokens >= 1000u) {
+        dev->err_tokens -= 1000u;
+        return 1;
+    }
+    dev->errors_suppressed++;
+    return 0;
+}
+
+/* ERROR `code` in answer to a received frame of `frame_type`, if the ERROR-reply rule allows it. */
+static long reply_error(edgefl_device_t *dev, uint8_t frame_type, uint8_t code, const char *detail, uint8_t *tx,
+                        size_t tx_cap)
 {
     edgefl_msg_t r;
     size_t n = strlen(detail);
+    if (!error_reply_allowed(dev, frame_type))
+        return 0;
     r.type = EDGEFL_MSG_ERROR;
     r.u.error.code = code;
     r.u.error.detail_len = (uint8_t)(n > 255u ? 255u : n);
@@ -923,24 +1010,27 @@ static long send_error(edgefl_device_t *dev, uint8_t code, const char *detail, u
     return edgefl_device_send(dev, &r, tx, tx_cap);
 }
 
-long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint8_t *tx, size_t tx_cap, edgefl_msg_t *msg_out,
-                        uint16_t *msg_seq)
+long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint32_t now_ms, uint8_t *tx, size_t tx_cap,
+                        edgefl_msg_t *msg_out, uint16_t *msg_seq)
 {
     edgefl_frame_t f;
     edgefl_msg_t m, r;
     edgefl_head_reply_t hr;
     int st = edgefl_decoder_feed(&dev->dec, byte, &f), rc;
+    dev->uptime_ms = now_ms;
     if (msg_out)
         msg_out->type = 0;
     if (st == EDGEFL_FEED_NONE)
         return 0;
     if (st == EDGEFL_FEED_BAD_VERSION)
-        return send_error(dev, EDGEFL_ERR_BAD_VERSION, "protocol version 1 only", tx, tx_cap);
+        return reply_error(dev, f.type, EDGEFL_ERR_BAD_VERSION, "this MCU speaks another protocol version", tx,
+                           tx_cap);
     rc = edgefl_decode_message(f.type, f.payload, f.length, &m);
     if (rc == EDGEFL_ERR_UNKNOWN_TYPE)
-        return send_error(dev, EDGEFL_ERR_UNKNOWN_TYPE, "unknown message type", tx, tx_cap);
+        return reply_error(dev, f.type, EDGEFL_ERR_UNKNOWN_TYPE, "unknown message type", tx, tx_cap);
     if (rc != EDGEFL_OK)
-        return send_error(dev, (uint8_t)rc, rc == EDGEFL_ERR_BAD_LENGTH ? "payload size" : "bad payload", tx, tx_cap);
+        return reply_error(dev, f.type, (uint8_t)rc, rc == EDGEFL_ERR_BAD_LENGTH ? "payload size" : "bad payload", tx,
+                           tx_cap);
     if (msg_out) {
         *msg_out = m;
         if (msg_seq)
@@ -949,6 +1039,9 @@ long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint8_t *tx, size_t 
     switch (m.type) {
     case EDGEFL_MSG_HELLO: {
         size_t n = strlen(dev->board);
+        if (m.u.hello.proto_version != EDGEFL_PROTO_VERSION)
+            return reply_error(dev, f.type, EDGEFL_ERR_BAD_VERSION, "agent speaks another protocol version", tx,
+                               tx_cap);
         r.type = EDGEFL_MSG_HELLO;
         r.u.hello.proto_version = EDGEFL_PROTO_VERSION;
         r.u.hello.sensor_rate_hz = dev->sensor_rate_hz;
@@ -965,10 +1058,10 @@ long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint8_t *tx, size_t 
     case EDGEFL_MSG_HEAD_BEGIN: edgefl_head_rx_begin(&dev->head, &m.u.head_begin, &hr); break;
     case EDGEFL_MSG_HEAD_CHUNK: edgefl_head_rx_chunk(&dev->head, &m.u.head_chunk, &hr); break;
     case EDGEFL_MSG_HEAD_COMMIT: edgefl_head_rx_commit(&dev->head, &m.u.head_commit, &hr); break;
-    default: return 0; /* ACK, ERROR, SENSOR_WINDOW, INFER_RESULT: for the application */
+    default: return 0; /* ACK, ERROR, SENSOR_WINDOW, INFER_RESULT: for the application, not answered */
     }
     if (hr.type == EDGEFL_MSG_ERROR)
-        return send_error(dev, hr.code, hr.detail, tx, tx_cap);
+        return reply_error(dev, f.type, hr.code, hr.detail, tx, tx_cap);
     r.type = EDGEFL_MSG_ACK;
     r.u.ack.acked_type = m.type;
     r.u.ack.acked_seq = f.seq;

@@ -26,13 +26,23 @@ extern "C" {
 #endif
 
 /* ---- protocol constants ---------------------------------------------------------------------- */
+#ifndef EDGEFL_PROTO_VERSION
+/* Overridable only so the host tests can build a peer of another version (two mismatched peers must
+ * not flood each other with ERRORs); real firmware never overrides it. */
 #define EDGEFL_PROTO_VERSION 1u
+#endif
 #define EDGEFL_HEADER_LEN 8u
 #define EDGEFL_MAX_PAYLOAD 2048u
 #define EDGEFL_CRC16_MAX_PAYLOAD 256u /* length <= 256: CRC-16, else CRC-32 */
 #define EDGEFL_FLAG_CRC32 0x01u
 #define EDGEFL_MAX_CHUNK_DATA 1024u
-/* Largest body (header + payload + CRC-32) and its largest COBS encoding (without the 0x00). */
+/* ERROR replies (PROTOCOL.md, "Error replies"; the same rule and numbers as
+ * firmware_bridge/error_replies.py): a frame of type ERROR is never answered, whatever its version,
+ * and ERROR replies are held to a token bucket of RATE per second with bursts of BURST. */
+#define EDGEFL_ERROR_REPLY_RATE 10u  /* ERROR replies per second, sustained */
+#define EDGEFL_ERROR_REPLY_BURST 10u /* ERROR replies allowed back to back */
+/* Largest body (header + payload + CRC-32) and its largest COBS encoding (without the 0x00):
+ * 8 + 2048 + 4 = 2060 body bytes + 9 COBS code bytes = 2069, the decoder's buffer. */
 #define EDGEFL_MAX_BODY (EDGEFL_HEADER_LEN + EDGEFL_MAX_PAYLOAD + 4u)
 #define EDGEFL_COBS_MAX_ENCODED(n) ((n) + (n) / 254u + 1u)
 #define EDGEFL_MAX_COBS (EDGEFL_COBS_MAX_ENCODED(EDGEFL_MAX_BODY))
@@ -288,8 +298,12 @@ typedef struct {
 } edgefl_head_info_t;
 /* Floats of scratch edgefl_head_predict needs for a head whose widest layer is `width`. */
 #define EDGEFL_HEAD_SCRATCH_FLOATS(width) (2u * (width) + ((width) + 3u) / 4u)
-/* Checks the structure and exact size of a blob. Returns EDGEFL_OK or EDGEFL_ERR_BAD_MESSAGE. */
+/* Checks the structure and exact size of a blob and its values: every float (mean, std, scales, bias)
+ * finite, std > 0 and scales > 0 (as head_blob.decode_head). Returns EDGEFL_OK or
+ * EDGEFL_ERR_BAD_MESSAGE. */
 int edgefl_head_validate(const uint8_t *blob, size_t len, edgefl_head_info_t *info);
+/* The same check; *why (if non-NULL) gets a short static text naming what is wrong ("" when valid). */
+int edgefl_head_check(const uint8_t *blob, size_t len, edgefl_head_info_t *info, const char **why);
 /* Runs the head on one embedding (embedding_dim floats, not standardized: the blob's mean/std are
  * applied). scratch: EDGEFL_HEAD_SCRATCH_FLOATS(info.max_width) floats. Returns the argmax class
  * (>= 0; ties -> lowest index), or -EDGEFL_ERR_BAD_MESSAGE / -EDGEFL_ERR_OUT_OF_MEMORY (scratch too
@@ -302,9 +316,12 @@ float edgefl_expf(float x);
 /* ---- head push receiver ------------------------------------------------------------------------
  * Two EDGEFL_HEAD_MAX_LEN buffers: the active head and the staging area. HEAD_BEGIN (re)starts
  * staging, HEAD_CHUNKs fill it (offset = index * chunk size: every chunk but the last has the same
- * size, the last one holds the rest), HEAD_COMMIT swaps the buffers only if every chunk arrived,
- * the CRC-32 of the staged bytes equals head_crc32 and the blob is a valid head that fits the
- * device; otherwise the previous head stays active.
+ * size, the last one holds the rest; the first chunk to arrive fixes the size, a chunk of another
+ * length is refused BAD_LENGTH), HEAD_COMMIT swaps the buffers only if every chunk arrived, the
+ * CRC-32 of the staged bytes equals head_crc32 and the blob is a valid head that fits the device;
+ * otherwise the previous head stays active. A COMMIT with chunks missing keeps the staging (the
+ * agent may resend them and commit again); any other refused COMMIT ends the push.
+ * PROTOCOL.md, "Head push", and the conformance scenarios in conformance/mcu.txt.
  */
 typedef struct {
     uint8_t bufs[2][EDGEFL_HEAD_MAX_LEN];
@@ -340,8 +357,12 @@ void edgefl_head_rx_commit(edgefl_head_rx_t *rx, const edgefl_head_commit_t *m, 
 const uint8_t *edgefl_head_rx_active(const edgefl_head_rx_t *rx, uint32_t *len);
 
 /* ---- device dispatcher -------------------------------------------------------------------------
- * Everything an MCU does with incoming frames: answers HELLO (with its own HELLO), HEARTBEAT (with
- * its uptime), head push (ACK / ERROR), and sends ERROR BAD_VERSION / UNKNOWN_TYPE / BAD_MESSAGE.
+ * Everything an MCU does with incoming frames (conformance/mcu.txt is the executable definition):
+ * answers HELLO (with its own HELLO; ERROR BAD_VERSION if the agent's proto_version differs),
+ * HEARTBEAT (with a HEARTBEAT carrying its uptime), the head push (ACK / ERROR), and sends ERROR
+ * BAD_VERSION / UNKNOWN_TYPE / BAD_LENGTH / BAD_MESSAGE for frames it cannot take -- never for a
+ * frame of type ERROR, and at most EDGEFL_ERROR_REPLY_BURST back to back, EDGEFL_ERROR_REPLY_RATE
+ * per second. ACK, ERROR, SENSOR_WINDOW and INFER_RESULT are not answered (msg_out gets them).
  * Replies are written as complete wire frames into tx (EDGEFL_MAX_FRAME bytes are always enough).
  */
 typedef struct {
@@ -353,17 +374,24 @@ typedef struct {
     uint32_t free_ram;
     uint32_t arena_size;
     const char *board; /* NUL-terminated */
-    uint32_t uptime_ms;  /* updated by the application before each call */
+    uint32_t uptime_ms; /* the now_ms of the last edgefl_device_feed: what HEARTBEAT replies carry */
+    /* ERROR-reply token bucket, in thousandths of a reply (integer math, exact for whole ms) */
+    uint32_t err_tokens;
+    uint32_t err_last_ms;
+    uint32_t errors_suppressed; /* ERROR replies not sent: over the rate */
+    uint32_t errors_unanswered; /* rejected frames that were themselves ERRORs: never answered */
 } edgefl_device_t;
 
 void edgefl_device_init(edgefl_device_t *dev, const char *board, uint16_t sensor_rate_hz, uint32_t free_ram,
                         uint32_t arena_size);
-/* Feed one received byte; when it completes a frame that needs an answer, the reply frame is written
- * to tx and its size returned (0 = nothing to send, negative = tx too small). If msg_out is non-NULL
- * and the frame was a valid message, it is decoded there and *msg_seq set (for the application:
- * e.g. SENSOR_WINDOW from a simulator, ACKs); else msg_out->type is 0. */
-long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint8_t *tx, size_t tx_cap, edgefl_msg_t *msg_out,
-                        uint16_t *msg_seq);
+/* Feed one received byte; now_ms is the device's millisecond clock (e.g. millis(); wraps at 2^32),
+ * used for HEARTBEAT replies and the ERROR-reply rate. When the byte completes a frame that needs an
+ * answer, the reply frame is written to tx and its size returned (0 = nothing to send, negative = tx
+ * too small). If msg_out is non-NULL and the frame was a valid message, it is decoded there and
+ * *msg_seq set (for the application: e.g. SENSOR_WINDOW from a simulator, ACKs); else msg_out->type
+ * is 0. */
+long edgefl_device_feed(edgefl_device_t *dev, uint8_t byte, uint32_t now_ms, uint8_t *tx, size_t tx_cap,
+                        edgefl_msg_t *msg_out, uint16_t *msg_seq);
 /* Encode an outgoing message with the device's next sequence number. */
 long edgefl_device_send(edgefl_device_t *dev, const edgefl_msg_t *m, uint8_t *tx, size_t tx_cap);
 

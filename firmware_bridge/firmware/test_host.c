@@ -13,9 +13,13 @@
  *   test_host head     stdin: "HEAD <hex blob>" then "EMB <hex f32 LE x dim>" lines.
  *                      stdout: "CLASS <c> score=<f32 bits hex>" per EMB (or "ERR <code>").
  *   test_host device   an MCU: "RX <hex>" feeds bytes to edgefl_device_feed, every reply frame is
- *                      printed as "TX <hex>"; "UPTIME <ms>" sets the uptime; "STATE" prints
- *                      "STATE head=<id|none> len=<n>"; "PREDICT <hex f32>" runs the active head
- *                      ("CLASS <c> score=<hex>" or "NO_HEAD").
+ *                      printed as "TX <hex>"; "UPTIME <ms>" sets the clock passed as now_ms (0 at
+ *                      start); "STATE" prints "STATE head=<id|none> len=<n>"; "PREDICT <hex f32>" runs
+ *                      the active head ("CLASS <c> score=<hex>" or "NO_HEAD"); "STATS" prints
+ *                      "STATS errors_suppressed=<n> errors_unanswered=<n> <decoder counters>";
+ *                      "SYNC" prints "SYNC". stdout is flushed after every line, so a test can
+ *                      drive it interactively (wire two of them together, or one to the emulator).
+ *                      Built with -DEDGEFL_PROTO_VERSION=2u it is a peer of another version.
  *
  * Canonical message lines (integers decimal, floats as 0x<8 hex digits> of their bits, byte strings as
  * lowercase hex, text with every byte outside 0x21..0x7e and '%' written as %XX):
@@ -409,12 +413,13 @@ static int mode_device(void)
 {
     static edgefl_device_t dev;
     static uint8_t tx[EDGEFL_MAX_FRAME];
+    uint32_t now_ms = 0;
     edgefl_device_init(&dev, "host-test", 50u, 20480ul, 16384ul);
     while (read_line()) {
         if (strncmp(line, "RX ", 3) == 0) {
             size_t i, n = parse_hex(line + 3, bytes, sizeof bytes);
             for (i = 0; i < n; i++) {
-                long r = edgefl_device_feed(&dev, bytes[i], tx, sizeof tx, NULL, NULL);
+                long r = edgefl_device_feed(&dev, bytes[i], now_ms, tx, sizeof tx, NULL, NULL);
                 if (r > 0) {
                     printf("TX ");
                     print_hex(tx, (size_t)r);
@@ -423,7 +428,14 @@ static int mode_device(void)
                     printf("TXERR %ld\n", r);
             }
         } else if (strncmp(line, "UPTIME ", 7) == 0) {
-            dev.uptime_ms = (uint32_t)strtoul(line + 7, NULL, 10);
+            now_ms = (uint32_t)strtoul(line + 7, NULL, 10);
+        } else if (strcmp(line, "SYNC") == 0) {
+            printf("SYNC\n");
+        } else if (strcmp(line, "STATS") == 0) {
+            const edgefl_decoder_stats_t *d = &dev.dec.stats;
+            printf("STATS errors_suppressed=%lu errors_unanswered=%lu frames=%lu bad_crc=%lu version_mismatches=%lu\n",
+                   (unsigned long)dev.errors_suppressed, (unsigned long)dev.errors_unanswered,
+                   (unsigned long)d->frames, (unsigned long)d->bad_crc, (unsigned long)d->version_mismatches);
         } else if (strcmp(line, "STATE") == 0) {
             uint32_t len;
             if (edgefl_head_rx_active(&dev.head, &len))
@@ -438,6 +450,7 @@ static int mode_device(void)
             else
                 predict(blob, len, line + 8);
         }
+        fflush(stdout);
     }
     return 0;
 }

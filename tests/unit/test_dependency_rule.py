@@ -28,9 +28,10 @@ def test_core_imports_nothing_impure() -> None:
 
 # The serial codecs may import only these: no port, thread, file or clock access (numpy itself loads
 # threading, so sys.modules cannot tell; the modules' own import statements can).
-PURE_BRIDGE_MODULES = ["framing", "messages", "head_blob"]
-BRIDGE_ALLOWED_IMPORTS = {"__future__", "collections.abc", "dataclasses", "enum", "math", "struct", "typing", "zlib", "numpy",
-                          "edge_agent.learning.head", "firmware_bridge.framing"}
+PURE_BRIDGE_MODULES = ["framing", "messages", "head_blob", "error_replies"]
+BRIDGE_ALLOWED_IMPORTS = {"__future__", "binascii", "collections.abc", "dataclasses", "enum", "math", "struct", "typing",
+                          "zlib", "numpy", "edge_agent.learning.head", "firmware_bridge.framing",
+                          "firmware_bridge.error_replies"}
 
 
 def test_firmware_bridge_codecs_import_nothing_impure() -> None:

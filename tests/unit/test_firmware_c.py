@@ -34,12 +34,32 @@ if str(ROOT) not in sys.path:  # when run as a script to write the vectors
     sys.path.insert(0, str(ROOT))
 
 from firmware_bridge.framing import (  # noqa: E402
-    FrameDecoder, cobs_encode, crc16_ccitt, crc32, decode_frame, encode_body, encode_frame,
+    FrameDecoder,
+    cobs_encode,
+    crc16_ccitt,
+    crc32,
+    decode_frame,
+    encode_body,
+    encode_frame,
+    max_encoded_size,
 )
-from firmware_bridge.head_blob import decode_head, encode_head  # noqa: E402
+from firmware_bridge.head_blob import HeadBlobError, decode_head, encode_head  # noqa: E402
 from firmware_bridge.messages import (  # noqa: E402
-    Ack, ErrorCode, ErrorMsg, HeadBegin, HeadChunk, HeadCommit, Heartbeat, Hello, InferResult, Message,
-    MessageError, SensorWindow, decode_message, head_push, to_frame,
+    Ack,
+    ErrorCode,
+    ErrorMsg,
+    HeadBegin,
+    HeadChunk,
+    HeadCommit,
+    Heartbeat,
+    Hello,
+    InferResult,
+    Message,
+    MessageError,
+    SensorWindow,
+    decode_message,
+    head_push,
+    to_frame,
 )
 
 FIRMWARE = ROOT / "firmware_bridge" / "firmware"
@@ -68,7 +88,8 @@ def canonical(msg: Message, seq: int) -> str:
         return (f"SENSOR_WINDOW seq={seq} id={msg.window_id} n={msg.n_samples} ch={msg.n_channels} label={msg.label} "
                 f"scale={f32hex(msg.scale)} samples={','.join(str(int(v)) for v in msg.samples.ravel())}")
     if isinstance(msg, HeadBegin):
-        return f"HEAD_BEGIN seq={seq} head={msg.head_id} total={msg.total_len} chunks={msg.n_chunks} crc=0x{msg.head_crc32:08x}"
+        return (f"HEAD_BEGIN seq={seq} head={msg.head_id} total={msg.total_len} chunks={msg.n_chunks} "
+                f"crc=0x{msg.head_crc32:08x}")
     if isinstance(msg, HeadChunk):
         return f"HEAD_CHUNK seq={seq} head={msg.head_id} index={msg.index} data={msg.data.hex()}"
     if isinstance(msg, HeadCommit):
@@ -76,7 +97,8 @@ def canonical(msg: Message, seq: int) -> str:
     if isinstance(msg, Ack):
         return f"ACK seq={seq} type={msg.acked_type} acked_seq={msg.acked_seq} status={msg.status} index={msg.index}"
     if isinstance(msg, InferResult):
-        return f"INFER_RESULT seq={seq} window={msg.window_id} class={msg.class_id} score={f32hex(msg.score)} head={msg.head_id}"
+        return (f"INFER_RESULT seq={seq} window={msg.window_id} class={msg.class_id} score={f32hex(msg.score)} "
+                f"head={msg.head_id}")
     if isinstance(msg, Heartbeat):
         return f"HEARTBEAT seq={seq} uptime={msg.uptime_ms}"
     if isinstance(msg, ErrorMsg):
@@ -150,20 +172,27 @@ def read_vectors() -> list[tuple[str, bytes]]:
 
 # --- the C driver ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_host(out: Path, *defines: str, name: str = "test_host") -> Path:
+    """gcc test_host.c + the library into out/name (skips the test without gcc); defines: "-D..." flags."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc not found: the C firmware library cannot be built here (CI has gcc)")
-    out = tmp_path_factory.mktemp("fw")
-    lib = [str(FIRMWARE / "edgefl_proto.c")]
-    # The library alone, with stricter warnings and overridden buffer macros (a small MCU build).
-    subprocess.run([gcc, *CFLAGS, *LIB_EXTRA, "-DEDGEFL_HEAD_MAX_LEN=1024u", "-DEDGEFL_HEAD_MAX_CHUNKS=16u", "-c", *lib,
-                    "-o", str(out / "small.o")], check=True, capture_output=True, text=True)
-    exe = out / "test_host"
-    build = subprocess.run([gcc, *CFLAGS, "-o", str(exe), str(FIRMWARE / "test_host.c"), *lib],
-                           capture_output=True, text=True)
+    exe = out / name
+    build = subprocess.run([gcc, *CFLAGS, *defines, "-o", str(exe), str(FIRMWARE / "test_host.c"),
+                            str(FIRMWARE / "edgefl_proto.c")], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
+    return exe
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fw")
+    exe = build_host(out)
+    # The library alone, with stricter warnings and overridden buffer macros (a small MCU build).
+    small = subprocess.run(["gcc", *CFLAGS, *LIB_EXTRA, "-DEDGEFL_HEAD_MAX_LEN=1024u", "-DEDGEFL_HEAD_MAX_CHUNKS=16u",
+                            "-c", str(FIRMWARE / "edgefl_proto.c"), "-o", str(out / "small.o")],
+                           capture_output=True, text=True)
+    assert small.returncode == 0, small.stderr
     return exe
 
 
@@ -204,7 +233,8 @@ def test_c_decodes_and_encodes_the_vectors(host: Path) -> None:
     stream = b"".join(w for _, w in vectors)
     decoded = run(host, "decode", hex_lines(stream, random.Random(0)))
     assert decoded[:-1] == [t for t, _ in vectors]
-    assert decoded[-1] == f"STATS frames={len(vectors)} bad_crc=0 bad_length=0 bad_cobs=0 bad_header=0 overruns=0 version_mismatches=0"
+    assert decoded[-1] == (f"STATS frames={len(vectors)} bad_crc=0 bad_length=0 bad_cobs=0 bad_header=0 overruns=0 "
+                           "version_mismatches=0")
     encoded = run(host, "encode", [t for t, _ in vectors])
     for (text, wire), got in zip(vectors, encoded, strict=True):
         assert got == wire.hex(), text[:60]
@@ -224,13 +254,16 @@ def random_messages(rng: np.random.Generator, n: int) -> list[Message]:
             out.append(SensorWindow(u32, rng.integers(-32768, 32768, shape).astype(np.int16),
                                     float(rng.uniform(1e-6, 10.0)), int(rng.integers(-128, 128))))
         elif k == 2:
-            out.append(HeadBegin(u32, int(rng.integers(0, 2**32)), int(rng.integers(0, 65536)), int(rng.integers(0, 2**32))))
+            out.append(HeadBegin(u32, int(rng.integers(0, 2**32)), int(rng.integers(0, 65536)),
+                                 int(rng.integers(0, 2**32))))
         elif k == 3:
-            out.append(HeadChunk(u32, int(rng.integers(0, 65536)), rng.integers(0, 256, int(rng.integers(1, 1025))).astype(np.uint8).tobytes()))
+            data = rng.integers(0, 256, int(rng.integers(1, 1025))).astype(np.uint8).tobytes()
+            out.append(HeadChunk(u32, int(rng.integers(0, 65536)), data))
         elif k == 4:
             out.append(HeadCommit(u32))
         elif k == 5:
-            out.append(Ack(int(rng.integers(0, 256)), int(rng.integers(0, 65536)), int(rng.integers(0, 256)), int(rng.integers(0, 65536))))
+            out.append(Ack(int(rng.integers(0, 256)), int(rng.integers(0, 65536)), int(rng.integers(0, 256)),
+                           int(rng.integers(0, 65536))))
         elif k == 6:
             out.append(InferResult(u32, int(rng.integers(0, 256)), float(rng.random()), int(rng.integers(0, 2**32))))
         elif k == 7:
@@ -243,16 +276,16 @@ def random_messages(rng: np.random.Generator, n: int) -> list[Message]:
 def test_python_frames_decode_in_c_to_the_same_messages(host: Path) -> None:
     msgs = random_messages(np.random.default_rng(1), 180)
     seqs = [(i * 7919) % 65536 for i in range(len(msgs))]
-    stream = b"".join(to_frame(m, s) for m, s in zip(msgs, seqs))
+    stream = b"".join(to_frame(m, s) for m, s in zip(msgs, seqs, strict=True))
     out = run(host, "decode", hex_lines(stream, random.Random(1)))
-    assert out[:-1] == [canonical(m, s) for m, s in zip(msgs, seqs)]
+    assert out[:-1] == [canonical(m, s) for m, s in zip(msgs, seqs, strict=True)]
     assert out[-1].startswith(f"STATS frames={len(msgs)} bad_crc=0 ")
 
 
 def test_c_encodes_byte_for_byte_what_python_encodes(host: Path) -> None:
     msgs = random_messages(np.random.default_rng(2), 180)
     seqs = [(i * 104729) % 65536 for i in range(len(msgs))]
-    out = run(host, "encode", [canonical(m, s) for m, s in zip(msgs, seqs)])
+    out = run(host, "encode", [canonical(m, s) for m, s in zip(msgs, seqs, strict=True)])
     for m, s, got in zip(msgs, seqs, out, strict=True):
         wire = bytes.fromhex(got)
         frame = decode_frame(wire)
@@ -262,7 +295,8 @@ def test_c_encodes_byte_for_byte_what_python_encodes(host: Path) -> None:
 
 # --- (c) garbage, resync, every drop reason --------------------------------------------------------------
 
-def _raw(version: int, type_: int, seq: int, length: int, flags: int, reserved: int, payload: bytes, crc32_: bool) -> bytes:
+def _raw(version: int, type_: int, seq: int, length: int, flags: int, reserved: int, payload: bytes,
+         crc32_: bool) -> bytes:
     """A body with a *valid* CRC over arbitrary header fields, COBS-framed."""
     covered = struct.pack("<BBHHBB", version, type_, seq, length, flags, reserved) + payload
     crc = struct.pack("<I", crc32(covered)) if crc32_ else struct.pack("<H", crc16_ccitt(covered))
@@ -331,6 +365,18 @@ def test_garbage_and_corruption_are_dropped_and_counted_alike(host: Path) -> Non
     s = dec.stats  # and the stream really exercises every counter
     assert min(s.bad_crc, s.bad_length, s.bad_cobs, s.bad_header, s.overruns, s.version_mismatches) >= 1, s
     assert any(x.startswith("BADMSG") for x in expected) and any(x.startswith("UNKNOWN") for x in expected)
+
+
+def test_the_decoder_buffer_holds_exactly_the_largest_frame(host: Path) -> None:
+    # 2060 body bytes (8 header + 2048 payload + 4 CRC-32) + 9 COBS code bytes: PROTOCOL.md says 2069.
+    assert max_encoded_size() == 2069
+    for run_len, overruns in ((2069, 0), (2070, 1)):
+        stream = b"\x01" * run_len + b"\x00" + encode_frame(8, 1, bytes(4))
+        dec = FrameDecoder()
+        frames = dec.feed(stream)
+        assert [f.seq for f in frames] == [1] and dec.stats.overruns == overruns
+        assert dec.stats.dropped == 1  # 2069 bytes: one bad frame; 2070: one overrun
+        assert run(host, "decode", [stream.hex()])[-1] == py_stats(dec)
 
 
 # --- (d) the head-push state machine in C (test_host's device mode) -----------------------------------------
@@ -455,7 +501,9 @@ def test_head_push_commits_only_complete_correct_heads(host: Path) -> None:
     assert out[n + 2] == f"STATE head=2 len={len(blob_b)}"
     assert [int(str(line).split()[1]) for line in out[n + 3:]] == list(cls_b)
 
-    # Protocol errors around a push: all answered, none changes the head.
+    # Protocol errors around a push: all answered (ten seconds later: the ERROR-reply bucket is full
+    # again), none changes the head.
+    dev.cmd("UPTIME 10777")
     s = dev.send(HeadCommit(2))  # repeated commit of the active head (its ACK was lost)
     dev.send(HeadChunk(99, 0, b"x"))  # no such push
     dev.send(HeadBegin(4, 100_000, 100, 0))  # larger than the device's staging buffer
@@ -478,6 +526,46 @@ def test_head_push_commits_only_complete_correct_heads(host: Path) -> None:
     ]
 
 
+def patch_f32(blob: bytes, offset: int, value: float) -> bytes:
+    return blob[:offset] + struct.pack("<f", value) + blob[offset + 4:]
+
+
+def test_head_values_must_be_finite_and_extreme_inputs_are_not_undefined_behaviour(tmp_path: Path) -> None:
+    """The same value rules as head_blob.decode_head, and no float-to-int conversion of NaN/Inf/huge
+    values: built with UBSan (float-cast-overflow included), any undefined behaviour aborts the run."""
+    if subprocess.run(["gcc", "-fsanitize=undefined", "-x", "c", "-o", str(tmp_path / "probe"), "-"],
+                      input="int main(void){return 0;}", capture_output=True, text=True).returncode != 0:
+        pytest.skip("gcc has no UBSan runtime here")
+    exe = build_host(tmp_path, "-fsanitize=undefined,float-cast-overflow,float-divide-by-zero",
+                     "-fno-sanitize-recover=all", name="test_host_ubsan")
+    blob = synthetic_blob(10)  # 16 -> 12 (ReLU) -> 5
+    dim, std0 = 16, 8 + 4 * 16
+    scales0 = 8 + 8 * dim + 5 + dim * 12
+    bias1 = scales0 + 8 * 12 + 5 + 12 * 5 + 4 * 5
+    bad = [patch_f32(blob, std0 + 4, 0.0), patch_f32(blob, std0, float("nan")), patch_f32(blob, std0 + 8, -2.0),
+           patch_f32(blob, std0, float("inf")), patch_f32(blob, 8, float("nan")), patch_f32(blob, 12, float("-inf")),
+           patch_f32(blob, scales0, 0.0), patch_f32(blob, scales0 + 4, -0.5), patch_f32(blob, scales0, float("nan")),
+           patch_f32(blob, bias1, float("inf")), patch_f32(blob, bias1 + 8, float("nan"))]
+    emb = np.ones(dim, "<f4").tobytes().hex()
+    for b in bad:
+        with pytest.raises(HeadBlobError, match="must be finite"):
+            decode_head(b)
+        assert run(exe, "head", ["HEAD " + b.hex(), "EMB " + emb]) == ["ERR 9"]
+    # Valid heads fed embeddings no MCU should produce (a broken sensor, a backbone bug) and a head
+    # with a subnormal std: every value path through the int8 quantization stays defined.
+    tiny_std = patch_f32(blob, std0, 1e-45)
+    assert decode_head(tiny_std).std[0] > 0
+    weird = [np.full(dim, v, np.float32) for v in (np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0)]
+    weird.append(np.where(np.arange(dim) % 2 == 0, np.float32(np.nan), np.float32(1.0)))
+    for head in (blob, tiny_std):
+        lines = ["HEAD " + head.hex()] + ["EMB " + w.astype("<f4").tobytes().hex() for w in weird]
+        proc = subprocess.run([str(exe), "head"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "runtime error" not in proc.stderr, proc.stderr
+        assert len(proc.stdout.splitlines()) == len(weird)
+        assert all(line.startswith("CLASS ") for line in proc.stdout.splitlines())
+
+
 # --- (e) int8 head inference on real embeddings ----------------------------------------------------------
 
 def test_c_head_inference_matches_python_on_real_embeddings(host: Path, embedded) -> None:  # type: ignore[no-untyped-def]
@@ -489,7 +577,8 @@ def test_c_head_inference_matches_python_on_real_embeddings(host: Path, embedded
     x = np.concatenate([c.x_train for c in data.clients])
     y = np.concatenate([c.y_train for c in data.clients])
     rng = np.random.default_rng(0)
-    head = PersonalizationHead.initial(HeadConfig(data.embedding_dim, data.num_classes), rng).fit(x, y, FitConfig(epochs=5), rng)
+    head = PersonalizationHead.initial(HeadConfig(data.embedding_dim, data.num_classes), rng)
+    head = head.fit(x, y, FitConfig(epochs=5), rng)
     int8 = head.quantized()
     std = embedded.standardizer
     blob = encode_head(int8, std.mean, std.std)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import binascii
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +26,7 @@ from firmware_bridge.framing import (
     max_encoded_size,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 # Wikipedia "Consistent Overhead Byte Stuffing", encoding examples 1-10 (delimiter not included).
@@ -65,11 +66,21 @@ def test_crc_check_values() -> None:
     assert crc16_ccitt(b"") == 0xFFFF
 
 
+def _crc16_bitwise(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE straight from its definition, bit by bit (as the C firmware computes it)."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
 @given(st.binary(max_size=600))
 @FUZZ
 def test_crc16_agrees_with_an_independent_implementation(data: bytes) -> None:
-    # binascii.crc_hqx is CRC-16/CCITT with a caller-given init: with 0xFFFF it is CCITT-FALSE.
-    assert crc16_ccitt(data) == binascii.crc_hqx(data, 0xFFFF)
+    # crc16_ccitt is binascii.crc_hqx(data, 0xFFFF); this checks that it is the CRC the spec defines.
+    assert crc16_ccitt(data) == _crc16_bitwise(data)
 
 
 def test_golden_frame_bytes() -> None:
@@ -161,6 +172,17 @@ def test_resync_after_garbage_and_truncation() -> None:
     assert decoder.stats.frames == 1 and decoder.stats.dropped == 2
 
 
+def test_the_protocol_states_the_real_buffer_bound() -> None:
+    # 8-byte header + 2048-byte payload + 4-byte CRC-32 = 2060 bytes, + 9 COBS code bytes (one per
+    # started 254-byte run) = 2069: the longest run without 0x00 that can still be a frame.
+    assert max_encoded_size() == 2069 == FrameDecoder().max_encoded
+    spec = (ROOT / "firmware_bridge" / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert "holds at most 2069 encoded bytes" in spec
+    decoder = FrameDecoder()
+    assert decoder.feed(b"\x01" * 2069) == [] and decoder.buffered == 2069 and decoder.stats.overruns == 0
+    assert decoder.feed(b"\x01") == [] and decoder.buffered == 0 and decoder.stats.overruns == 1
+
+
 def test_buffer_is_bounded_and_overrun_counted() -> None:
     decoder = FrameDecoder()
     junk = b"\x55" * 10_000
@@ -214,7 +236,8 @@ frames_st = st.tuples(st.integers(0, 255), st.integers(0, 0xFFFF), st.binary(max
 
 @given(st.lists(st.tuples(frames_st, st.binary(max_size=40)), min_size=1, max_size=5), st.integers(1, 64))
 @FUZZ
-def test_fuzz_frames_between_junk_are_all_recovered(items: list[tuple[tuple[int, int, bytes], bytes]], step: int) -> None:
+def test_fuzz_frames_between_junk_are_all_recovered(items: list[tuple[tuple[int, int, bytes], bytes]],
+                                                    step: int) -> None:
     # Junk, then 0x00, then a frame: every frame must come out, whatever the junk and the chunking.
     stream = b"".join(junk + b"\x00" + encode_frame(t, s, p) for (t, s, p), junk in items)
     decoder = FrameDecoder()

@@ -28,7 +28,8 @@ def test_layout_and_round_trip(adapter_dim: int) -> None:
     assert blob[:8] == b"EFHD" + struct.pack("<BBH", 1, len(dims), 64)
     head = decode_head(blob)
     assert np.array_equal(head.mean, mean) and np.array_equal(head.std, std)
-    assert [(layer.in_dim, layer.out_dim, layer.relu) for layer in head.layers] == [(i, o, k < len(dims) - 1) for k, (i, o) in enumerate(dims)]
+    expected = [(i, o, k < len(dims) - 1) for k, (i, o) in enumerate(dims)]
+    assert [(layer.in_dim, layer.out_dim, layer.relu) for layer in head.layers] == expected
     first = q.weights["adapter.w" if adapter_dim else "classifier.w"]
     assert np.array_equal(head.layers[0].weights, first.q) and np.array_equal(head.layers[0].scales, first.scale)
     off = 8 + 8 * 64 + 5  # first layer's weights, row-major (in x out)
@@ -39,7 +40,8 @@ def test_layout_and_round_trip(adapter_dim: int) -> None:
 def test_predict_equals_int8_head_on_real_embeddings(embedded) -> None:  # type: ignore[no-untyped-def]
     std = embedded.standardizer
     x_train = std(embedded.train_emb)
-    head = PersonalizationHead.initial(HeadConfig(x_train.shape[1], len(embedded.class_names)), np.random.default_rng(0))
+    config = HeadConfig(x_train.shape[1], len(embedded.class_names))
+    head = PersonalizationHead.initial(config, np.random.default_rng(0))
     head = head.fit(x_train, embedded.train.y, FitConfig(epochs=3), np.random.default_rng(1))
     q = head.quantized()
     blob = decode_head(encode_head(q, std.mean, std.std))
@@ -66,6 +68,9 @@ def _patched(blob: bytes, offset: int, value: bytes) -> bytes:
     return blob[:offset] + value + blob[offset + len(value):]
 
 
+SCALES0 = 8 + 8 * 64 + 5 + 64 * 32  # layer 0's scales[0] in a 64 -> 32 -> 7 blob
+
+
 def test_errors_are_precise() -> None:
     q, mean, std = _random_head(32)
     blob = encode_head(q, mean, std)
@@ -81,8 +86,12 @@ def test_errors_are_precise() -> None:
         (blob + b"\x00", "1 trailing bytes"),
         (_patched(blob, 8 + 512, b"\x3f\x00"), "layer 0: in=63"),
         (_patched(blob, 8 + 512 + 4, b"\x02"), "relu flag is 2"),
-        (_patched(blob, 8 + 256, struct.pack("<f", 0.0)), "std"),
-        (_patched(blob, 8, struct.pack("<f", float("nan"))), "finite"),
+        (_patched(blob, 8 + 256, struct.pack("<f", 0.0)), r"std\[0\] = 0.0: every value must be finite and > 0"),
+        (_patched(blob, 8 + 256 + 4, struct.pack("<f", float("inf"))), r"std\[1\] = inf"),
+        (_patched(blob, 8, struct.pack("<f", float("nan"))), r"mean\[0\] = nan: every value must be finite$"),
+        (_patched(blob, SCALES0 + 8, struct.pack("<f", 0.0)), r"layer 0 scales\[2\] = 0.0: .* finite and > 0"),
+        (_patched(blob, SCALES0, struct.pack("<f", -0.25)), r"layer 0 scales\[0\] = -0.25"),
+        (_patched(blob, SCALES0 + 4 * 32, struct.pack("<f", float("-inf"))), r"layer 0 bias\[0\] = -inf"),
     ]
     for bad, text in cases:
         with pytest.raises(HeadBlobError, match=text):

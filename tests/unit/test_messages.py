@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware_bridge.framing import Frame, FrameDecoder, FrameError, crc32, decode_frame
+from firmware_bridge.framing import Frame, FrameDecoder, FrameError, crc32, decode_frame, encode_frame
 from firmware_bridge.messages import (
     Ack,
     ErrorCode,
@@ -159,3 +159,14 @@ def test_fuzz_decode_message_raises_only_message_error(type_: int, payload: byte
     except MessageError:
         return
     assert encode_message(msg) == (type_, payload)  # whatever decodes re-encodes byte for byte
+
+
+def test_decode_message_checks_the_version_this_side_speaks() -> None:
+    v2 = FrameDecoder().feed(encode_frame(MessageType.HEARTBEAT, 3, struct.pack("<I", 7), version=2))[0]
+    assert decode_message(v2, version=2) == Heartbeat(7)
+    with pytest.raises(MessageError, match="protocol version 2, this side speaks 1") as info:
+        decode_message(v2)
+    assert info.value.code == ErrorCode.BAD_VERSION
+    v1 = FrameDecoder().feed(to_frame(Heartbeat(7), 3))[0]
+    with pytest.raises(MessageError, match="protocol version 1, this side speaks 2"):
+        decode_message(v1, version=2)

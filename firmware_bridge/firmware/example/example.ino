@@ -105,9 +105,9 @@ static void poll_serial()
 {
     while (Serial.available() > 0) {
         uint8_t b = (uint8_t)Serial.read();
-        dev.uptime_ms = millis();
-        // HELLO, HEARTBEAT and the head push (BEGIN / CHUNK / COMMIT) are answered inside.
-        long n = edgefl_device_feed(&dev, b, tx, sizeof tx, NULL, NULL);
+        // HELLO, HEARTBEAT and the head push (BEGIN / CHUNK / COMMIT) are answered inside; millis()
+        // is the uptime HEARTBEAT replies carry and the clock of the ERROR-reply rate limit.
+        long n = edgefl_device_feed(&dev, b, millis(), tx, sizeof tx, NULL, NULL);
         if (n > 0)
             Serial.write(tx, (size_t)n);
     }
