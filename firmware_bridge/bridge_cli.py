@@ -3,7 +3,7 @@
     edge-fl bridge --port /dev/ttyACM0 [--baud 115200] [--push-head head_state.npz | head.efhd]
 
 One line per frame as it arrives (HELLO, windows, predictions, errors), a stats line every few seconds,
-exit 0 on Ctrl-C, exit 2 with a clear message when the port cannot be opened.
+exit 0 on Ctrl-C or SIGTERM, exit 2 with a clear message when the port cannot be opened.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -69,6 +70,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, stats_e
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    # SIGTERM (systemd, kill) ends the view like Ctrl-C does: a stats line, the port closed, exit 0.
+    signal.signal(signal.SIGTERM, _interrupt)
     inbox: queue.Queue[Message | str] = queue.Queue()
 
     def on_state(up: bool, detail: str) -> None:
@@ -112,6 +115,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, stats_e
         return 0
     finally:
         link.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def stats_line(link: SerialLink) -> str:
