@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,13 +59,131 @@ def load_interpreter_module(runtime: RuntimeName = "auto") -> tuple[str, Any]:
     )
 
 
+# --- the arithmetic around an interpreter ---------------------------------------------------------
+# One implementation for every runner of the backbone: FrozenBackbone (LiteRT / tflite-runtime, batched)
+# and the emulated MCU's (tflite-micro, one window at a time, firmware_bridge/emulator/inference.py).
+# Pure: no interpreter, no threads; `read_sidecar` reads the sidecar file and nothing else.
+
+
+def read_sidecar(model_path: str | os.PathLike[str], metadata_path: str | os.PathLike[str] | None = None, *,
+                 model_sha256: str | None = None) -> dict[str, Any]:
+    """The model's sidecar JSON (``<stem>.json``, or `metadata_path`); {} when there is none.
+
+    A sidecar naming another model's sha256 is refused: its statistics would quantize wrongly. The
+    model file is hashed only when the sidecar names a sha256 and `model_sha256` is not given.
+    """
+    model = Path(model_path)
+    path = Path(metadata_path) if metadata_path else model.with_suffix(".json")
+    if not path.is_file():
+        if metadata_path:
+            raise BackboneError(f"backbone metadata not found: {path}")
+        return {}
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BackboneError(f"{path}: invalid JSON metadata ({exc})") from exc
+    want = meta.get("sha256")
+    if want:
+        have = model_sha256 or file_sha256(model)
+        if want != have:
+            raise BackboneError(
+                f"{path} describes a model with sha256 {want}, but {model} has sha256 {have}: "
+                "the model and its metadata do not belong together (rebuild both with models/build_backbone.py)."
+            )
+    return meta
+
+
+@dataclass(frozen=True)
+class InputStandardization:
+    """Per-channel input statistics from the sidecar: windows enter the model as (x - mean) / std."""
+
+    mean: np.ndarray  # float32, broadcast over the channels
+    std: np.ndarray
+
+    @classmethod
+    def from_sidecar(cls, meta: Mapping[str, Any]) -> InputStandardization:
+        stats = meta.get("input", {})
+        return cls(np.asarray(stats.get("channel_mean", 0.0), np.float32),
+                   np.asarray(stats.get("channel_std", 1.0), np.float32))
+
+
+@dataclass(frozen=True)
+class TensorQuantization:
+    """A tensor's affine quantization: real = (q - zero_point) * scale; scale 0 = a float tensor."""
+
+    scale: float
+    zero_point: int
+    dtype: Any  # the tensor's numpy dtype
+
+    @classmethod
+    def from_details(cls, details: Mapping[str, Any]) -> TensorQuantization:
+        """From a tensor's details as LiteRT, tflite-runtime and tflite-micro all give them."""
+        params = details["quantization_parameters"]
+        scales, zero_points = np.asarray(params["scales"]), np.asarray(params["zero_points"])
+        if scales.size > 1:
+            raise BackboneError(f"tensor {details.get('name', '')!r} is quantized per channel; "
+                                "the backbone's input and outputs must be quantized per tensor")
+        if scales.size == 0:
+            return cls(0.0, 0, details["dtype"])
+        return cls(float(scales[0]), int(zero_points[0]), details["dtype"])
+
+
+def quantize_windows(windows: np.ndarray, standardization: InputStandardization,
+                     quant: TensorQuantization) -> np.ndarray:
+    """Float windows (n, *input_shape) -> the model's input tensor: standardized, then quantized."""
+    x = (np.asarray(windows, dtype=np.float32) - standardization.mean) / standardization.std
+    if not quant.scale:
+        unquantized: np.ndarray = x.astype(quant.dtype)
+        return unquantized
+    info = np.iinfo(quant.dtype)
+    q: np.ndarray = np.clip(np.round(x / quant.scale) + quant.zero_point, info.min, info.max).astype(quant.dtype)
+    return q
+
+
+def dequantize(y: np.ndarray, quant: TensorQuantization) -> np.ndarray:
+    """An output tensor -> float32 values."""
+    yf = np.asarray(y).astype(np.float32)
+    if not quant.scale:
+        return yf
+    out: np.ndarray = (yf - quant.zero_point) * quant.scale  # python scalars: stays float32
+    return out
+
+
 @dataclass(frozen=True)
 class OutputInfo:
     index: int  # position in get_output_details()
-    tensor_index: int
+    tensor_index: int  # -1 where the interpreter does not say (tflite-micro addresses outputs by position)
     name: str
     key: str | None  # signature output key, when the model has a signature
     shape: tuple[int, ...]
+
+
+def sidecar_outputs(meta: Mapping[str, Any], shapes: Sequence[Sequence[int]]) -> list[OutputInfo]:
+    """Outputs of an interpreter that names none (tflite-micro): shapes from it, names from the sidecar."""
+    listed = {int(o["index"]): o for o in meta.get("outputs", []) if "index" in o}
+    return [OutputInfo(i, -1, str(listed.get(i, {}).get("name", "")), listed.get(i, {}).get("key"),
+                       tuple(int(d) for d in shape))
+            for i, shape in enumerate(shapes)]
+
+
+def choose_output(outputs: Sequence[OutputInfo], which: str | int | None, meta: Mapping[str, Any],
+                  where: str = "") -> OutputInfo:
+    """The embedding output: `which` (a signature key, tensor name or position), else the sidecar's
+    ``feature_output``, else output 0. Where no output has a name (tflite-micro with a sidecar that lists
+    no outputs) a name cannot match: the sidecar's ``embedding_dim`` picks the output of that size.
+    """
+    if which is None:
+        which = meta.get("feature_output", 0)
+    if isinstance(which, str) and not any(o.key or o.name for o in outputs) and "embedding_dim" in meta:
+        dim = int(meta["embedding_dim"])
+        sized = [o for o in outputs if int(np.prod(o.shape[1:])) == dim]
+        if len(sized) == 1:
+            return sized[0]
+    for out in outputs:
+        if (isinstance(which, int) and out.index == which) or which in (out.key, out.name):
+            return out
+    available = "; ".join(f"{o.index}: key={o.key!r} name={o.name!r} shape={list(o.shape)}" for o in outputs)
+    raise BackboneError(f"{where}: no output tensor {which!r}. Available outputs: {available}")
 
 
 class FrozenBackbone:
@@ -106,7 +225,7 @@ class FrozenBackbone:
         if batch_size < 1 or num_threads < 1:
             raise BackboneError(f"batch_size and num_threads must be >= 1, got {batch_size} and {num_threads}")
         self.sha256 = file_sha256(self.path)
-        self.metadata = self._read_metadata(metadata_path)
+        self.metadata = read_sidecar(self.path, metadata_path, model_sha256=self.sha256)
         self.runtime, module = load_interpreter_module(runtime)
         self.batch_size = batch_size
         self.num_threads = num_threads
@@ -126,16 +245,18 @@ class FrozenBackbone:
         self._input = inp
         self.input_shape: tuple[int, ...] = tuple(int(d) for d in inp["shape"][1:])
         self.outputs = self._list_outputs()
-        self.feature = self._resolve_output(
-            feature_output if feature_output is not None else self.metadata.get("feature_output", 0)
-        )
+        self.feature = choose_output(self.outputs, feature_output, self.metadata, str(self.path))
         self.embedding_dim = int(np.prod(self.feature.shape[1:]))
         # Read once: get_output_details() costs ~6 us, a fifth of embedding one window.
-        self._out_scale, self._out_zp = self._interp.get_output_details()[self.feature.index]["quantization"]
+        self.input_quant = TensorQuantization.from_details(inp)
+        self.output_quant = TensorQuantization.from_details(self._interp.get_output_details()[self.feature.index])
+        self.standardization = InputStandardization.from_sidecar(self.metadata)
         self._allocated_batch = 0
-        stats = self.metadata.get("input", {})
-        self._mean = np.asarray(stats.get("channel_mean", 0.0), np.float32)
-        self._std = np.asarray(stats.get("channel_std", 1.0), np.float32)
+
+    @property
+    def _out_scale(self) -> float:
+        """One int8 step of the embedding (kept for callers that read it under this name)."""
+        return self.output_quant.scale
 
     def embedding_standardizer(self) -> EmbeddingStandardizer | None:
         """The embedding statistics shipped in the sidecar (fitted on the backbone subjects), if any.
@@ -147,24 +268,6 @@ class FrozenBackbone:
         if not stats:
             return None
         return EmbeddingStandardizer(np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))
-
-    def _read_metadata(self, metadata_path: str | os.PathLike[str] | None) -> dict[str, Any]:
-        path = Path(metadata_path) if metadata_path else self.path.with_suffix(".json")
-        if not path.is_file():
-            if metadata_path:
-                raise BackboneError(f"backbone metadata not found: {path}")
-            return {}
-        try:
-            meta: dict[str, Any] = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BackboneError(f"{path}: invalid JSON metadata ({exc})") from exc
-        want = meta.get("sha256")
-        if want and want != self.sha256:
-            raise BackboneError(
-                f"{path} describes a model with sha256 {want}, but {self.path} has sha256 {self.sha256}: "
-                "the model and its metadata do not belong together (rebuild both with models/build_backbone.py)."
-            )
-        return meta
 
     def _list_outputs(self) -> list[OutputInfo]:
         keys_by_tensor: dict[int, str] = {}
@@ -181,13 +284,6 @@ class FrozenBackbone:
             for i, d in enumerate(self._interp.get_output_details())
         ]
 
-    def _resolve_output(self, which: str | int) -> OutputInfo:
-        for out in self.outputs:
-            if (isinstance(which, int) and out.index == which) or which in (out.key, out.name):
-                return out
-        available = "; ".join(f"{o.index}: key={o.key!r} name={o.name!r} shape={list(o.shape)}" for o in self.outputs)
-        raise BackboneError(f"{self.path}: no output tensor {which!r}. Available outputs: {available}")
-
     def _ensure_batch(self, n: int) -> None:
         if n != self._allocated_batch:
             self._interp.resize_tensor_input(self._input["index"], [n, *self.input_shape])
@@ -202,15 +298,7 @@ class FrozenBackbone:
                 f"{self.path}: expects windows of shape (n, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(x.shape)}"
             )
-        x = (x - self._mean) / self._std
-        scale, zero_point = self._input["quantization"]
-        dtype = self._input["dtype"]
-        if scale:
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
-        else:
-            x = x.astype(dtype)
-        out_scale, out_zp = self._out_scale, self._out_zp
+        x = quantize_windows(x, self.standardization, self.input_quant)
         result = np.empty((x.shape[0], self.embedding_dim), np.float32)
         for lo in range(0, x.shape[0], self.batch_size):
             chunk = x[lo: lo + self.batch_size]
@@ -221,8 +309,8 @@ class FrozenBackbone:
             self._ensure_batch(chunk.shape[0])
             self._interp.set_tensor(self._input["index"], chunk)
             self._interp.invoke()
-            y = self._interp.get_tensor(self.feature.tensor_index)[:n].reshape(n, -1).astype(np.float32)
-            result[lo: lo + n] = (y - out_zp) * out_scale if out_scale else y
+            y = self._interp.get_tensor(self.feature.tensor_index)[:n].reshape(n, -1)
+            result[lo: lo + n] = dequantize(y, self.output_quant)
         return result
 
 
