@@ -422,9 +422,9 @@ def micro_ingest(n: int, root: Path, seed: int) -> dict[str, Any]:
     from edge_agent.fleet import task_meta
     from edge_agent.learning.head import HeadConfig
     from edge_agent.learning.strategies import ClientUpdate, make_strategy
-    from edge_agent.sim import SimConfig
+    from edge_agent.learning.training import TrainingConfig
 
-    train = SimConfig(strategy=STRATEGY, seed=seed)
+    train = TrainingConfig(strategy=STRATEGY, seed=seed)
     head = HeadConfig(64, 7, train.adapter_dim)
     strategy = make_strategy(STRATEGY, head, train.strategy_config())
     server = strategy.init_server(np.random.default_rng([seed, 0]))

@@ -22,14 +22,15 @@ from edge_agent.data.partition import REGIMES, PartitionConfig
 from edge_agent.data.watch import load_watch_dataset
 from edge_agent.learning.strategies import STRATEGIES
 from edge_agent.report import few_shot_curve, plot_few_shot_curve
-from edge_agent.sim import DEFAULT_STRATEGY, SimConfig, default_cache_dir, embed_dataset, federate, run_simulation
+from edge_agent.learning.training import DEFAULT_STRATEGY, TrainingConfig
+from edge_agent.sim import default_cache_dir, embed_dataset, federate, run_simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mean_acc", "p10_acc", "worst_acc", "new_user_acc", "uplink_bytes_per_client_round")
 PERSONALIZED = [s for s in STRATEGIES if s not in ("local", "fedavg")]
 
 
-def run_grid(embedded: Any, base: SimConfig, seeds: list[int]) -> dict[str, dict[str, dict[str, list[float | None]]]]:
+def run_grid(embedded: Any, base: TrainingConfig, seeds: list[int]) -> dict[str, dict[str, dict[str, list[float | None]]]]:
     grid: dict[str, dict[str, dict[str, list[float | None]]]] = {}
     for regime in REGIMES:
         grid[regime] = {name: {m: [] for m in METRICS} for name in STRATEGIES}
@@ -85,7 +86,7 @@ def fmt(values: list[float | None], scale: float = 100.0, digits: int = 1) -> st
     return f"{scale * np.mean(vals):.{digits}f} ± {scale * np.std(vals):.{digits}f}"
 
 
-def markdown(grid: dict[str, Any], targets: list[dict[str, Any]], seeds: list[int], base: SimConfig) -> str:
+def markdown(grid: dict[str, Any], targets: list[dict[str, Any]], seeds: list[int], base: TrainingConfig) -> str:
     lines = [f"# Strategies on the watch-exercise data ({base.rounds} rounds, seeds {seeds}, mean ± std over seeds)", ""]
     for regime, rows in grid.items():
         lines += [f"## {regime}: {REGIMES[regime]}", "",
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     backbone = FrozenBackbone()
     embedded = embed_dataset(load_watch_dataset(), backbone, cache=EmbeddingCache(default_cache_dir()))
-    base = SimConfig(rounds=args.rounds)
+    base = TrainingConfig(rounds=args.rounds)
     grid = run_grid(embedded, base, args.seeds)
     targets = check_targets(grid, DEFAULT_STRATEGY)
     args.out_dir.mkdir(parents=True, exist_ok=True)

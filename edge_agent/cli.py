@@ -75,12 +75,13 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .data.partition import PartitionConfig
     from .learning.strategies import STRATEGIES
-    from .sim import DEFAULT_STRATEGY, SimConfig, federate, run_simulation
+    from .learning.training import DEFAULT_STRATEGY, TrainingConfig
+    from .sim import federate, run_simulation
 
     progress = Progress(quiet=args.quiet)
     embedded, backbone = _load_embedded(args, progress)
     names = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    base = SimConfig(strategy=names[0], rounds=args.rounds, seed=args.seed, fraction=args.fraction,
+    base = TrainingConfig(strategy=names[0], rounds=args.rounds, seed=args.seed, fraction=args.fraction,
                      adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
                      ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates)
     partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
@@ -88,7 +89,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     data = federate(embedded, partition)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        cfg = SimConfig(**{**base.__dict__, "strategy": name})
+        cfg = TrainingConfig(**{**base.__dict__, "strategy": name})
 
         def tick(r: int, n: int, rec: dict[str, Any], _name: str = name) -> None:
             progress.update(f"[{_name}] round {r}/{n}  mean {100 * rec['mean_acc']:.1f}%  "
@@ -126,12 +127,11 @@ def _stop_on_signals() -> Any:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from .agent.service import AgentService, load_dataset_client
+    from .agent.service import AgentService
     from .config import AgentConfig, load_toml
 
     cfg = load_toml(args.config, AgentConfig)
-    data = load_dataset_client(cfg) if cfg.data.source == "watch-dataset" else None
-    AgentService(cfg, data).run(_stop_on_signals())
+    AgentService(cfg).run(_stop_on_signals())
     return 0
 
 
@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .backbone import DEFAULT_MODEL
     from .data.partition import REGIMES
     from .learning.strategies import STRATEGIES
-    from .sim import DEFAULT_STRATEGY, SimConfig
+    from .learning.training import DEFAULT_STRATEGY, TrainingConfig
 
-    defaults = SimConfig()
+    defaults = TrainingConfig()
     parser = argparse.ArgumentParser(prog="edge-fl", description="Federated personalization layers for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-fl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -13,7 +13,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .sim import SimConfig
+from .learning.training import TrainingConfig
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -86,7 +86,7 @@ class AggregatorConfig:
     num_classes: int = 7
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
-    train: SimConfig = field(default_factory=SimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -114,7 +114,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
 
 
 _NESTED: dict[str, type] = {"BrokerConfig": BrokerConfig, "DataConfig": DataConfig, "FleetConfig": FleetConfig,
-                            "SimConfig": SimConfig}
+                            "TrainingConfig": TrainingConfig}
 
 
 def load_toml(path: str | Path, cls: type[T]) -> T:

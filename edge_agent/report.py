@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from .data.partition import PartitionConfig
-from .sim import Embedded, SimConfig, federate, run_simulation
+from .learning.training import TrainingConfig
+from .sim import Embedded, federate, run_simulation
 
 FEW_SHOT_CURVE = (1, 2, 5, 10, 20, 0)  # labelled windows per class; 0 = all the client has
 
 
-def few_shot_curve(embedded: Embedded, base: SimConfig, seeds: Sequence[int], strategies: Sequence[str],
+def few_shot_curve(embedded: Embedded, base: TrainingConfig, seeds: Sequence[int], strategies: Sequence[str],
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Accuracy against labelled windows per class (K) per strategy, on identical splits, averaged over seeds."""
     keys = ("mean_acc", "worst_acc", "new_user_acc")

@@ -20,11 +20,16 @@ from .data.partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECT
 from .data.watch import WatchDataset
 from .data.windows import WindowConfig, split_and_window
 from .learning.features import EmbeddingStandardizer
-from .learning.head import OPTIMIZER_KINDS, FitConfig, HeadConfig, OptimizerConfig, OptimizerKind, quantize_head
+from .learning.head import HeadConfig, quantize_head
 from .learning.metrics import accuracy, summarize
-from .learning.strategies import ClientData, ClientUpdate, ServerState, StrategyConfig, make_strategy
-
-DEFAULT_STRATEGY = "ditto"
+from .learning.strategies import (
+    ClientData,
+    ClientUpdate,
+    ServerState,
+    check_client_data,
+    make_strategy,
+)
+from .learning.training import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -85,37 +90,6 @@ def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
                          len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
 
 
-@dataclass(frozen=True)
-class SimConfig:
-    strategy: str = DEFAULT_STRATEGY
-    rounds: int = 30
-    seed: int = 0
-    fraction: float = 1.0  # share of clients sampled each round
-    adapter_dim: int = HeadConfig.adapter_dim
-    local_epochs: int = 1
-    batch_size: int = FitConfig.batch_size
-    lr: float = OptimizerConfig.lr
-    optimizer: OptimizerKind = OptimizerConfig.kind
-    weight_decay: float = FitConfig.weight_decay
-    class_weighting: bool = FitConfig.class_weighting
-    finetune_epochs: int = StrategyConfig.finetune_epochs
-    fedrep_head_epochs: int = StrategyConfig.fedrep_head_epochs
-    ditto_lambda: float = StrategyConfig.ditto_lambda
-    int8_updates: bool = True
-
-    def __post_init__(self) -> None:
-        # Values arrive from TOML and from round-task meta: refuse a bad one here, where the config is read.
-        if self.optimizer not in OPTIMIZER_KINDS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_KINDS)}")
-
-    def strategy_config(self) -> StrategyConfig:
-        opt = OptimizerConfig(kind=self.optimizer, lr=self.lr)
-        fit = FitConfig(epochs=self.local_epochs, batch_size=self.batch_size, optimizer=opt,
-                        weight_decay=self.weight_decay, class_weighting=self.class_weighting)
-        return StrategyConfig(fit=fit, finetune_epochs=self.finetune_epochs,
-                              fedrep_head_epochs=self.fedrep_head_epochs, ditto_lambda=self.ditto_lambda)
-
-
 Uplink = Callable[[str, int, bytes], None]  # (client id, round, payload) for tests that watch the wire
 
 
@@ -141,11 +115,13 @@ class _Wire:
         return unpack_tensors(payload)
 
 
-def run_simulation(data: FederatedData, config: SimConfig, *,
+def run_simulation(data: FederatedData, config: TrainingConfig, *,
                    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                    watch_uplink: Uplink | None = None,
                    watch_server: Callable[[ServerState], None] | None = None) -> dict[str, Any]:
     """Run `config.rounds` rounds; returns the results document (per-round per-client accuracy + summary)."""
+    for cid, cd in zip(data.client_ids, data.clients, strict=True):
+        check_client_data(cid, cd, num_classes=data.num_classes, dim=data.embedding_dim)
     head = HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim)
     strategy = make_strategy(config.strategy, head, config.strategy_config())
     wire = _Wire(config.int8_updates, watchers=[watch_uplink] if watch_uplink else [])

@@ -42,6 +42,7 @@ class BridgeSource:
             raise ValueError(f"{backbone.path}: its sidecar has no embedding_standardization; rebuild it with "
                              "models/build_backbone.py (a device cannot compute these statistics itself)")
         self.store, self.backbone, self.standardizer = store, backbone, standardizer
+        self.description = "the MCU on " + ", ".join(urls)
         self.test_fraction, self.min_windows = test_fraction, min_windows
         self._last_reported = -1
         self._cached: tuple[int, ClientData] | None = None

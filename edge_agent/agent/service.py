@@ -30,36 +30,23 @@ from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelop
 from ..config import AgentConfig
 from ..faults import crash_point
 from ..fleet import from_meta
-from ..learning.head import quantize_head
+from ..learning.head import HeadConfig, quantize_head
 from ..learning.metrics import accuracy
-from ..learning.strategies import ClientData, ClientState, ServerState, Strategy
+from ..learning.strategies import (
+    ClientData,
+    ClientDataError,
+    ClientState,
+    ServerState,
+    Strategy,
+    check_client_data,
+)
 from ..protocol import Topics
 from ..transport import ConnectionEvent, Message, MqttError, MqttLink
+from .sources import DataSource, open_source
 from .store import AgentStore, OutboxItem
 
 log = logging.getLogger("edge_fl.agent")
 NO_MATCHING_SUBSCRIBERS = 0x10  # a successful PUBACK, but nobody will receive the message
-
-
-def load_dataset_client(cfg: AgentConfig) -> ClientData:
-    """The demo's local data: this subject's windows of the bundled recordings, through the real backbone."""
-    from ..backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
-    from ..data.partition import PartitionConfig
-    from ..data.watch import load_watch_dataset
-    from ..sim import default_cache_dir, embed_dataset, federate
-
-    d = cfg.data
-    if d.source != "watch-dataset":
-        raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset' or 'serial'")
-    backbone = FrozenBackbone(cfg.backbone or DEFAULT_MODEL)
-    cache = EmbeddingCache(d.cache_dir or default_cache_dir())
-    embedded = embed_dataset(load_watch_dataset(d.dataset), backbone, cache=cache)
-    fed = federate(embedded, PartitionConfig(regime=d.regime, seed=d.seed, shots=d.shots,
-                                             classes_per_client=d.classes_per_client, alpha=d.alpha))
-    client_id = f"subject-{d.subject:02d}"
-    if client_id not in fed.client_ids:
-        raise ValueError(f"subject {d.subject} is not a federated client (clients: {', '.join(fed.client_ids)})")
-    return fed.clients[fed.client_ids.index(client_id)]
 
 
 def _message_id(update_id: str) -> bytes:
@@ -71,31 +58,20 @@ def _message_id(update_id: str) -> bytes:
 @dataclass
 class _Task:
     strategy: Strategy
+    head: HeadConfig
     seed: int
     server: ServerState
     meta: dict[str, Any]
 
 
 class AgentService:
-    def __init__(self, cfg: AgentConfig, data: ClientData | None, *,
+    def __init__(self, cfg: AgentConfig, source: DataSource | None = None, *,
                  link_factory: Callable[..., MqttLink] = MqttLink) -> None:
         self.cfg = cfg
-        self.fixed_data = data
         self.topics = Topics(cfg.fleet)
         self.store = AgentStore(Path(cfg.state_dir) / "agent.db")
-        self.bridge = None
         self.waiting: UpdateEnvelope | None = None  # a round task that arrived before enough local data
-        if cfg.data.source == "serial":
-            from ..backbone import DEFAULT_MODEL, FrozenBackbone
-            from .bridge_source import BridgeSource
-
-            if not cfg.data.port:
-                raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
-            self.bridge = BridgeSource([cfg.data.port, *cfg.data.more_ports], self.store,
-                                       FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
-                                       baudrate=cfg.data.baudrate, min_windows=cfg.data.min_windows)
-        elif data is None:
-            raise ValueError(f"data source {cfg.data.source!r} gave no data")
+        self.source = source if source is not None else open_source(cfg, self.store)
         b = cfg.broker
         self.link = link_factory(
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
@@ -104,8 +80,8 @@ class AgentService:
 
     # --- decisions ------------------------------------------------------------------------------
     def _task(self, env: UpdateEnvelope) -> _Task:
-        train, _head, strategy = from_meta(dict(env.meta))
-        return _Task(strategy, train.seed, ServerState(env.model_version, dict(env.tensors)), dict(env.meta))
+        train, head, strategy = from_meta(dict(env.meta))
+        return _Task(strategy, head, train.seed, ServerState(env.model_version, dict(env.tensors)), dict(env.meta))
 
     def _rng(self, seed: int, *stream: int) -> np.random.Generator:
         return np.random.default_rng([seed, *stream])
@@ -120,7 +96,7 @@ class AgentService:
 
     def data(self) -> ClientData | None:
         """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
-        return self.bridge.client_data() if self.bridge is not None else self.fixed_data
+        return self.source.client_data()
 
     def evaluate(self, task: _Task, data: ClientData | None = None) -> None:
         version = task.server.round
@@ -163,6 +139,11 @@ class AgentService:
             self.waiting = env  # retried from the idle loop as windows arrive
             return
         self.waiting = None
+        try:
+            check_client_data(self.cfg.device_id, data, num_classes=task.head.num_classes, dim=task.head.in_dim)
+        except ClientDataError as exc:  # never upload what would poison the fleet; the round goes on without us
+            log.error("round %d: not training: %s", round_no, exc)
+            return
         self.evaluate(task, data)  # the task carries the global head of the last round: score it before training
         if self.store.trained(round_no):
             log.info("round %d: already trained, the update is in the outbox or delivered", round_no)
@@ -184,9 +165,9 @@ class AgentService:
         queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
         log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
                  1000 * (time.perf_counter() - t0), queued)
-        if self.bridge is not None:  # the attached MCU runs this device's new personalized head
-            self.bridge.push(task.strategy.personalized(task.server, state, data,
-                                                        self._rng(task.seed, 4, round_no, self.cfg.rng_stream)))
+        # An attached MCU runs this device's new personalized head (a fixed source ignores it).
+        self.source.push(task.strategy.personalized(task.server, state, data,
+                                                    self._rng(task.seed, 4, round_no, self.cfg.rng_stream)))
 
     def flush_outbox(self, *, resend: bool = False) -> None:
         for item in self.store.outbox(include_sent=resend):
@@ -246,8 +227,7 @@ class AgentService:
         self.link.connect(timeout=30.0)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
-        source = f"the MCU on {self.cfg.data.port}" if self.bridge else f"subject {self.cfg.data.subject}"
-        log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, source, self.cfg.fleet)
+        log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, self.source.description, self.cfg.fleet)
         while not stop.is_set():
             try:
                 msg = self.link.inbox.get(timeout=1.0)
@@ -263,6 +243,5 @@ class AgentService:
         except MqttError:
             pass
         self.link.close()
-        if self.bridge is not None:
-            self.bridge.close()
+        self.source.close()
         self.store.close()

@@ -29,6 +29,38 @@ class ClientData:
     y_test: np.ndarray
 
 
+class ClientDataError(ValueError):
+    """A client's data cannot be trained on; the message names the client and what is wrong."""
+
+
+def check_client_data(client_id: str, data: ClientData, *, num_classes: int, dim: int) -> None:
+    """Refuse, before any training, data that would fail deep inside numpy or silently poison the fleet.
+
+    One NaN feature makes one client's update NaN, and a NaN in a weighted mean makes the global head
+    NaN for everyone: the MQTT path rejects such an update at the aggregator, and this check stops it
+    at its source, in `simulate` and on a device.
+    """
+    where = f"client {client_id!r}"
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise ClientDataError(f"{where}: {split} features have shape {x.shape}, expected (n, {dim})")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise ClientDataError(f"{where}: {x.shape[0]} {split} examples but labels of shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ClientDataError(f"{where}: {split} labels are {y.dtype}, expected integers")
+        if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            bad = np.flatnonzero((y < 0) | (y >= num_classes))
+            raise ClientDataError(f"{where}: {bad.size} {split} label(s) outside 0..{num_classes - 1} "
+                                  f"(first at index {bad[0]}: {y[bad[0]]})")
+        finite = np.isfinite(x)
+        if not finite.all():
+            rows = np.flatnonzero(~finite.all(axis=1))
+            raise ClientDataError(f"{where}: {rows.size} {split} example(s) with NaN or infinite features "
+                                  f"(first at index {rows[0]}); clean or drop them before training")
+    if data.y_train.size == 0:
+        raise ClientDataError(f"{where}: no training examples")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     fit: FitConfig = field(default_factory=lambda: FitConfig(epochs=1))

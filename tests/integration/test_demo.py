@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.data.partition import PartitionConfig
-from edge_agent.sim import SimConfig, federate, run_simulation
+from edge_agent.learning.training import TrainingConfig
+from edge_agent.sim import federate, run_simulation
 
 from ..conftest import ROOT
 
@@ -41,7 +42,7 @@ def test_demo_matches_simulate_and_leaves_nothing_behind(tmp_path: Path, embedde
     assert "reporting" in p.stdout and "   6 " in p.stdout  # the live table reached round 6
     demo = json.loads(out.read_text())
     sim = run_simulation(federate(embedded, PartitionConfig("natural", seed=1)),
-                         SimConfig(strategy="ditto", rounds=6, seed=1))
+                         TrainingConfig(strategy="ditto", rounds=6, seed=1))
     assert len(demo["rounds"]) == 6
     assert abs(demo["summary"]["mean_acc"] - sim["summary"]["mean_acc"]) <= 0.01
     last_demo, last_sim = demo["rounds"][-1]["client_acc"], sim["rounds"][-1]["client_acc"]

@@ -23,7 +23,8 @@ from edge_agent.broker import LocalBroker
 from edge_agent.codec.tensor_pack import unpack_tensors
 from edge_agent.data.partition import CLIENT_SUBJECTS, PartitionConfig
 from edge_agent.demo import Fleet, write_agent_config, write_aggregator_config
-from edge_agent.sim import SimConfig, federate, run_simulation
+from edge_agent.learning.training import TrainingConfig
+from edge_agent.sim import federate, run_simulation
 from edge_agent.transport import Message, MqttLink
 
 pytestmark = pytest.mark.fleet
@@ -110,7 +111,7 @@ def natural(embedded):  # type: ignore[no-untyped-def]
 
 def simulated_global(data, strategy: str, rounds: int, seed: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     servers = []
-    run_simulation(data, SimConfig(strategy=strategy, rounds=rounds, seed=seed), watch_server=servers.append)
+    run_simulation(data, TrainingConfig(strategy=strategy, rounds=rounds, seed=seed), watch_server=servers.append)
     return servers[-1].params
 
 

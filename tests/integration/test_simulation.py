@@ -1,6 +1,7 @@
 """Learning on the real per-user recordings through the real int8 backbone."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from edge_agent.codec.tensor_pack import unpack_tensors
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead
 from edge_agent.learning.strategies import STRATEGIES, make_strategy
-from edge_agent.sim import SimConfig, federate, run_simulation
+from edge_agent.learning.training import TrainingConfig
+from edge_agent.sim import federate, run_simulation
 
 from ..conftest import ROOT
 
@@ -47,7 +49,7 @@ def test_personal_tensors_never_leave_the_device(natural) -> None:  # type: igno
     for name in STRATEGIES:
         strategy = make_strategy(name, head)
         seen: list[set[str]] = []
-        run_simulation(natural, SimConfig(strategy=name, rounds=2),
+        run_simulation(natural, TrainingConfig(strategy=name, rounds=2),
                        watch_uplink=lambda cid, rnd, payload: seen.append(set(unpack_tensors(payload))))
         if not strategy.shared_keys:
             assert seen == [], name
@@ -59,7 +61,7 @@ def test_personal_tensors_never_leave_the_device(natural) -> None:  # type: igno
 
 
 def test_results_document_and_new_user_far_above_chance(natural) -> None:  # type: ignore[no-untyped-def]
-    res = run_simulation(natural, SimConfig(strategy="ditto", rounds=10, seed=1))
+    res = run_simulation(natural, TrainingConfig(strategy="ditto", rounds=10, seed=1))
     assert len(res["rounds"]) == 10
     assert set(res["rounds"][0]["client_acc"]) == set(natural.client_ids)
     s = res["summary"]
@@ -71,15 +73,15 @@ def test_results_document_and_new_user_far_above_chance(natural) -> None:  # typ
 
 
 def test_same_seed_same_result_other_seed_other_result(natural) -> None:  # type: ignore[no-untyped-def]
-    a = run_simulation(natural, SimConfig(strategy="fedavg", rounds=3, seed=5))["summary"]
-    b = run_simulation(natural, SimConfig(strategy="fedavg", rounds=3, seed=5))["summary"]
-    c = run_simulation(natural, SimConfig(strategy="fedavg", rounds=3, seed=6))["summary"]
+    a = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=3, seed=5))["summary"]
+    b = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=3, seed=5))["summary"]
+    c = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=3, seed=6))["summary"]
     assert a == b and a != c
 
 
 def test_int8_updates_are_four_times_smaller_than_float(natural) -> None:  # type: ignore[no-untyped-def]
-    i8 = run_simulation(natural, SimConfig(strategy="fedavg", rounds=2))["summary"]
-    f32 = run_simulation(natural, SimConfig(strategy="fedavg", rounds=2, int8_updates=False))["summary"]
+    i8 = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=2))["summary"]
+    f32 = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=2, int8_updates=False))["summary"]
     assert i8["uplink_bytes_per_client_round"] < 0.4 * f32["uplink_bytes_per_client_round"]
 
 
@@ -121,3 +123,34 @@ def test_sidecar_ships_the_same_embedding_statistics_the_simulation_fits(embedde
     assert shipped is not None
     np.testing.assert_allclose(shipped.mean, embedded.standardizer.mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(shipped.std, embedded.standardizer.std, rtol=1e-6, atol=1e-6)
+
+
+def _with(data, index: int, **change):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    clients = list(data.clients)
+    clients[index] = replace(clients[index], **change)
+    return replace(data, clients=tuple(clients))
+
+
+def test_bad_client_data_is_a_clear_error_before_any_training(natural) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.learning.strategies import ClientDataError
+
+    c = natural.clients[2]
+    cid = natural.client_ids[2]
+    nan_x = c.x_train.copy()
+    nan_x[17, 3] = np.nan  # one feature of one window: before the check, the whole fleet fell to chance
+    cases = {
+        "NaN or infinite features (first at index 17)": dict(x_train=nan_x),
+        "outside 0..6 (first at index 0: -1)": dict(y_train=np.where(np.arange(c.y_train.size) == 0, -1, c.y_train)),
+        "outside 0..6 (first at index 5: 7)": dict(y_test=np.where(np.arange(c.y_test.size) == 5, 7, c.y_test)),
+        "no training examples": dict(x_train=c.x_train[:0], y_train=c.y_train[:0]),
+        "labels are float64": dict(y_train=c.y_train.astype(np.float64)),
+    }
+    trained: list[int] = []
+    for expected, change in cases.items():
+        with pytest.raises(ClientDataError, match=re.escape(expected)) as info:
+            run_simulation(_with(natural, 2, **change), TrainingConfig(rounds=1),
+                           progress=lambda r, n, rec: trained.append(r))
+        assert repr(cid) in str(info.value)
+    assert trained == []  # refused before round 1, not after a collapse
