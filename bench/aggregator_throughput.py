@@ -198,11 +198,11 @@ def build_updates(task: Any, devices: list[str], rounds: int, seed: int) -> tupl
     """Envelopes for rounds 1..rounds: round r trains from version task.model_version + r - 1 (every round succeeds)."""
     import numpy as np
 
-    from edge_agent.codec.envelope import Kind, UpdateEnvelope, encode_envelope
-    from edge_agent.fleet import from_meta
+    from edge_agent.codec.envelope import Kind, Envelope, encode_envelope
+    from edge_agent.fleet import decode_global
     from edge_agent.learning.strategies import ServerState
 
-    _, _, strategy = from_meta(dict(task.meta))
+    strategy = decode_global(task).strategy()
     shapes = strategy.upload_shapes(ServerState(task.model_version, dict(task.tensors)))
     base = {k: np.asarray(task.tensors[k], np.float32) for k in shapes}
     rng = np.random.default_rng(seed)
@@ -212,7 +212,7 @@ def build_updates(task: Any, devices: list[str], rounds: int, seed: int) -> tupl
         envs = []
         for dev in devices:
             tensors = {k: (v + rng.normal(0.0, 0.01, v.shape)).astype(np.float32) for k, v in base.items()}
-            envs.append(encode_envelope(UpdateEnvelope(
+            envs.append(encode_envelope(Envelope(
                 kind=Kind.UPDATE, device_id=dev, round=task.round + r - 1, model_version=task.model_version + r - 1,
                 strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=int(rng.integers(50, 500)),
                 tensors=tensors, codec="int8")))
@@ -278,8 +278,10 @@ def publish_all(links: list[Any], items: list[tuple[str, bytes]], retain: bool =
 def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = False) -> dict[str, Any]:
     from edge_agent.broker import LocalBroker
     from edge_agent.codec.envelope import decode_envelope
+    from edge_agent.fleet import decode_task
     from edge_agent.config import AggregatorConfig, load_toml
     from edge_agent.demo import Fleet, write_aggregator_config
+    from edge_agent.learning.training import TrainingConfig
     from edge_agent.protocol import Topics
     from edge_agent.transport import MqttLink
 
@@ -303,10 +305,8 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
         assert broker.pid is not None
         cfg_path = write_aggregator_config(
             workdir, broker.host, broker.port, "aggregator", users["aggregator"], fleet=fleet_name, clients=n,
-            strategy=STRATEGY, rounds=total_rounds, seed=args.seed, deadline_s=args.deadline_s, min_clients=n)
-        # write_aggregator_config ends with the [train] table: make the fraction explicit there.
-        with open(cfg_path, "a") as fh:
-            fh.write("fraction = 1.0\n")
+            train=TrainingConfig(strategy=STRATEGY, rounds=total_rounds, seed=args.seed, fraction=1.0),
+            deadline_s=args.deadline_s, min_clients=n)
         agg_cfg = load_toml(cfg_path, AggregatorConfig)
         assert agg_cfg.train.fraction == 1.0 and agg_cfg.fleet.min_clients == n == agg_cfg.fleet.expected_clients
 
@@ -338,8 +338,8 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
             msg, t_open = wait_for(monitor, topics.round_current, lambda p: decode_envelope(p).round == 1,
                                    args.timeout_s, "round 1 task", check)
             task = decode_envelope(msg.payload)
-            listed = str(task.meta.get("selected", ""))
-            selected = devices if listed == "*" else listed.split(",")  # "*": every online device
+            listed = decode_task(task).selected
+            selected = devices if listed is None else list(listed)  # None: every online device
             if len(selected) != n:
                 raise RuntimeError(f"round 1 selected {len(selected)} device(s), expected {n}")
             updates, update_info = build_updates(task, devices, total_rounds, args.seed)
@@ -418,8 +418,8 @@ def micro_ingest(n: int, root: Path, seed: int) -> dict[str, Any]:
     from edge_agent.aggregator.rounds import RoundConfig
     from edge_agent.aggregator import store as store_module
     from edge_agent.aggregator.store import AggregatorStore
-    from edge_agent.codec.envelope import Kind, UpdateEnvelope, decode_envelope
-    from edge_agent.fleet import task_meta
+    from edge_agent.codec.envelope import Kind, Envelope, decode_envelope
+    from edge_agent.fleet import GlobalModel, encode_global
     from edge_agent.learning.head import HeadConfig
     from edge_agent.learning.strategies import ClientUpdate, make_strategy
     from edge_agent.learning.training import TrainingConfig
@@ -429,8 +429,7 @@ def micro_ingest(n: int, root: Path, seed: int) -> dict[str, Any]:
     strategy = make_strategy(STRATEGY, head, train.strategy_config())
     server = strategy.init_server(np.random.default_rng([seed, 0]))
     devices = device_ids(n)
-    task = UpdateEnvelope(kind=Kind.GLOBAL, device_id="aggregator", round=1, model_version=0, strategy=STRATEGY,
-                          update_id="task", num_examples=0, tensors=server.params, meta=task_meta(train, head))
+    task = decode_envelope(encode_global(GlobalModel(0, train, head, server.params)))
     envelopes = build_updates(task, devices, 1, seed)[0][1]
     expected = strategy.upload_shapes(server)
     out: dict[str, Any] = {"updates": n}

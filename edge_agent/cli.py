@@ -73,7 +73,6 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .data.partition import PartitionConfig
     from .learning.strategies import STRATEGIES
     from .learning.training import DEFAULT_STRATEGY, TrainingConfig
     from .sim import federate, run_simulation
@@ -81,11 +80,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(quiet=args.quiet)
     embedded, backbone = _load_embedded(args, progress)
     names = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
-    base = TrainingConfig(strategy=names[0], rounds=args.rounds, seed=args.seed, fraction=args.fraction,
-                     adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
-                     ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates)
-    partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
-                                classes_per_client=args.classes_per_client, alpha=args.alpha)
+    base, partition = _fleet_configs(args, names[0])
     data = federate(embedded, partition)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -153,9 +148,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(strategy=args.strategy, rounds=args.rounds, seed=args.seed, regime=args.regime,
-                     broker=args.broker, username=args.username, password=args.password, timeout_s=args.timeout,
-                     workdir=args.workdir)
+    train, partition = _fleet_configs(args, args.strategy)
+    cfg = DemoConfig(train=train, partition=partition, broker=args.broker, username=args.username,
+                     password=args.password, timeout_s=args.timeout, workdir=args.workdir)
     t0 = time.perf_counter()
     result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
     s = result["summary"]
@@ -165,13 +160,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fleet_options(p: argparse.ArgumentParser) -> None:
+    """The training and data options `simulate` and `demo` share: the same flags mean the same fleet."""
+    from .data.partition import REGIMES
+    from .learning.training import TrainingConfig
+
+    defaults = TrainingConfig()
+    p.add_argument("--regime", default="natural", choices=list(REGIMES), help="what each client holds")
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
+    p.add_argument("--seed", type=int, default=0, help="seeds the partition, initial weights and sampling")
+    p.add_argument("--shots", type=int, default=5, help="few-shot: labelled windows per class per client (0 = all)")
+    p.add_argument("--classes-per-client", type=int, default=3, help="label-skew: classes each client keeps")
+    p.add_argument("--alpha", type=float, default=0.5, help="dirichlet: concentration of class proportions")
+    p.add_argument("--fraction", type=float, default=defaults.fraction, help="share of clients sampled per round")
+    p.add_argument("--adapter-dim", type=int, default=defaults.adapter_dim,
+                   help="width of the shared adapter (0 = none)")
+    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
+                   help="epochs each client trains per round")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate of the head")
+    p.add_argument("--ditto-lambda", type=float, default=defaults.ditto_lambda,
+                   help="ditto: pull of the personal head towards the global head")
+    p.add_argument("--float-updates", action="store_true", help="send float32 instead of int8 tensors")
+
+
+def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
+    """(TrainingConfig, PartitionConfig) from the options of `_add_fleet_options`."""
+    from .data.partition import PartitionConfig
+    from .learning.training import TrainingConfig
+
+    train = TrainingConfig(strategy=strategy, rounds=args.rounds, seed=args.seed, fraction=args.fraction,
+                           adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
+                           ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates)
+    partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
+                                classes_per_client=args.classes_per_client, alpha=args.alpha)
+    return train, partition
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backbone import DEFAULT_MODEL
     from .data.partition import REGIMES
     from .learning.strategies import STRATEGIES
-    from .learning.training import DEFAULT_STRATEGY, TrainingConfig
+    from .learning.training import DEFAULT_STRATEGY
 
-    defaults = TrainingConfig()
     parser = argparse.ArgumentParser(prog="edge-fl", description="Federated personalization layers for edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-fl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -185,21 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sim.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=[*STRATEGIES, "all"],
                      help="'all' runs every strategy on identical splits and prints a comparison")
-    sim.add_argument("--regime", default="natural", choices=list(REGIMES), help="what each client holds")
-    sim.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
-    sim.add_argument("--seed", type=int, default=0, help="seeds the partition, initial weights and sampling")
-    sim.add_argument("--shots", type=int, default=5, help="few-shot: labelled windows per class per client (0 = all)")
-    sim.add_argument("--classes-per-client", type=int, default=3, help="label-skew: classes each client keeps")
-    sim.add_argument("--alpha", type=float, default=0.5, help="dirichlet: concentration of class proportions")
-    sim.add_argument("--fraction", type=float, default=defaults.fraction, help="share of clients sampled per round")
-    sim.add_argument("--adapter-dim", type=int, default=defaults.adapter_dim,
-                     help="width of the shared adapter (0 = none)")
-    sim.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
-                     help="epochs each client trains per round")
-    sim.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate of the head")
-    sim.add_argument("--ditto-lambda", type=float, default=defaults.ditto_lambda,
-                     help="ditto: pull of the personal head towards the global head")
-    sim.add_argument("--float-updates", action="store_true", help="send float32 instead of int8 tensors")
+    _add_fleet_options(sim)
     sim.add_argument("--out", type=Path, help="write the results JSON here")
     sim.add_argument("--plot", type=Path, metavar="PNG",
                      help=f"also draw accuracy vs labelled windows per class for {DEFAULT_STRATEGY}, fedavg and local")
@@ -236,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "federated subject on the real recordings; print a table per round.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
-    demo.add_argument("--rounds", type=int, default=defaults.rounds, help="federated rounds")
-    demo.add_argument("--seed", type=int, default=0, help="same meaning as in simulate")
-    demo.add_argument("--regime", default="natural", choices=list(REGIMES), help="what each client holds")
+    _add_fleet_options(demo)
     demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private one")
     demo.add_argument("--username", help="with --broker: the MQTT user of every process")
     demo.add_argument("--password", help="with --broker: its password")

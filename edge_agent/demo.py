@@ -19,14 +19,15 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .data.partition import CLIENT_SUBJECTS
+from .data.partition import CLIENT_SUBJECTS, PartitionConfig
 from .learning.metrics import summarize
+from .learning.training import TrainingConfig
 from .protocol import Topics
 
 log = logging.getLogger("edge_fl.demo")
@@ -34,10 +35,8 @@ log = logging.getLogger("edge_fl.demo")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    strategy: str = "ditto"
-    rounds: int = 30
-    seed: int = 0
-    regime: str = "natural"
+    train: TrainingConfig = field(default_factory=TrainingConfig)  # every option `edge-fl simulate` takes
+    partition: PartitionConfig = field(default_factory=PartitionConfig)  # what each agent holds
     broker: str | None = None  # host:port of an existing broker; default: a private one
     username: str | None = None
     password: str | None = None
@@ -60,27 +59,29 @@ def _toml(sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> str:
 
 
 def write_aggregator_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
-                            fleet: str, clients: int, strategy: str, rounds: int, seed: int,
-                            deadline_s: float, min_clients: int = 1, max_update_bytes: int | None = None) -> Path:
+                            fleet: str, clients: int, train: TrainingConfig, deadline_s: float, min_clients: int = 1,
+                            max_update_bytes: int | None = None) -> Path:
     path = workdir / "aggregator.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password},
          "fleet": {"expected_clients": clients, "min_clients": min_clients, "deadline_s": deadline_s,
                    "max_update_bytes": max_update_bytes},
-         "train": {"strategy": strategy, "rounds": rounds, "seed": seed}},
+         "train": asdict(train)},
         {"state": str(workdir / "aggregator.db"), "fleet_name": fleet}))
     return path
 
 
 def write_agent_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
-                       fleet: str, subject: int, rng_stream: int, regime: str, seed: int,
+                       fleet: str, subject: int, rng_stream: int, partition: PartitionConfig,
                        max_payload_bytes: int | None = None) -> Path:
     device = f"subject-{subject:02d}"
     path = workdir / f"{device}.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
                     "max_payload_bytes": max_payload_bytes},
-         "data": {"subject": subject, "regime": regime, "seed": seed}},
+         "data": {"subject": subject, "regime": partition.regime, "seed": partition.seed,
+                  "shots": partition.shots, "classes_per_client": partition.classes_per_client,
+                  "alpha": partition.alpha}},
         {"device_id": device, "state_dir": str(workdir / device), "fleet": fleet, "rng_stream": rng_stream}))
     return path
 
@@ -162,15 +163,17 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
         monitor.subscribe(topics.telemetry_filter, qos=1)
         monitor.subscribe(topics.status, qos=1)
         agg = write_aggregator_config(workdir, host, port, user_names["aggregator"], users["aggregator"],
-                                      fleet=cfg.fleet, clients=len(clients), strategy=cfg.strategy,
-                                      rounds=cfg.rounds, seed=cfg.seed, deadline_s=cfg.deadline_s)
+                                      fleet=cfg.fleet, clients=len(clients), train=cfg.train,
+                                      deadline_s=cfg.deadline_s)
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
         for i, (cid, subject) in enumerate(zip(clients, CLIENT_SUBJECTS, strict=True)):
             path = write_agent_config(workdir, host, port, user_names["device"], users["device"], fleet=cfg.fleet,
-                                      subject=subject, rng_stream=i, regime=cfg.regime, seed=cfg.seed)
+                                      subject=subject, rng_stream=i, partition=cfg.partition)
             fleet.spawn(cid, "agent", "--config", str(path))
-        printer(f"started the aggregator and {len(clients)} agents ({cfg.strategy}, {cfg.regime}, {cfg.rounds} rounds, "
-                f"seed {cfg.seed}); logs in {workdir}")
+        t = cfg.train
+        printer(f"started the aggregator and {len(clients)} agents ({t.strategy}, {cfg.partition.regime}, "
+                f"{t.rounds} rounds, seed {t.seed}" + (f", fraction {t.fraction}" if t.fraction < 1 else "")
+                + f"); logs in {workdir}")
         header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
                   f"{'bytes in':>9} {'bytes out':>10}")
         printer(header)
@@ -180,9 +183,9 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
         rows: list[dict[str, Any]] = []
         printed = 0
         deadline = time.monotonic() + cfg.timeout_s
-        while printed < cfg.rounds:
+        while printed < cfg.train.rounds:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the demo did not finish {cfg.rounds} rounds within {cfg.timeout_s:.0f} s "
+                raise TimeoutError(f"the demo did not finish {cfg.train.rounds} rounds within {cfg.timeout_s:.0f} s "
                                    f"(round {printed} done); aggregator log:\n{fleet.tail('aggregator')}")
             fleet.check()
             try:

@@ -1,30 +1,130 @@
-"""What travels in a round task besides tensors: the fleet's training configuration, as envelope meta.
+"""The fleet's messages as types: a global model, a round task, and their envelopes.
 
-The aggregator's configuration is the one source of truth; devices rebuild the same strategy from it.
+The aggregator's training configuration is the one source of truth: it travels as envelope meta in
+every global model and round task, and each device rebuilds the same strategy from it. The envelope's
+wire format is unchanged (codec/envelope.py); this module is the only place that reads or writes the
+meta keys, so no service picks values out of an untyped dict.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import numpy as np
+
+from .codec.envelope import AGGREGATOR_ID, Envelope, Kind, encode_envelope
 from .learning.head import HeadConfig
-from .learning.strategies import Strategy, make_strategy
+from .learning.strategies import ServerState, Strategy, make_strategy
 from .learning.training import TrainingConfig
 
+EVERY_DEVICE = "*"  # `selected` of a round that takes every device online when it opened
 
-def task_meta(train: TrainingConfig, head: HeadConfig, **extra: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {f"train.{k}": v for k, v in asdict(train).items()}
-    meta.update({"head.in_dim": head.in_dim, "head.num_classes": head.num_classes,
-                 "head.adapter_dim": head.adapter_dim})
-    meta.update(extra)
+
+class FleetMessageError(ValueError):
+    """An envelope that is intact but is not a valid global model or round task."""
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A version of the global (shared) tensors and the training configuration that produced it."""
+
+    version: int
+    training: TrainingConfig
+    head: HeadConfig
+    params: Mapping[str, np.ndarray]
+
+    def strategy(self) -> Strategy:
+        return make_strategy(self.training.strategy, self.head, self.training.strategy_config())
+
+    def server(self) -> ServerState:
+        return ServerState(self.version, dict(self.params))
+
+    @property
+    def codec(self) -> str:
+        return "int8" if self.training.int8_updates else "float32"
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """Round `round`: train from `model`, upload before `deadline` (unix seconds); `selected` is None when
+    every device online at the round's start takes part."""
+
+    round: int
+    deadline: float
+    selected: tuple[str, ...] | None
+    model: GlobalModel
+
+    def selects(self, device_id: str) -> bool:
+        return self.selected is None or device_id in self.selected
+
+
+def _meta(model: GlobalModel) -> dict[str, Any]:
+    meta: dict[str, Any] = {f"train.{k}": v for k, v in asdict(model.training).items()}
+    meta.update({"head.in_dim": model.head.in_dim, "head.num_classes": model.head.num_classes,
+                 "head.adapter_dim": model.head.adapter_dim})
     return meta
 
 
-def from_meta(meta: dict[str, Any]) -> tuple[TrainingConfig, HeadConfig, Strategy]:
+def encode_global(model: GlobalModel) -> bytes:
+    return encode_envelope(Envelope(
+        kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=model.version, model_version=model.version,
+        strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
+        codec=model.codec, meta=_meta(model)))
+
+
+def encode_task(task: RoundTask) -> bytes:
+    model = task.model
+    selected = EVERY_DEVICE if task.selected is None else ",".join(task.selected)
+    return encode_envelope(Envelope(
+        kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=task.round, model_version=model.version,
+        strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
+        codec=model.codec, meta={**_meta(model), "round": task.round, "deadline": task.deadline,
+                                 "selected": selected}))
+
+
+_DEFAULTS = TrainingConfig()
+
+
+def _typed(name: str, value: object) -> Any:
+    """A meta value of the type the training field has (an int may stand for a float, not a bool)."""
+    want = type(getattr(_DEFAULTS, name))
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if not ok and want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise TypeError(f"train.{name} is {value!r}, expected {want.__name__}")
+    return value
+
+
+def decode_global(env: Envelope) -> GlobalModel:
+    """The global model an envelope of kind GLOBAL carries; FleetMessageError if it is not one."""
+    if env.kind is not Kind.GLOBAL:
+        raise FleetMessageError(f"expected a GLOBAL envelope, got kind {env.kind.name} from {env.device_id!r}")
+    meta = env.meta
     try:
-        train = TrainingConfig(**{f.name: meta[f"train.{f.name}"] for f in fields(TrainingConfig)})
+        training = TrainingConfig(**{f.name: _typed(f.name, meta[f"train.{f.name}"]) for f in fields(TrainingConfig)})
         head = HeadConfig(int(meta["head.in_dim"]), int(meta["head.num_classes"]), int(meta["head.adapter_dim"]))
     except KeyError as exc:
-        raise ValueError(f"round task lacks the training configuration key {exc}") from None
-    return train, head, make_strategy(train.strategy, head, train.strategy_config())
+        raise FleetMessageError(f"global model version {env.model_version} lacks the training configuration "
+                                f"key {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise FleetMessageError(f"global model version {env.model_version}: bad training configuration: "
+                                f"{exc}") from None
+    return GlobalModel(env.model_version, training, head, dict(env.tensors))
+
+
+def decode_task(env: Envelope) -> RoundTask:
+    """The round task an envelope carries; FleetMessageError if it is a bare model or malformed."""
+    model = decode_global(env)
+    meta = env.meta
+    try:
+        round_no, deadline, selected = int(meta["round"]), float(meta["deadline"]), str(meta["selected"])
+    except KeyError as exc:
+        raise FleetMessageError(f"round task {env.round} lacks {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise FleetMessageError(f"round task {env.round}: {exc}") from None
+    ids = None if selected == EVERY_DEVICE else tuple(s for s in selected.split(",") if s)
+    return RoundTask(round_no, deadline, ids, model)

@@ -9,7 +9,7 @@
 | telemetry | `edgefl/<fleet>/telemetry/<device>` | 1 | no | JSON: the device's head accuracies per global version |
 | aggregator status | `edgefl/<fleet>/status` | 1 | yes | JSON: the last closed round (reporting, rejected, bytes) |
 
-Envelopes are `codec.envelope.UpdateEnvelope`. (1) Its meta holds the round, deadline, selected devices and
+Envelopes are `codec.envelope.Envelope`. (1) Its meta holds the round, deadline, selected devices and
 training configuration. (2) Chunks (`codec.chunking`) when the envelope is larger than the broker's packet limit.
 
 Telemetry is QoS 1 rather than 0 here because `edge-fl demo` builds its per-round table from it.

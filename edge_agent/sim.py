@@ -6,30 +6,38 @@ bytes counted and the int8 rounding are the ones a real deployment sees.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+import queue
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backbone import EmbeddingCache, FrozenBackbone
-from .codec.tensor_pack import pack_tensors, unpack_tensors
+from .codec.envelope import decode_envelope, read_header
+from .codec.tensor_pack import pack_tensors
 from .data.partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS, PartitionConfig, partition_clients
 from .data.watch import WatchDataset
 from .data.windows import WindowConfig, split_and_window
+from .db import MEMORY
+from .fleet import GlobalModel, decode_global
 from .learning.features import EmbeddingStandardizer
 from .learning.head import HeadConfig, quantize_head
 from .learning.metrics import accuracy, summarize
 from .learning.strategies import (
     ClientData,
-    ClientUpdate,
+    ClientDataError,
     ServerState,
     check_client_data,
     make_strategy,
 )
 from .learning.training import TrainingConfig
+from .memory_broker import MemoryBroker, MemoryLink
+from .messaging import Message
+from .protocol import Topics
 
 
 @dataclass(frozen=True)
@@ -90,78 +98,209 @@ def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
                          len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
 
 
-Uplink = Callable[[str, int, bytes], None]  # (client id, round, payload) for tests that watch the wire
+Uplink = Callable[[str, int, bytes], None]  # (device id, round, the update message as sent) for tests
+
+SIM_FLEET = "sim"
+SIM_EPOCH = 1.7e9  # the fake clock's start, in unix seconds: any fixed value keeps runs identical
+SIM_DEADLINE_S = 60.0  # fake seconds; every simulated device reports at once, so no round waits for it
+
+
+class FakeClock:
+    """Time that moves only when the simulation says so: deadlines without waiting."""
+
+    def __init__(self, start: float = SIM_EPOCH) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _packed_size(params: Mapping[str, np.ndarray], int8: bool) -> int:
+    """The bytes a set of tensors takes in the int8 (or float32) tensor codec: what the results count."""
+    return len(pack_tensors(dict(params), int8=int8)) if params else 0
 
 
 @dataclass
-class _Wire:
-    int8: bool
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-    watchers: list[Uplink] = field(default_factory=list)
+class _RoundRecord:
+    round: int
+    version: int = -1
+    reporting: int = 0
+    selected: int = 0
+    uplink: int = 0
+    downlink: int = 0
+    closed: bool = False
 
-    def up(self, client_id: str, rnd: int, update: ClientUpdate) -> ClientUpdate:
-        payload = pack_tensors(update.tensors, int8=self.int8)
-        self.uplink_bytes += len(payload)
-        for w in self.watchers:
-            w(client_id, rnd, payload)
-        return ClientUpdate(unpack_tensors(payload), update.num_examples, update.allowed)
 
-    def down(self, params: dict[str, np.ndarray], receivers: int) -> dict[str, np.ndarray]:
-        if not params:
-            return {}
-        payload = pack_tensors(params, int8=self.int8)
-        self.downlink_bytes += len(payload) * receivers
-        return unpack_tensors(payload)
+class _Observer:
+    """What an operator subscribed to the fleet's topics sees: tasks, updates, models, status, telemetry."""
+
+    def __init__(self, link: MemoryLink, topics: Topics, int8: bool, watch_uplink: Uplink | None) -> None:
+        self.link, self.topics, self.int8, self.watch_uplink = link, topics, int8, watch_uplink
+        self.rounds: dict[int, _RoundRecord] = {}
+        self.models: dict[int, GlobalModel] = {}
+        self.personal_acc: dict[int, dict[str, float]] = {}  # version -> device -> accuracy
+        self.task_bytes: dict[int, int] = {}
+        self.sizes: dict[str, int] = {}  # tensor layout -> its packed size
+
+    def subscribe(self) -> None:
+        t = self.topics
+        for topic in (t.round_current, t.model_current, t.status, t.update_filter, t.telemetry_filter):
+            self.link.subscribe(topic, qos=0)
+
+    def record(self, round_no: int) -> _RoundRecord:
+        return self.rounds.setdefault(round_no, _RoundRecord(round_no))
+
+    def drain(self) -> None:
+        while True:
+            try:
+                msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg, Message) and msg.payload:
+                self._see(msg)
+
+    def _size_of(self, header: dict[str, Any], payload: bytes) -> int:
+        """The packed size of a message's tensors, by their layout in the header: decoding every update's
+        tensors again would cost the simulation a third of its time."""
+        layout = json.dumps(header["tensors"], sort_keys=True)
+        if layout not in self.sizes:
+            self.sizes[layout] = _packed_size(decode_envelope(payload).tensors, self.int8)
+        return self.sizes[layout]
+
+    def _see(self, msg: Message) -> None:
+        t = self.topics
+        if msg.topic == t.status:
+            doc = json.loads(msg.payload)
+            rec = self.record(int(doc["round"]))
+            rec.version, rec.reporting, rec.selected, rec.closed = (int(doc["model_version"]), int(doc["reporting"]),
+                                                                    int(doc["selected"]), True)
+        elif msg.topic == t.round_current:
+            header = read_header(msg.payload)
+            self.task_bytes[int(header["meta"]["round"])] = self._size_of(header, msg.payload)
+        elif msg.topic == t.model_current:
+            model = decode_global(decode_envelope(msg.payload))
+            self.models[model.version] = model
+        elif (device := t.device_of(msg.topic, "update")) is not None:
+            header = read_header(msg.payload)
+            round_no = int(header["round"])
+            self.record(round_no).uplink += self._size_of(header, msg.payload)
+            if self.watch_uplink is not None:
+                self.watch_uplink(device, round_no, msg.payload)
+        elif (device := t.device_of(msg.topic, "telemetry")) is not None:
+            doc = json.loads(msg.payload)
+            self.personal_acc.setdefault(int(doc["version"]), {})[device] = float(doc["personal_acc"])
 
 
 def run_simulation(data: FederatedData, config: TrainingConfig, *,
                    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                    watch_uplink: Uplink | None = None,
                    watch_server: Callable[[ServerState], None] | None = None) -> dict[str, Any]:
-    """Run `config.rounds` rounds; returns the results document (per-round per-client accuracy + summary)."""
+    """Run `config.rounds` rounds of a real fleet in one process; returns the results document.
+
+    The aggregator and one agent per client are the real services (edge-fl aggregator / edge-fl agent),
+    with in-memory stores, on an in-memory MQTT broker, under a fake clock; every decision (selection,
+    deadlines, ingest, aggregation, personalization) is theirs. The results are what an operator reads
+    off the broker: round status, the updates' sizes, each device's telemetry.
+    """
+    from .agent.service import AgentService
+    from .agent.sources import FixedSource
+    from .aggregator.service import AggregatorService
+    from .config import AgentConfig, AggregatorConfig, BrokerConfig, FleetConfig
+
     for cid, cd in zip(data.client_ids, data.clients, strict=True):
         check_client_data(cid, cd, num_classes=data.num_classes, dim=data.embedding_dim)
-    head = HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim)
-    strategy = make_strategy(config.strategy, head, config.strategy_config())
-    wire = _Wire(config.int8_updates, watchers=[watch_uplink] if watch_uplink else [])
-    server = strategy.init_server(np.random.default_rng([config.seed, 0]))
-    states = [strategy.init_client(np.random.default_rng([config.seed, 1, i])) for i in range(len(data.clients))]
-    sampler = np.random.default_rng([config.seed, 2])
+        if cd.y_test.size == 0:
+            raise ClientDataError(f"client {cid!r}: no test examples; a simulation scores every client")
+    clock = FakeClock()
+    broker = MemoryBroker(clock=clock)
+    topics = Topics(SIM_FLEET)
+    memory = BrokerConfig(host="memory")
     n_clients = len(data.clients)
-    per_round = max(1, round(config.fraction * n_clients))
+    aggregator = AggregatorService(
+        AggregatorConfig(state=MEMORY, fleet_name=SIM_FLEET, embedding_dim=data.embedding_dim,
+                         num_classes=data.num_classes, broker=memory,
+                         fleet=FleetConfig(expected_clients=n_clients, min_clients=1, deadline_s=SIM_DEADLINE_S),
+                         train=config),
+        link_factory=broker.link_factory, clock=clock)
+    agents = [AgentService(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
+                           FixedSource(cd, cid), link_factory=broker.link_factory, clock=clock)
+              for i, (cid, cd) in enumerate(zip(data.client_ids, data.clients, strict=True))]
+    observer = _Observer(broker.link_factory("observer", "memory", 1883), topics, config.int8_updates, watch_uplink)
+    observer.link.connect()
+    observer.subscribe()
+    aggregator.start()
+    for agent in agents:
+        agent.start()
+
+    def pump() -> bool:
+        """Deliver every pending message, services in a fixed order: the run is deterministic."""
+        moved = False
+        busy = True
+        while busy:
+            busy = False
+            services: list[AggregatorService | AgentService] = [aggregator, *agents]
+            for service in services:
+                while True:
+                    try:
+                        msg = service.link.inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    service.handle(msg)
+                    observer.drain()
+                    busy = moved = True
+            closed_before = aggregator.rounds_opened()
+            aggregator.tick()
+            observer.drain()
+            busy = busy or aggregator.rounds_opened() != closed_before
+        return moved
+
     rounds: list[dict[str, Any]] = []
-    for rnd in range(1, config.rounds + 1):
-        up0, down0 = wire.uplink_bytes, wire.downlink_bytes
-        chosen = sorted(sampler.choice(n_clients, size=per_round, replace=False).tolist())
-        broadcast = replace(server, params=wire.down(server.params, len(chosen)))
-        updates = []
-        for i in chosen:
-            states[i], update = strategy.client_round(broadcast, states[i], data.clients[i],
-                                                      np.random.default_rng([config.seed, 3, rnd, i]))
-            if update is not None:
-                updates.append(wire.up(data.client_ids[i], rnd, update))
-        server = strategy.aggregate(server, updates)
-        if watch_server:
-            watch_server(server)
-        # Every device runs the int8 twin of its personalized head: that is what we score.
-        view = replace(server, params=wire.down(server.params, 0))
-        client_acc = {}
-        for i, cd in enumerate(data.clients):
-            personal = strategy.personalized(view, states[i], cd, np.random.default_rng([config.seed, 4, rnd, i]))
-            client_acc[data.client_ids[i]] = accuracy(quantize_head(personal).predict(cd.x_test), cd.y_test)
-        new_head = strategy.new_user_head(view)
-        new_acc = accuracy(quantize_head(new_head).predict(data.new_user_x), data.new_user_y) if new_head else None
-        record = {"round": rnd, "client_acc": client_acc, **summarize(list(client_acc.values())),
-                  "new_user_acc": new_acc, "clients_reporting": len(updates),
-                  "uplink_bytes": wire.uplink_bytes - up0, "downlink_bytes": wire.downlink_bytes - down0}
-        rounds.append(record)
-        if progress:
-            progress(rnd, config.rounds, record)
-    last = rounds[-1]
-    summary = {k: last[k] for k in ("mean_acc", "p10_acc", "worst_acc", "new_user_acc")}
-    summary["uplink_bytes_per_client_round"] = wire.uplink_bytes / (config.rounds * per_round)
-    summary["downlink_bytes_per_client_round"] = wire.downlink_bytes / (config.rounds * per_round)
+
+    def emit_complete() -> None:
+        while len(rounds) < config.rounds:
+            rec = observer.rounds.get(len(rounds) + 1)
+            if rec is None or not rec.closed:
+                return
+            accs = observer.personal_acc.get(rec.version, {})
+            if len(accs) < n_clients:
+                return  # the devices have not all scored this version yet
+            model = observer.models[rec.version]
+            new_head = model.strategy().new_user_head(model.server())
+            new_acc = accuracy(quantize_head(new_head).predict(data.new_user_x), data.new_user_y) if new_head else None
+            client_acc = {cid: accs[cid] for cid in data.client_ids}
+            record = {"round": rec.round, "client_acc": client_acc, **summarize(list(client_acc.values())),
+                      "new_user_acc": new_acc, "clients_reporting": rec.reporting, "uplink_bytes": rec.uplink,
+                      "downlink_bytes": observer.task_bytes.get(rec.round, 0) * rec.selected}
+            rounds.append(record)
+            if progress:
+                progress(rec.round, config.rounds, record)
+
+    seen_versions = 0
+    while True:
+        moved = pump()
+        if watch_server is not None and aggregator.server.version != seen_versions:
+            seen_versions = aggregator.server.version
+            watch_server(aggregator.server)
+        emit_complete()
+        if aggregator.done.is_set() and len(rounds) == config.rounds:
+            break
+        if not moved:  # quiet: only time can move the fleet on (a round waiting for its deadline)
+            state = aggregator.state
+            if state is None or aggregator.done.is_set() or clock.now > state.deadline:
+                raise RuntimeError(f"the simulated fleet stalled at round {aggregator.rounds_opened()} "
+                                   f"({len(rounds)} round(s) scored); this is a bug in edge-fl")
+            clock.now = state.deadline + 1.0
+    for agent in agents:
+        agent.shutdown()
+    aggregator.shutdown()
+    per_round = sum(r["clients_reporting"] for r in rounds) / len(rounds) if rounds else 0
+    summary = {k: rounds[-1][k] for k in ("mean_acc", "p10_acc", "worst_acc", "new_user_acc")}
+    selected = max(1, round(config.fraction * n_clients))
+    summary["uplink_bytes_per_client_round"] = sum(r["uplink_bytes"] for r in rounds) / (config.rounds * selected)
+    summary["downlink_bytes_per_client_round"] = sum(r["downlink_bytes"] for r in rounds) / (config.rounds * selected)
+    del per_round
+    strategy = make_strategy(config.strategy, HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim),
+                             config.strategy_config())
     return {
         "config": asdict(config),
         "partition": asdict(data.partition),

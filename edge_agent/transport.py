@@ -28,7 +28,7 @@ import queue
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -37,101 +37,37 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .messaging import (
+    DEFAULT_MAX_PAYLOAD,
+    BrokerLink,
+    ConnectError,
+    ConnectionEvent,
+    LinkFactory,
+    Message,
+    MqttError,
+    NotConnected,
+    PayloadTooLarge,
+    PublishError,
+    PublishTimeout,
+    SubscribeError,
+    check_publish_size,
+    check_qos,
+    check_topic_filter,
+    check_topic_name,
+    publish_packet_size,
+    refused_message,
+    unreachable_message,
+)
+
+# The exceptions, Message, ConnectionEvent and the limits live in the paho-free edge_agent.messaging
+# (shared with the in-memory twin, edge_agent.memory_broker); importing them from here keeps working.
 __all__ = [
     "MqttError", "ConnectError", "NotConnected", "PublishError", "PublishTimeout",
     "PayloadTooLarge", "SubscribeError", "Message", "ConnectionEvent", "MqttLink",
-    "DEFAULT_MAX_PAYLOAD",
+    "DEFAULT_MAX_PAYLOAD", "publish_packet_size", "BrokerLink", "LinkFactory",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The broker_config limit (max_packet_size 262144) less 1 KiB for topic and properties.
-DEFAULT_MAX_PAYLOAD = 262144 - 1024
-
-# Reason codes with which a broker refuses a CONNECT because of credentials.
-_AUTH_CODES = {0x86, 0x87, 0x8C}
-
-
-class MqttError(RuntimeError):
-    """Base class of every error raised by this module."""
-
-
-class ConnectError(MqttError):
-    """The broker refused the connection, or could not be reached in time."""
-
-
-class NotConnected(MqttError):
-    """There is no connection to the broker (or it was lost while waiting for an answer)."""
-
-
-class PublishError(MqttError):
-    """The broker answered a publish with a failure reason code (>= 0x80).
-
-    Attributes
-    ----------
-    reason_code
-        The PUBACK reason code, e.g. ``0x87`` when an ACL denies the topic.
-    reason
-        Its name in the MQTT v5 specification, e.g. ``"Not authorized"``.
-    """
-
-    def __init__(self, message: str, reason_code: int, reason: str) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-        self.reason = reason
-
-
-class SubscribeError(MqttError):
-    """The broker refused a subscription (SUBACK reason code >= 0x80).
-
-    Attributes
-    ----------
-    reason_code
-        The SUBACK reason code, e.g. ``0x87`` when an ACL denies the filter.
-    reason
-        Its name in the MQTT v5 specification.
-    """
-
-    def __init__(self, message: str, reason_code: int, reason: str) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-        self.reason = reason
-
-
-class PublishTimeout(MqttError):
-    """No PUBACK arrived in time (the message may still be delivered later)."""
-
-
-class PayloadTooLarge(MqttError):
-    """A message was refused before sending because it exceeds our or the broker's limit."""
-
-
-@dataclass(frozen=True)
-class Message:
-    """A message received on a subscription.
-
-    Attributes
-    ----------
-    topic, payload, qos, retain
-        As delivered by the broker (``retain`` is True for a retained message sent at
-        subscription time).
-    user_properties
-        MQTT v5 user properties, in order, as ``(name, value)`` pairs.
-    """
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    user_properties: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class ConnectionEvent:
-    """The link connected (``connected=True``, subscriptions restored) or lost its connection."""
-
-    connected: bool
-    reason: str
 
 
 class _Waiter:
@@ -152,32 +88,6 @@ class _Waiter:
     def fail(self, why: str) -> None:
         self.lost = why
         self.done.set()
-
-
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 128:
-        n //= 128
-        size += 1
-    return size
-
-
-def publish_packet_size(topic: str, payload_len: int, qos: int, properties: bytes) -> int:
-    """Size in bytes of the MQTT v5 PUBLISH packet, as brokers compare with Maximum-Packet-Size.
-
-    Parameters
-    ----------
-    topic
-        Topic name.
-    payload_len
-        Payload size in bytes.
-    qos
-        0, 1 or 2 (QoS > 0 adds a 2-byte packet identifier).
-    properties
-        The encoded property block, including its own length prefix (``b"\\x00"`` if none).
-    """
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + len(properties) + payload_len
-    return 1 + _varint_len(remaining) + remaining
 
 
 def _rc(reason: ReasonCode | int) -> tuple[int, str]:
@@ -329,19 +239,11 @@ class MqttLink:
         self._started = True
         if not self._ready.wait(timeout):
             self._shutdown()
-            raise ConnectError(
-                f"no MQTT broker answered at {self.host}:{self.port} within {timeout:g} s: check "
-                f"that the broker is running and listening there (scripts/setup installs "
-                f"mosquitto; `edge-fl demo` starts its own), and the host and port settings")
+            raise ConnectError(unreachable_message(self.host, self.port, timeout))
         if self._refused is not None:
             self._shutdown()
             code, name = self._refused
-            hint = (" (check the username and password: Mosquitto answers 'Not authorized' to an "
-                    "unknown user, a wrong password and a client without credentials alike)"
-                    if code in _AUTH_CODES else "")
-            user = f"user {self._username!r}" if self._username is not None else "no username"
-            raise ConnectError(f"broker {self.host}:{self.port} refused client "
-                               f"{self.client_id!r} ({user}): {name} (0x{code:02X}){hint}")
+            raise ConnectError(refused_message(self.host, self.port, self.client_id, self._username, code, name))
 
     @property
     def connected(self) -> bool:
@@ -368,7 +270,8 @@ class MqttLink:
         NotConnected
             The connection dropped before the SUBACK (the subscription stays remembered).
         """
-        _check_qos(qos)
+        check_qos(qos)
+        check_topic_filter(topic)  # before remembering it: an invalid filter would fail every reconnection
         with self._lock:
             self._subscriptions[topic] = qos
         if not self.connected:
@@ -488,25 +391,16 @@ class MqttLink:
 
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool, expiry_s: int | None,
               user_properties: Sequence[tuple[str, str]]) -> paho.MQTTMessageInfo:
-        _check_qos(qos)
+        check_qos(qos)
+        check_topic_name(topic)
         payload = bytes(payload)
         props = _properties(PacketTypes.PUBLISH)
         if expiry_s is not None:
             props.MessageExpiryInterval = expiry_s
         if user_properties:
             props.UserProperty = [(str(k), str(v)) for k, v in user_properties]
-        if len(payload) > self.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload for {topic!r} is {len(payload)} bytes, over the limit of "
-                f"{self.max_payload_bytes} bytes: chunk it")
-        limit = self._broker_max_packet
-        if limit is not None:
-            size = publish_packet_size(topic, len(payload), qos, _pack(props))
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"message for {topic!r} ({len(payload)} bytes of payload) makes a "
-                    f"{size}-byte packet, over the broker's Maximum-Packet-Size of {limit} "
-                    f"bytes: chunk it")
+        check_publish_size(topic, len(payload), qos, max_payload_bytes=self.max_payload_bytes,
+                           broker_max_packet=self._broker_max_packet, properties=lambda: _pack(props))
         if not self.connected:
             raise NotConnected(f"not connected to {self.host}:{self.port} ({self._last_reason}): "
                                f"nothing sent to {topic!r}")
@@ -709,7 +603,5 @@ def _pack(props: Properties) -> bytes:
     return bytes(props.pack())  # type: ignore[no-untyped-call]
 
 
-def _check_qos(qos: int) -> None:
-    if qos not in (0, 1):
-        raise ValueError(f"qos must be 0 or 1 (edge-fl uses no QoS 2), not {qos!r}")
-
+if TYPE_CHECKING:  # mypy checks that MqttLink is a BrokerLink and its constructor a LinkFactory
+    _factory: LinkFactory = MqttLink

@@ -33,6 +33,8 @@ log = logging.getLogger("edge_fl.agent.bridge")
 class BridgeSource:
     """Every attached MCU (one serial link each) feeds the store and receives each new head."""
 
+    runs_heads = True
+
     def __init__(self, urls: list[str], store: AgentStore, backbone: FrozenBackbone, *, baudrate: int = 115200,
                  test_fraction: float = 0.3, min_windows: int = 14) -> None:
         from firmware_bridge.link import SerialLink  # pyserial only where a bridge is configured

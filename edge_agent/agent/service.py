@@ -18,30 +18,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..codec.chunking import split_message
 from ..codec.digest import sha256
-from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelope, encode_envelope
+from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope, encode_envelope
 from ..config import AgentConfig
+from ..db import MEMORY
 from ..faults import crash_point
-from ..fleet import from_meta
-from ..learning.head import HeadConfig, quantize_head
+from ..fleet import FleetMessageError, GlobalModel, RoundTask, decode_global, decode_task
+from ..learning import rng
+from ..learning.head import quantize_head
 from ..learning.metrics import accuracy
 from ..learning.strategies import (
     ClientData,
     ClientDataError,
     ClientState,
-    ServerState,
     Strategy,
     check_client_data,
 )
+from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
-from ..transport import ConnectionEvent, Message, MqttError, MqttLink
+from ..transport import MqttLink
 from .sources import DataSource, open_source
 from .store import AgentStore, OutboxItem
 
@@ -55,42 +54,26 @@ def _message_id(update_id: str) -> bytes:
     return bytes(h.digest()[:16])
 
 
-@dataclass
-class _Task:
-    strategy: Strategy
-    head: HeadConfig
-    seed: int
-    server: ServerState
-    meta: dict[str, Any]
-
-
 class AgentService:
     def __init__(self, cfg: AgentConfig, source: DataSource | None = None, *,
-                 link_factory: Callable[..., MqttLink] = MqttLink) -> None:
+                 link_factory: LinkFactory = MqttLink, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock  # compared with a task's deadline, which the aggregator's clock set
         self.topics = Topics(cfg.fleet)
-        self.store = AgentStore(Path(cfg.state_dir) / "agent.db")
-        self.waiting: UpdateEnvelope | None = None  # a round task that arrived before enough local data
+        self.store = AgentStore(MEMORY if cfg.state_dir == MEMORY else Path(cfg.state_dir) / "agent.db")
+        self.waiting: RoundTask | None = None  # a round task that arrived before enough local data
         self.source = source if source is not None else open_source(cfg, self.store)
         b = cfg.broker
-        self.link = link_factory(
+        self.link: BrokerLink = link_factory(
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
             will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
             max_payload_bytes=b.max_payload_bytes)
 
     # --- decisions ------------------------------------------------------------------------------
-    def _task(self, env: UpdateEnvelope) -> _Task:
-        train, head, strategy = from_meta(dict(env.meta))
-        return _Task(strategy, head, train.seed, ServerState(env.model_version, dict(env.tensors)), dict(env.meta))
-
-    def _rng(self, seed: int, *stream: int) -> np.random.Generator:
-        return np.random.default_rng([seed, *stream])
-
-    def _state(self, task: _Task) -> ClientState:
+    def _state(self, model: GlobalModel, strategy: Strategy) -> ClientState:
         state = self.store.client_state()
         if state is None:
-            # The same stream as client i of `edge-fl simulate`, so both compute the same thing.
-            state = task.strategy.init_client(self._rng(task.seed, 1, self.cfg.rng_stream))
+            state = strategy.init_client(rng.client_init(model.training.seed, self.cfg.rng_stream))
             self.store.save_initial_state(state)
         return state
 
@@ -98,22 +81,24 @@ class AgentService:
         """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
         return self.source.client_data()
 
-    def evaluate(self, task: _Task, data: ClientData | None = None) -> None:
-        version = task.server.round
+    def evaluate(self, model: GlobalModel, data: ClientData | None = None) -> None:
+        """Score this device's heads under global `model` on its own held-out data, once per version."""
+        version = model.version
         if self.store.evaluated(version):
             return
         data = data or self.data()
         if data is None or data.y_test.size == 0:
             return
-        state = self._state(task)
-        personal = task.strategy.personalized(task.server, state, data,
-                                              self._rng(task.seed, 4, version, self.cfg.rng_stream))
+        strategy, server = model.strategy(), model.server()
+        state = self._state(model, strategy)
+        personal = strategy.personalized(server, state, data,
+                                         rng.personalize(model.training.seed, version, self.cfg.rng_stream))
         report: dict[str, Any] = {
             "device": self.cfg.device_id, "version": version, "n_test": int(data.y_test.size),
             "personal_acc": accuracy(quantize_head(personal).predict(data.x_test), data.y_test),
             "global_acc": None,
         }
-        glob = task.strategy.new_user_head(task.server)
+        glob = strategy.new_user_head(server)
         if glob is not None:
             report["global_acc"] = accuracy(quantize_head(glob).predict(data.x_test), data.y_test)
         text = json.dumps(report)
@@ -126,48 +111,53 @@ class AgentService:
         except MqttError as exc:
             log.warning("telemetry not sent (%s); the evaluation is kept in the local state", exc)
 
-    def train(self, env: UpdateEnvelope) -> None:
-        round_no = int(env.meta.get("round", env.round))
-        selected = str(env.meta.get("selected", ""))
-        if selected != "*" and self.cfg.device_id not in selected.split(","):
+    def train(self, task: RoundTask) -> None:
+        round_no = task.round
+        if not task.selects(self.cfg.device_id):
             log.info("round %d: not selected", round_no)
             return
-        task = self._task(env)
+        if self.clock() > task.deadline:  # an update now would only be refused as late: keep the CPU
+            log.warning("round %d: its deadline passed %.0f s ago (by this device's clock); not training",
+                        round_no, self.clock() - task.deadline)
+            self.waiting = None
+            return
         data = self.data()
         if data is None:
             log.info("round %d: not enough local data yet; will train when there is", round_no)
-            self.waiting = env  # retried from the idle loop as windows arrive
+            self.waiting = task  # retried from the idle loop as windows arrive
             return
         self.waiting = None
+        model = task.model
         try:
-            check_client_data(self.cfg.device_id, data, num_classes=task.head.num_classes, dim=task.head.in_dim)
+            check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
         except ClientDataError as exc:  # never upload what would poison the fleet; the round goes on without us
             log.error("round %d: not training: %s", round_no, exc)
             return
-        self.evaluate(task, data)  # the task carries the global head of the last round: score it before training
+        self.evaluate(model, data)  # the task carries the global head of the last round: score it before training
         if self.store.trained(round_no):
             log.info("round %d: already trained, the update is in the outbox or delivered", round_no)
             return
-        state = self._state(task)
+        strategy, server = model.strategy(), model.server()
+        state = self._state(model, strategy)
         t0 = time.perf_counter()
-        state, update = task.strategy.client_round(task.server, state, data,
-                                                   self._rng(task.seed, 3, round_no, self.cfg.rng_stream))
+        state, update = strategy.client_round(server, state, data,
+                                              rng.client_round(model.training.seed, round_no, self.cfg.rng_stream))
         item = None
         if update is not None:
-            envelope = UpdateEnvelope(
-                kind=Kind.UPDATE, device_id=self.cfg.device_id, round=round_no, model_version=env.model_version,
-                strategy=task.strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
-                tensors=update.tensors, codec="int8" if task.meta.get("train.int8_updates", True) else "float32")
+            envelope = Envelope(
+                kind=Kind.UPDATE, device_id=self.cfg.device_id, round=round_no, model_version=model.version,
+                strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
+                tensors=update.tensors, codec=model.codec)
             item = OutboxItem(envelope.update_id, round_no, self.topics.update(self.cfg.device_id, round_no),
                               encode_envelope(envelope))
-        self.store.commit_round(round_no, env.model_version, state, item)
+        self.store.commit_round(round_no, model.version, state, item)
         crash_point("agent.after_commit", round_no)
         queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
         log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
                  1000 * (time.perf_counter() - t0), queued)
-        # An attached MCU runs this device's new personalized head (a fixed source ignores it).
-        self.source.push(task.strategy.personalized(task.server, state, data,
-                                                    self._rng(task.seed, 4, round_no, self.cfg.rng_stream)))
+        if self.source.runs_heads:  # an attached MCU runs this device's new personalized head
+            self.source.push(strategy.personalized(server, state, data,
+                                                   rng.personalize(model.training.seed, round_no, self.cfg.rng_stream)))
 
     def flush_outbox(self, *, resend: bool = False) -> None:
         for item in self.store.outbox(include_sent=resend):
@@ -212,32 +202,38 @@ class AgentService:
             return
         try:
             env = decode_envelope(msg.payload)
-        except EnvelopeError as exc:
+            if msg.topic == self.topics.round_current:
+                task = decode_task(env)
+            elif msg.topic == self.topics.model_current:
+                model = decode_global(env)
+            else:
+                return
+        except (EnvelopeError, FleetMessageError) as exc:
             log.error("ignored a malformed message on %s: %s", msg.topic, exc)
             return
-        if msg.topic == self.topics.round_current and env.kind is Kind.GLOBAL:
+        if msg.topic == self.topics.round_current:
             self.waiting = None  # a newer task replaces one we could not train yet
-            self.store.forget_rounds_before(int(env.meta.get("round", env.round)))
-            self.train(env)
+            self.store.forget_rounds_before(task.round)
+            self.train(task)
             self.flush_outbox()
-        elif msg.topic == self.topics.model_current and env.kind is Kind.GLOBAL:
-            self.evaluate(self._task(env))
+        else:
+            self.evaluate(model)
 
-    def run(self, stop: threading.Event) -> None:
-        self.link.connect(timeout=30.0)
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect and subscribe; messages then arrive in `self.link.inbox`."""
+        self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
         log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, self.source.description, self.cfg.fleet)
-        while not stop.is_set():
-            try:
-                msg = self.link.inbox.get(timeout=1.0)
-            except queue.Empty:  # quiet: retry what waits for data, then what waits in the outbox
-                if self.waiting is not None:
-                    self.train(self.waiting)
-                if self.link.connected and self.store.outbox():  # unsent only
-                    self.flush_outbox()
-                continue
-            self.handle(msg)
+
+    def idle(self) -> None:
+        """Nothing arrived for a while: retry what waits for data, then what waits in the outbox."""
+        if self.waiting is not None:
+            self.train(self.waiting)
+        if self.link.connected and self.store.outbox():  # unsent only
+            self.flush_outbox()
+
+    def shutdown(self) -> None:
         try:
             self.link.publish(self.topics.presence(self.cfg.device_id), b"offline", qos=1, retain=True, timeout=2.0)
         except MqttError:
@@ -245,3 +241,14 @@ class AgentService:
         self.link.close()
         self.source.close()
         self.store.close()
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        while not stop.is_set():
+            try:
+                msg = self.link.inbox.get(timeout=1.0)
+            except queue.Empty:
+                self.idle()
+                continue
+            self.handle(msg)
+        self.shutdown()

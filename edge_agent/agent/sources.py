@@ -23,6 +23,7 @@ from .store import AgentStore
 
 class DataSource(Protocol):
     description: str  # for the log: "subject 4", "the MCU on /dev/ttyACM0"
+    runs_heads: bool  # push() takes each new personalized head (worth computing only then)
 
     def client_data(self) -> ClientData | None:
         """The device's data now, or None while there is too little to train on."""
@@ -37,6 +38,8 @@ class DataSource(Protocol):
 
 class FixedSource:
     """Data that does not change: nothing to push back to."""
+
+    runs_heads = False
 
     def __init__(self, data: ClientData, description: str) -> None:
         self.data, self.description = data, description

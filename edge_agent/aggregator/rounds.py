@@ -20,10 +20,10 @@ from ..learning.strategies import ClientFailure
 
 
 class UpdateLike(Protocol):
-    """What the state machine needs to know about an incoming update (an UpdateEnvelope has it).
+    """What the state machine needs to know about an incoming update (an Envelope has it).
 
     Read-only properties, not plain attributes: the state machine never assigns them, and a frozen
-    dataclass (UpdateEnvelope) only satisfies a protocol whose members are read-only.
+    dataclass (Envelope) only satisfies a protocol whose members are read-only.
     """
 
     @property
@@ -48,6 +48,9 @@ class RoundConfig:
     fraction: float = 1.0  # share of the online devices selected for a round
     deadline_s: float = 60.0
     rounds: int = 30  # total rounds; the aggregator stops opening new ones after this
+    # False for a strategy that shares nothing (local): devices train and upload nothing, so a round is
+    # complete as soon as it opens, with no stragglers and nothing to wait for.
+    expects_updates: bool = True
 
     def __post_init__(self) -> None:
         if self.min_clients < 1 or not 0.0 < self.fraction <= 1.0 or self.deadline_s <= 0 or self.rounds < 1:
@@ -142,12 +145,16 @@ def accept(state: RoundState, update: UpdateLike) -> RoundState:
     return replace(state, accepted={**state.accepted, update.device_id: update.update_id})
 
 
-def should_close(state: RoundState, now: float) -> bool:
-    """Close when every selected device reported, or at the deadline."""
-    return state.phase is Phase.COLLECTING and (len(state.accepted) >= len(state.selected) or now >= state.deadline)
+def should_close(state: RoundState, now: float, config: RoundConfig) -> bool:
+    """Close when every selected device reported, at the deadline, or at once when no update is expected."""
+    return state.phase is Phase.COLLECTING and (
+        not config.expects_updates or len(state.accepted) >= len(state.selected) or now >= state.deadline)
 
 
 def close(state: RoundState, config: RoundConfig) -> tuple[RoundState, list[ClientFailure], bool]:
     """Returns (closed state, failures, whether the round succeeded, i.e. had at least min_clients)."""
+    closed = replace(state, phase=Phase.CLOSED)
+    if not config.expects_updates:
+        return closed, [], True
     failures = [ClientFailure(d, "no update before the deadline") for d in state.stragglers]
-    return replace(state, phase=Phase.CLOSED), failures, len(state.accepted) >= config.min_clients
+    return closed, failures, len(state.accepted) >= config.min_clients

@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import numpy as np
 
 from ..codec.chunking import ChunkError, Reassembler, parse_chunk
-from ..codec.envelope import EnvelopeError, Kind, UpdateEnvelope, decode_envelope, encode_envelope
+from ..codec.envelope import EnvelopeError, Kind, decode_envelope
 from ..config import AggregatorConfig
 from ..faults import crash_point
-from ..fleet import task_meta
+from ..fleet import GlobalModel, RoundTask, encode_global, encode_task
+from ..learning import rng
 from ..learning.head import HeadConfig
 from ..learning.strategies import ClientUpdate, ServerState, make_strategy
+from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
-from ..transport import ConnectionEvent, Message, MqttError, MqttLink
+from ..transport import MqttLink
 from . import rounds
 from .rounds import Outcome, Phase, RoundConfig, RoundState
 from .store import AggregatorStore
@@ -46,7 +45,7 @@ class RoundCounters:
 
 
 class AggregatorService:
-    def __init__(self, cfg: AggregatorConfig, *, link_factory: Callable[..., MqttLink] = MqttLink,
+    def __init__(self, cfg: AggregatorConfig, *, link_factory: LinkFactory = MqttLink,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -54,13 +53,14 @@ class AggregatorService:
         self.head = HeadConfig(cfg.embedding_dim, cfg.num_classes, cfg.train.adapter_dim)
         self.strategy = make_strategy(cfg.train.strategy, self.head, cfg.train.strategy_config())
         self.round_config = RoundConfig(min_clients=cfg.fleet.min_clients, fraction=cfg.train.fraction,
-                                        deadline_s=cfg.fleet.deadline_s, rounds=cfg.train.rounds)
+                                        deadline_s=cfg.fleet.deadline_s, rounds=cfg.train.rounds,
+                                        expects_updates=bool(self.strategy.shared_keys))
         self.store = AggregatorStore(cfg.state)
         self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
                                       "seed": cfg.train.seed, "fleet": cfg.fleet_name})
         latest = self.store.latest_global()
         if latest is None:
-            server = self.strategy.init_server(np.random.default_rng([cfg.train.seed, 0]))
+            server = self.strategy.init_server(rng.server_init(cfg.train.seed))
             self.store.save_global(0, server.params)
             latest = (0, server.params)
         self.server = ServerState(latest[0], latest[1])
@@ -76,32 +76,27 @@ class AggregatorService:
         self.reassembler = Reassembler(max_message_bytes=cfg.fleet.max_update_bytes, max_pending=256)
         self.held: dict[bytes, list[Message]] = {}  # chunk messages acknowledged once their message is handled
         b = cfg.broker
-        self.link = link_factory("edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username,
-                                 password=b.secret(), clean_start=False, max_payload_bytes=b.max_payload_bytes,
-                                 manual_ack=True, receive_maximum=256)
+        self.link: BrokerLink = link_factory(
+            "edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username, password=b.secret(),
+            clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256)
         self.done = threading.Event()
         self.last_status: bytes | None = None
 
     # --- publishing ----------------------------------------------------------------------------
-    def _global_envelope(self, round_no: int, meta: dict[str, Any]) -> bytes:
-        env = UpdateEnvelope(kind=Kind.GLOBAL, device_id="aggregator", round=round_no,
-                             model_version=self.server.round, strategy=self.strategy.name, update_id=uuid.uuid4().hex,
-                             num_examples=0, tensors=self.server.params,
-                             codec="int8" if self.cfg.train.int8_updates else "float32",
-                             meta=task_meta(self.cfg.train, self.head, **meta))
-        return encode_envelope(env)
+    def model(self) -> GlobalModel:
+        return GlobalModel(self.server.version, self.cfg.train, self.head, self.server.params)
 
-    def _publish_retained(self, topic: str, payload: bytes) -> bool:
+    def _publish_retained(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> bool:
         """Retained state: if the broker is away now, it is published again on reconnection."""
         try:
-            self.link.publish(topic, payload, qos=1, retain=True)
+            self.link.publish(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
             return True
         except MqttError as exc:
             log.warning("could not publish %s now (%s); it is published again when the broker is back", topic, exc)
             return False
 
     def publish_model(self) -> None:
-        payload = self._global_envelope(self.server.round, {})
+        payload = encode_global(self.model())
         if self._publish_retained(self.topics.model_current, payload):
             self.counters.bytes_out += len(payload)
 
@@ -110,13 +105,15 @@ class AggregatorService:
         # "*" when every online device is selected (the default): a list of a thousand ids would not fit the
         # envelope's 8 KB meta strings. A sampled round lists its devices (up to ~700 short ids).
         everyone = set(self.state.selected) >= self.online
-        selected = "*" if everyone else ",".join(self.state.selected)
-        payload = self._global_envelope(self.state.round, {"round": self.state.round, "deadline": self.state.deadline,
-                                                           "selected": selected})
-        if self._publish_retained(self.topics.round_current, payload):
+        task = RoundTask(self.state.round, self.state.deadline, None if everyone else self.state.selected, self.model())
+        # The broker drops the retained task at its deadline: a device that connects later finds no stale
+        # round to train for (the next task replaces it anyway).
+        expiry = max(1, math.ceil(self.state.deadline - self.clock()))
+        payload = encode_task(task)
+        if self._publish_retained(self.topics.round_current, payload, expiry_s=expiry):
             self.counters.bytes_out += len(payload) * len(self.state.selected)
         log.info("round %d open: %d device(s) selected, deadline in %.0f s, training from version %d",
-                 self.state.round, len(self.state.selected), self.state.deadline - self.clock(), self.server.round)
+                 self.state.round, len(self.state.selected), self.state.deadline - self.clock(), self.server.version)
 
     # --- rounds --------------------------------------------------------------------------------
     def rounds_opened(self) -> int:
@@ -130,32 +127,32 @@ class AggregatorService:
         if len(self.online) < self.cfg.fleet.expected_clients:
             return
         nxt = self.rounds_opened() + 1
-        rng = np.random.default_rng([self.cfg.train.seed, 2, nxt])
-        selected = rounds.select_devices(sorted(self.online), self.round_config.fraction, rng)
-        self.state = rounds.open_round(nxt, self.server.round, selected, self.clock(), self.round_config)
+        selected = rounds.select_devices(sorted(self.online), self.round_config.fraction,
+                                         rng.selection(self.cfg.train.seed, nxt))
+        self.state = rounds.open_round(nxt, self.server.version, selected, self.clock(), self.round_config)
         self.store.open_round(self.state)
         self.acc = self.strategy.start_aggregation(self.server)
         self.counters = RoundCounters()
         self.publish_task()
 
     def maybe_close(self) -> None:
-        if self.state is None or not rounds.should_close(self.state, self.clock()):
+        if self.state is None or not rounds.should_close(self.state, self.clock(), self.round_config):
             return
         closed, failures, ok = rounds.close(self.state, self.round_config)
         t0 = self.state.opened_at
         if ok:
             self.server = self.strategy.finish_aggregation(self.server, self.acc, failures)
-            self.store.close_round(closed, failures, True, self.server.round, self.server.params, self.clock())
+            self.store.close_round(closed, failures, True, self.server.version, self.server.params, self.clock())
         else:
             self.store.close_round(closed, failures, False, None, None, self.clock())
             log.warning("round %d failed: %d update(s), at least %d needed; the global head stays at version %d",
-                        closed.round, len(closed.accepted), self.round_config.min_clients, self.server.round)
+                        closed.round, len(closed.accepted), self.round_config.min_clients, self.server.version)
         self.state = closed
         for f in failures:
             log.warning("round %d: %s sent no update (%s)", closed.round, f.client_id, f.reason)
         if ok:
             self.publish_model()
-        status = {"round": closed.round, "model_version": self.server.round, "succeeded": ok,
+        status = {"round": closed.round, "model_version": self.server.version, "succeeded": ok,
                   "reporting": len(closed.accepted), "selected": len(closed.selected), "failed": len(failures),
                   "rejected": self.counters.rejected, "duplicates": self.counters.duplicates,
                   "bytes_in": self.counters.bytes_in, "bytes_out": self.counters.bytes_out,
@@ -164,7 +161,7 @@ class AggregatorService:
         self._publish_retained(self.topics.status, self.last_status)
         log.info("round %d closed: %d/%d reported, %d rejected, %d duplicate(s), %d B in; global version %d",
                  closed.round, len(closed.accepted), len(closed.selected), self.counters.rejected,
-                 self.counters.duplicates, self.counters.bytes_in, self.server.round)
+                 self.counters.duplicates, self.counters.bytes_in, self.server.version)
         if closed.round >= self.round_config.rounds:
             self._publish_retained(self.topics.round_current, b"")  # clears the retained task
             log.info("all %d rounds done", self.round_config.rounds)
@@ -262,23 +259,33 @@ class AggregatorService:
         else:
             self.link.ack(msg)
 
-    def run(self, stop: threading.Event) -> None:
-        self.link.connect(timeout=30.0)
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect and subscribe; messages then arrive in `self.link.inbox`."""
+        self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.update_filter, qos=1)
         self.link.subscribe(self.topics.presence_filter, qos=1)
         log.info("aggregator up: strategy %s, %d rounds, waiting for %d device(s)", self.strategy.name,
                  self.round_config.rounds, self.cfg.fleet.expected_clients)
-        while not stop.is_set():
-            try:
-                msg = self.link.inbox.get(timeout=0.2)
-            except queue.Empty:
-                msg = None
-            if msg is not None:
-                self.handle(msg)
-            for message_id in self.reassembler.expire(self.clock()):
-                for held in self.held.pop(message_id, []):  # a message whose other chunks never came
-                    self.link.ack(held)
-            self.maybe_close()
-            self.maybe_open()
+
+    def tick(self) -> None:
+        """What time alone decides: give up on chunked messages that never completed, close a round whose
+        deadline passed (or that is complete), open the next one."""
+        for message_id in self.reassembler.expire(self.clock()):
+            for held in self.held.pop(message_id, []):  # a message whose other chunks never came
+                self.link.ack(held)
+        self.maybe_close()
+        self.maybe_open()
+
+    def shutdown(self) -> None:
         self.link.close()
         self.store.close()
+
+    def run(self, stop: threading.Event) -> None:
+        self.start()
+        while not stop.is_set():
+            try:
+                self.handle(self.link.inbox.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            self.tick()
+        self.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,16 +43,34 @@ class StoreError(RuntimeError):
     """The state database belongs to another fleet configuration or is damaged."""
 
 
+_RAW = b"EFAR"  # accumulator snapshot: magic, u32 header length, JSON [[name, dtype, shape], ...], raw bytes
+
+
 def _arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    # allow_pickle spelled out: it also keeps a tensor named "allow_pickle" from being taken for the flag.
-    np.savez(buf, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
-    return buf.getvalue()
+    """The running aggregate, written with every accepted update: raw little-endian bytes behind a small
+    JSON index. np.savez's zip container cost ~0.7 ms an update, a tenth of the aggregator's work."""
+    items = [(k, np.asarray(v)) for k, v in arrays.items()]  # tobytes() is C order whatever the layout
+    for k, v in items:
+        if v.dtype.kind not in "fiu" or v.dtype.byteorder == ">":
+            raise ValueError(f"accumulator tensor {k!r} has dtype {v.dtype}: only little-endian numbers are stored")
+    index = json.dumps([[k, v.dtype.str, list(v.shape)] for k, v in items]).encode()
+    return b"".join([_RAW, struct.pack("<I", len(index)), index, *(v.tobytes() for _, v in items)])
 
 
 def _bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+    if blob[:4] != _RAW:  # a snapshot written by an earlier version (np.savez)
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    (n,) = struct.unpack_from("<I", blob, 4)
+    offset, out = 8 + n, {}
+    for name, dtype, shape in json.loads(blob[8:8 + n]):
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(blob, dt, count, offset).reshape(tuple(shape)).copy()
+        offset += count * dt.itemsize
+    if offset != len(blob):
+        raise StoreError(f"accumulator snapshot damaged: {len(blob) - offset} bytes unaccounted for")
+    return out
 
 
 class AggregatorStore:

@@ -34,6 +34,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ _KINDS = ", ".join(f"{k.value} {k.name}" for k in Kind)
 
 
 @dataclass(frozen=True)
-class UpdateEnvelope:
+class Envelope:
     kind: Kind
     device_id: str  # sender; "aggregator" for GLOBAL (and only then). 1..64 chars of [A-Za-z0-9._-]
     round: int  # 0 <= round < 2**32
@@ -141,7 +142,7 @@ def _check_header(h: Mapping[str, object], kind: Kind, fail: type[ValueError]) -
             raise fail(f"meta[{k!r}] must be a string, integer, float or bool, not {type(v).__name__}")
 
 
-def encode_envelope(env: UpdateEnvelope) -> bytes:
+def encode_envelope(env: Envelope) -> bytes:
     """Serialize `env`; raises ValueError for anything `decode_envelope` would refuse."""
     try:
         kind = Kind(env.kind)
@@ -181,8 +182,26 @@ def _no_constant(name: str) -> object:
     raise EnvelopeError(f"header JSON contains {name}, which is not JSON")
 
 
+def read_header(data: bytes) -> dict[str, Any]:
+    """The header of an envelope this process already trusts (its own traffic, an observer's copy), without
+    verifying the digest or decoding the tensors; EnvelopeError if it is not even shaped like one. Anything
+    received from a device goes through `decode_envelope`."""
+    if len(data) < FIXED_SIZE:
+        raise EnvelopeError(f"envelope truncated: {len(data)} bytes, expected at least {FIXED_SIZE}")
+    magic, _version, _kind, hlen, _plen, _flags = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise EnvelopeError(f"not an envelope: magic {magic!r} at offset 0, expected {MAGIC!r}")
+    try:
+        header = json.loads(bytes(data[FIXED_SIZE:FIXED_SIZE + hlen]))
+    except ValueError as exc:
+        raise EnvelopeError(f"envelope header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise EnvelopeError("envelope header is not a JSON object")
+    return header
+
+
 def decode_envelope(data: bytes | bytearray | memoryview, *, max_bytes: int = 1 << 20, max_tensors: int = 64,
-                    max_elements: int = 1 << 22) -> UpdateEnvelope:
+                    max_elements: int = 1 << 22) -> Envelope:
     """Parse and fully check an envelope; raises EnvelopeError, and only that, for any bad input.
 
     `max_bytes` is checked before anything else (no hashing of an oversized message); `max_tensors` counts
@@ -248,7 +267,7 @@ def decode_envelope(data: bytes | bytearray | memoryview, *, max_bytes: int = 1 
         raise
     except CodecError as exc:  # the shared tensor checks already name the tensor and what is wrong
         raise EnvelopeError(str(exc)) from None
-    return UpdateEnvelope(kind=kind, device_id=header["device_id"], round=header["round"],
+    return Envelope(kind=kind, device_id=header["device_id"], round=header["round"],
                           model_version=header["model_version"], strategy=header["strategy"],
                           update_id=header["update_id"], num_examples=header["num_examples"], tensors=tensors,
                           codec=codec, meta=dict(header["meta"]))

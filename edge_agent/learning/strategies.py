@@ -102,7 +102,7 @@ class ClientFailure:
 
 @dataclass(frozen=True)
 class ServerState:
-    round: int
+    version: int  # the global model version these params are (0 = initial; +1 per successful round)
     params: Params  # the global (shared) tensors broadcast to clients
     reported: int = 0
     failed: int = 0
@@ -145,7 +145,7 @@ class Strategy(ABC):
         params = dict(server.params)
         if acc.count:
             params.update(acc.result())
-        return ServerState(server.round + 1, params, acc.count, len(failures))
+        return ServerState(server.version + 1, params, acc.count, len(failures))
 
     def aggregate(self, server: ServerState, updates: Sequence[ClientUpdate],
                   failures: Sequence[ClientFailure] = ()) -> ServerState:
@@ -295,7 +295,7 @@ class FedNCM(FedAvgFineTune):
 
     def client_round(self, server: ServerState, state: ClientState, data: ClientData,
                      rng: np.random.Generator) -> tuple[ClientState, ClientUpdate | None]:
-        if server.round > 0:
+        if server.version > 0:
             return super().client_round(server, state, data, rng)
         h = features(server.params, data.x_train)
         onehot = np.eye(self.head.num_classes, dtype=np.float32)[data.y_train]
@@ -305,23 +305,23 @@ class FedNCM(FedAvgFineTune):
         return ClientState(state.personal, state.rounds_done + 1), update
 
     def upload_shapes(self, server: ServerState) -> dict[str, tuple[int, ...]]:
-        if server.round > 0:
+        if server.version > 0:
             return {k: v for k, v in super().upload_shapes(server).items() if k not in self.STATS}
         width = self.head.adapter_dim or self.head.in_dim
         return {"ncm.class_sum": (self.head.num_classes, width), "ncm.class_count": (self.head.num_classes,)}
 
     def start_aggregation(self, server: ServerState) -> WeightedMean:
-        return Sum() if server.round == 0 else super().start_aggregation(server)
+        return Sum() if server.version == 0 else super().start_aggregation(server)
 
     def add_update(self, server: ServerState, acc: WeightedMean, update: ClientUpdate) -> None:
-        if server.round == 0:
+        if server.version == 0:
             acc.add(update.tensors, 1.0)  # class statistics add up; they are not averaged
         else:
             super().add_update(server, acc, update)
 
     def finish_aggregation(self, server: ServerState, acc: WeightedMean,
                            failures: Sequence[ClientFailure] = ()) -> ServerState:
-        if server.round > 0 or not acc.count:
+        if server.version > 0 or not acc.count:
             return super().finish_aggregation(server, acc, failures)
         sums = acc.result()
         counts = sums["ncm.class_count"]
@@ -332,7 +332,7 @@ class FedNCM(FedAvgFineTune):
         b = -np.sum(means**2, axis=1)
         b = np.where(counts > 0, b, b.min() - 1e3)  # a class nobody holds is never the nearest
         params["classifier.w"], params["classifier.b"] = w.astype(np.float32), b.astype(np.float32)
-        return ServerState(server.round + 1, params, acc.count, len(failures))
+        return ServerState(server.version + 1, params, acc.count, len(failures))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {

@@ -162,7 +162,9 @@ def test_unplug_replug_reconnects_reannounces_and_never_uses_a_half_pushed_head(
         gen, hellos = link.generation, emu.stats.hello_rx
         emu.unplug_on_chunk = 1  # the cable comes out while chunk 1 is on the wire
         with pytest.raises(HeadPushError, match="link lost") as info:
-            link.push_head(other_head.blob, chunk_size=256, ack_timeout=2.0, head_id=0xBEEF)
+            # The unplug answers chunk 1 at once; the long ACK timeout only keeps a loaded machine from
+            # turning the loss into a resend that would meet the replugged board.
+            link.push_head(other_head.blob, chunk_size=256, ack_timeout=10.0, head_id=0xBEEF)
         assert info.value.chunk == 1
         link.wait_connected(10.0, after=gen)
         assert link.wait_peer_hello(10.0, after=gen).board.startswith("edge-fl-emulator")
@@ -173,7 +175,9 @@ def test_unplug_replug_reconnects_reannounces_and_never_uses_a_half_pushed_head(
         assert {r.head_id for _, r in results_for(link, old, 3)} == {old}
         new = link.push_head(other_head.blob)  # and a full push after replug works
         assert results_for(link, new, 2)[0][1].head_id == new
-        assert link.stats.disconnects == 1 and link.stats.connects == 2
+        # Every loss was followed by a reconnection (on a loaded machine the link may also have opened the
+        # old pty path once more before its node vanished: that is a second, equally handled, loss).
+        assert link.stats.disconnects >= 1 and link.stats.connects == link.stats.disconnects + 1
 
 
 def test_device_restart_on_a_socket_url_reconnects(needs_emulator: Any, trained_head: Any) -> None:

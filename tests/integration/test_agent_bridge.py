@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.broker import LocalBroker
+from edge_agent.learning.training import TrainingConfig
 from edge_agent.demo import Fleet, _toml, write_aggregator_config
 from edge_agent.transport import Message, MqttLink
 from firmware_bridge.emulator import EmulatedMcu
@@ -31,7 +32,8 @@ def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroke
         monitor.connect(timeout=10)
         monitor.subscribe(f"edgefl/{FLEET}/status")
         agg = write_aggregator_config(tmp_path, broker.host, broker.port, "aggregator", broker.users["aggregator"],
-                                      fleet=FLEET, clients=1, strategy="ditto", rounds=2, seed=0, deadline_s=60)
+                                      fleet=FLEET, clients=1, train=TrainingConfig(strategy="ditto", rounds=2, seed=0),
+                                      deadline_s=60)
         agent_cfg = tmp_path / "mcu-agent.toml"
         agent_cfg.write_text(_toml(
             {"broker": {"host": broker.host, "port": broker.port, "username": "device",

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from edge_agent.broker import LocalBroker
-from edge_agent.codec.envelope import Kind, UpdateEnvelope, decode_envelope, encode_envelope
+from edge_agent.codec.envelope import Kind, Envelope, decode_envelope, encode_envelope
 from edge_agent.data.partition import PartitionConfig
+from edge_agent.learning.training import TrainingConfig
 from edge_agent.demo import Fleet, write_aggregator_config
-from edge_agent.fleet import from_meta
+from edge_agent.fleet import decode_task
 from edge_agent.learning.strategies import ServerState
 from edge_agent.sim import federate
 from edge_agent.transport import Message, MqttLink
@@ -41,7 +42,7 @@ def _wait(link: MqttLink, topic: str, pred, timeout: float = 30.0) -> Message:  
 def test_bad_updates_are_rejected_and_the_round_still_completes(broker: LocalBroker, tmp_path: Path, embedded) -> None:  # type: ignore[no-untyped-def]
     data = federate(embedded, PartitionConfig("natural", seed=0))
     cfg = write_aggregator_config(tmp_path, broker.host, broker.port, "aggregator", broker.users["aggregator"],
-                                  fleet=FLEET, clients=2, strategy="fedavg", rounds=2, seed=0, deadline_s=60,
+                                  fleet=FLEET, clients=2, train=TrainingConfig(strategy="fedavg", rounds=2, seed=0), deadline_s=60,
                                   max_update_bytes=6000)
     fleet = Fleet(tmp_path)
     fleet.spawn("aggregator", "aggregator", "--config", str(cfg), "--exit-when-done")
@@ -58,18 +59,18 @@ def test_bad_updates_are_rejected_and_the_round_still_completes(broker: LocalBro
             devs[name] = link
         a, b = devs["dev-a"], devs["dev-b"]
 
-        def task(link: MqttLink, round_no: int) -> UpdateEnvelope:
+        def task(link: MqttLink, round_no: int) -> Envelope:
             msg = _wait(link, f"{pre}/round/current", lambda m: decode_envelope(m.payload).round == round_no)
             return decode_envelope(msg.payload)
 
-        def update(env: UpdateEnvelope, device: str, idx: int) -> UpdateEnvelope:
-            _, _, strategy = from_meta(dict(env.meta))
+        def update(env: Envelope, device: str, idx: int) -> Envelope:
+            strategy = decode_task(env).model.strategy()
             server = ServerState(env.model_version, dict(env.tensors))
             state = strategy.init_client(np.random.default_rng(idx))
             _, u = strategy.client_round(server, state, data.clients[idx], np.random.default_rng(idx))
-            return UpdateEnvelope(kind=Kind.UPDATE, device_id=device, round=env.round, model_version=env.model_version,
-                                  strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=u.num_examples,
-                                  tensors=u.tensors)
+            return Envelope(kind=Kind.UPDATE, device_id=device, round=env.round, model_version=env.model_version,
+                            strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=u.num_examples,
+                            tensors=u.tensors)
 
         t1a, t1b = task(a, 1), task(b, 1)
         good_a = encode_envelope(update(t1a, "dev-a", 0))

@@ -47,11 +47,12 @@ class Run:
         self.monitor.subscribe(f"edgefl/{FLEET}/status", qos=1)
         b = (broker.host, broker.port)
         self.agg_config = write_aggregator_config(workdir, *b, "aggregator", broker.users["aggregator"], fleet=FLEET,
-                                                  clients=len(CLIENTS), strategy=strategy, rounds=rounds, seed=seed,
+                                                  clients=len(CLIENTS),
+                                                  train=TrainingConfig(strategy=strategy, rounds=rounds, seed=seed),
                                                   deadline_s=deadline_s)
         self.agent_configs = {
             cid: write_agent_config(workdir, *b, "device", broker.users["device"], fleet=FLEET, subject=s,
-                                    rng_stream=i, regime="natural", seed=seed)
+                                    rng_stream=i, partition=PartitionConfig("natural", seed=seed))
             for i, (cid, s) in enumerate(zip(CLIENTS, CLIENT_SUBJECTS))}
 
     def start_aggregator(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge_agent.codec.tensor_pack import unpack_tensors
+from edge_agent.codec.envelope import decode_envelope
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead
 from edge_agent.learning.strategies import STRATEGIES, make_strategy
@@ -50,7 +50,7 @@ def test_personal_tensors_never_leave_the_device(natural) -> None:  # type: igno
         strategy = make_strategy(name, head)
         seen: list[set[str]] = []
         run_simulation(natural, TrainingConfig(strategy=name, rounds=2),
-                       watch_uplink=lambda cid, rnd, payload: seen.append(set(unpack_tensors(payload))))
+                       watch_uplink=lambda cid, rnd, payload: seen.append(set(decode_envelope(payload).tensors)))
         if not strategy.shared_keys:
             assert seen == [], name
             continue

@@ -59,3 +59,17 @@ def test_device_install_does_not_need_tensorflow_for_the_simulation() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
+
+
+def test_messaging_and_the_memory_broker_do_not_import_paho() -> None:
+    # transport.py is the one module that imports paho; the simulation's broker runs without it.
+    code = (
+        "import sys, json\n"
+        "import edge_agent.messaging, edge_agent.memory_broker\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = json.loads(out)
+    bad = [m for m in loaded if m == "paho" or m.startswith("paho.") or m == "edge_agent.transport"]
+    assert not bad, f"the paho-free link modules pulled in {bad}"
+    assert "edge_agent.memory_broker" in loaded

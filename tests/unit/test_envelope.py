@@ -25,7 +25,7 @@ from edge_agent.codec import envelope as envelope_module
 from edge_agent.codec.envelope import (
     EnvelopeError,
     Kind,
-    UpdateEnvelope,
+    Envelope,
     decode_envelope,
     encode_envelope,
 )
@@ -34,7 +34,7 @@ from edge_agent.codec.tensor_pack import CodecError
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _env(**over: Any) -> UpdateEnvelope:
+def _env(**over: Any) -> Envelope:
     fields: dict[str, Any] = dict(
         kind=Kind.UPDATE, device_id="pi-kitchen.01", round=4, model_version=3, strategy="ditto",
         update_id="0f" * 16, num_examples=120,
@@ -42,7 +42,7 @@ def _env(**over: Any) -> UpdateEnvelope:
                  "adapter.b": np.array([0.1, -0.2, 0.3], np.float32)},
         meta={"epochs": 2, "loss": 0.25, "note": "ok", "warm": True})
     fields.update(over)
-    return UpdateEnvelope(**fields)
+    return Envelope(**fields)
 
 
 def _split(data: bytes) -> tuple[dict[str, Any], bytes, int]:
@@ -67,7 +67,7 @@ GOLDEN_HEADER = (b'{"codec":"float32","device_id":"dev-1","meta":{},"model_versi
 
 
 def test_golden_envelope_bytes() -> None:
-    env = UpdateEnvelope(Kind.UPDATE, "dev-1", 7, 3, "ditto", "u1", 5, {"b": np.array([1.0, -2.0], np.float32)},
+    env = Envelope(Kind.UPDATE, "dev-1", 7, 3, "ditto", "u1", 5, {"b": np.array([1.0, -2.0], np.float32)},
                          codec="float32")
     data = encode_envelope(env)
     assert len(GOLDEN_HEADER) == 0xE0
@@ -360,7 +360,7 @@ def test_errors_are_codec_errors_and_value_errors() -> None:
 
 # --- fuzzing --------------------------------------------------------------------------------------
 
-def _check_decodes_or_envelope_error(data: Any, **limits: int) -> UpdateEnvelope | None:
+def _check_decodes_or_envelope_error(data: Any, **limits: int) -> Envelope | None:
     try:
         env = decode_envelope(data, **limits)
     except EnvelopeError:
@@ -451,10 +451,10 @@ _meta_value = (st.text(string.printable.strip(), max_size=20) | st.booleans() | 
 
 
 @st.composite
-def _envelopes(draw: st.DrawFn) -> UpdateEnvelope:
+def _envelopes(draw: st.DrawFn) -> Envelope:
     kind = draw(st.sampled_from(Kind))
     device = "aggregator" if kind is Kind.GLOBAL else draw(_ident.filter(lambda s: s != "aggregator"))
-    return UpdateEnvelope(
+    return Envelope(
         kind=kind, device_id=device, round=draw(st.integers(0, 2**32 - 1)),
         model_version=draw(st.integers(0, 2**32 - 1)), strategy=draw(_ident.map(lambda s: s[:32])),
         update_id=draw(_ident), num_examples=draw(st.integers(0, 2**63 - 1)),
@@ -464,7 +464,7 @@ def _envelopes(draw: st.DrawFn) -> UpdateEnvelope:
 
 @FUZZ
 @given(_envelopes())
-def test_fuzz_valid_envelopes_round_trip(env: UpdateEnvelope) -> None:
+def test_fuzz_valid_envelopes_round_trip(env: Envelope) -> None:
     back = decode_envelope(encode_envelope(env))
     assert (back.kind, back.device_id, back.round, back.model_version, back.strategy, back.update_id,
             back.num_examples, back.codec, dict(back.meta)) == (

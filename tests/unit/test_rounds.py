@@ -64,10 +64,10 @@ def test_update_after_close_is_late() -> None:
 
 def test_closes_when_all_reported_or_at_deadline_and_lists_stragglers() -> None:
     s = _round()
-    assert not should_close(s, 110.0) and should_close(s, 130.0)
+    assert not should_close(s, 110.0, CFG) and should_close(s, 130.0, CFG)
     for d in "abc":
         s = accept(s, Upd(d, "u"))
-    assert should_close(s, 101.0)
+    assert should_close(s, 101.0, CFG)
     s = accept(accept(_round(), Upd("a", "u")), Upd("b", "u"))
     closed, failures, ok = close(s, CFG)
     assert closed.phase is Phase.CLOSED and ok
@@ -128,3 +128,29 @@ def test_close_round_stores_the_new_global_atomically(tmp_path) -> None:  # type
     assert store.latest_global()[0] == 1
     assert store.current_round().phase is Phase.CLOSED
     assert store.round_history()[0]["failed"] == 1 and store.accumulator(1) is None
+
+
+def test_a_round_of_a_strategy_that_shares_nothing_closes_at_once_and_succeeds() -> None:
+    from dataclasses import replace
+
+    local = replace(CFG, expects_updates=False)
+    s = _round()
+    assert should_close(s, 100.0, local) and not should_close(s, 100.0, CFG)
+    closed, failures, ok = close(s, local)
+    assert ok and failures == [] and closed.phase.value == "closed"
+
+
+def test_accumulator_snapshots_round_trip_exactly_and_old_npz_snapshots_still_load() -> None:
+    import io
+
+    from edge_agent.aggregator.store import _arrays_to_bytes, _bytes_to_arrays
+
+    arrays = {"sum:adapter.w": np.random.default_rng(0).standard_normal((64, 32)).T,  # not C-contiguous
+              "__total_weight__": np.array(1234.5), "__count__": np.array(6), "sum:empty": np.zeros((0, 7))}
+    back = _bytes_to_arrays(_arrays_to_bytes(arrays))
+    assert set(back) == set(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
+    old = io.BytesIO()
+    np.savez(old, **arrays)
+    assert all(np.array_equal(_bytes_to_arrays(old.getvalue())[k], v) for k, v in arrays.items())

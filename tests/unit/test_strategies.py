@@ -66,7 +66,7 @@ def test_round_trip_keeps_personal_state_on_device_and_server_shape_stable(name:
         keys_before = set(server.params)
         server = s.aggregate(server, updates)
         assert set(server.params) == keys_before
-    assert server.round == 3
+    assert server.version == 3
     head = s.personalized(server, states[0], _client(0), rng)
     assert set(head) == set(HEAD.keys)
 
@@ -77,7 +77,7 @@ def test_no_updates_leaves_the_global_head_unchanged_and_counts_failures() -> No
     s = make_strategy("fedavg", HEAD)
     server = s.init_server(np.random.default_rng(0))
     after = s.aggregate(server, [], [ClientFailure("dev-1", "timed out")])
-    assert after.failed == 1 and after.reported == 0 and after.round == 1
+    assert after.failed == 1 and after.reported == 0 and after.version == 1
     for k in server.params:
         np.testing.assert_array_equal(after.params[k], server.params[k])
 
