@@ -40,7 +40,7 @@ def prepare_inputs(tmp: Path, subject: int, seed: int) -> dict[str, Any]:
     from edge_agent.backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
     from edge_agent.data.watch import load_watch_dataset
     from edge_agent.learning.head import HeadConfig, init_params
-    from edge_agent.sim import default_cache_dir, embed_dataset
+    from edge_agent.data.federated import default_cache_dir, embed_dataset
     from edge_agent.state_io import save_head_state
 
     dataset = load_watch_dataset()

@@ -49,7 +49,7 @@ def prepare_data(path: Path, seed: int, subject: int | None) -> dict[str, Any]:
     from edge_agent.data.partition import PartitionConfig
     from edge_agent.data.watch import load_watch_dataset
     from edge_agent.learning.head import HeadConfig, init_params
-    from edge_agent.sim import default_cache_dir, embed_dataset, federate
+    from edge_agent.data.federated import default_cache_dir, embed_dataset, federate
 
     backbone = FrozenBackbone()
     embedded = embed_dataset(load_watch_dataset(), backbone, cache=EmbeddingCache(default_cache_dir()))

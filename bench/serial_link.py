@@ -39,7 +39,7 @@ def head_blob() -> bytes:
     from edge_agent.data.partition import PartitionConfig
     from edge_agent.data.watch import load_watch_dataset
     from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead, quantize_head
-    from edge_agent.sim import embed_dataset, federate
+    from edge_agent.data.federated import embed_dataset, federate
     from firmware_bridge.head_blob import encode_head
 
     emb = embed_dataset(load_watch_dataset(), FrozenBackbone())

@@ -23,7 +23,8 @@ from edge_agent.data.watch import load_watch_dataset
 from edge_agent.learning.strategies import STRATEGIES
 from edge_agent.report import few_shot_curve, plot_few_shot_curve
 from edge_agent.learning.training import DEFAULT_STRATEGY, TrainingConfig
-from edge_agent.sim import default_cache_dir, embed_dataset, federate, run_simulation
+from edge_agent.data.federated import default_cache_dir, embed_dataset, federate
+from edge_agent.sim import run_simulation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("mean_acc", "p10_acc", "worst_acc", "new_user_acc", "uplink_bytes_per_client_round")

@@ -53,9 +53,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
     from .backbone import EmbeddingCache, FrozenBackbone
+    from .data.federated import default_cache_dir, embed_dataset
     from .data.watch import load_watch_dataset
     from .data.windows import WindowConfig
-    from .sim import default_cache_dir, embed_dataset
 
     feature: str | int | None = args.feature_output
     if isinstance(feature, str) and feature.isdigit():
@@ -73,9 +73,10 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .data.federated import federate
     from .learning.strategies import STRATEGIES
     from .learning.training import DEFAULT_STRATEGY, TrainingConfig
-    from .sim import federate, run_simulation
+    from .sim import run_simulation
 
     progress = Progress(quiet=args.quiet)
     embedded, backbone = _load_embedded(args, progress)

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from .data.federated import Embedded, federate
 from .data.partition import PartitionConfig
 from .learning.training import TrainingConfig
-from .sim import Embedded, federate, run_simulation
+from .sim import run_simulation
 
 FEW_SHOT_CURVE = (1, 2, 5, 10, 20, 0)  # labelled windows per class; 0 = all the client has
 

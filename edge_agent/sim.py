@@ -7,28 +7,21 @@ bytes counted and the int8 rounding are the ones a real deployment sees.
 from __future__ import annotations
 
 import json
-import os
 import queue
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backbone import EmbeddingCache, FrozenBackbone
 from .codec.envelope import decode_envelope, read_header
 from .codec.tensor_pack import pack_tensors
-from .data.partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS, PartitionConfig, partition_clients
-from .data.watch import WatchDataset
-from .data.windows import WindowConfig, split_and_window
+from .data.federated import FederatedData
 from .db import MEMORY
 from .fleet import GlobalModel, decode_global
-from .learning.features import EmbeddingStandardizer
 from .learning.head import HeadConfig, quantize_head
 from .learning.metrics import accuracy, summarize
 from .learning.strategies import (
-    ClientData,
     ClientDataError,
     ServerState,
     check_client_data,
@@ -38,65 +31,6 @@ from .learning.training import TrainingConfig
 from .memory_broker import MemoryBroker, MemoryLink
 from .messaging import Message
 from .protocol import Topics
-
-
-@dataclass(frozen=True)
-class FederatedData:
-    """Standardized embeddings per client plus the never-seen users, built once per (backbone, regime, seed)."""
-
-    client_ids: tuple[str, ...]
-    clients: tuple[ClientData, ...]
-    new_user_x: np.ndarray
-    new_user_y: np.ndarray
-    num_classes: int
-    embedding_dim: int
-    class_names: tuple[str, ...]
-    partition: PartitionConfig
-
-
-@dataclass(frozen=True)
-class Embedded:
-    """All windows of the dataset embedded once; partitions are index views on it."""
-
-    train: Any
-    test: Any
-    train_emb: np.ndarray
-    test_emb: np.ndarray
-    standardizer: EmbeddingStandardizer
-    class_names: tuple[str, ...]
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edge-fl" / "embeddings"
-
-
-def embed_dataset(dataset: WatchDataset, backbone: FrozenBackbone, window: WindowConfig = WindowConfig(),
-                  cache: EmbeddingCache | None = None) -> Embedded:
-    train, test = split_and_window(dataset, window)
-    run = cache.embed if cache else (lambda b, x: b.embed(x))
-    train_emb, test_emb = run(backbone, train.x), run(backbone, test.x)
-    # Statistics from the backbone subjects only: clients and new users never inform them.
-    reference = train_emb[np.isin(train.subject, BACKBONE_SUBJECTS)]
-    return Embedded(train, test, train_emb, test_emb, EmbeddingStandardizer.fit(reference), dataset.class_names)
-
-
-def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
-    std = embedded.standardizer
-    splits = partition_clients(embedded.train, embedded.test, partition, CLIENT_SUBJECTS)
-    clients = tuple(
-        ClientData(std(embedded.train_emb[s.train_idx]), embedded.train.y[s.train_idx],
-                   std(embedded.test_emb[s.test_idx]), embedded.test.y[s.test_idx])
-        for s in splits
-    )
-    # A new user has no labels to train on; all of their windows are test windows.
-    new_x = np.concatenate([embedded.train_emb[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
-                            embedded.test_emb[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
-    new_y = np.concatenate([embedded.train.y[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
-                            embedded.test.y[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
-    return FederatedData(tuple(s.client_id for s in splits), clients, std(new_x), new_y,
-                         len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
-
 
 Uplink = Callable[[str, int, bytes], None]  # (device id, round, the update message as sent) for tests
 

@@ -41,21 +41,23 @@ def describe(msg: Message) -> str:
 
 
 def load_head_blob(path: str) -> bytes:
-    """A head blob file (EFHD...) as is, or an edge-fl head state (.npz) quantized + encoded behind the
-    standardization statistics of the backbone subjects (the same ones the agent uses)."""
+    """A head blob file (EFHD...) as is, or an edge-fl head state (.npz) quantized and encoded behind the
+    embedding standardization the backbone's sidecar ships (the statistics the agent itself uses)."""
     raw = Path(path).read_bytes()
     if raw[:4] == b"EFHD":
         return raw
-    from edge_agent.backbone import EmbeddingCache, FrozenBackbone
-    from edge_agent.data.watch import load_watch_dataset
+    from edge_agent.backbone import FrozenBackbone
     from edge_agent.learning.head import quantize_head
-    from edge_agent.sim import default_cache_dir, embed_dataset
     from edge_agent.state_io import load_head_state
 
     from .head_blob import encode_head
 
     params, _meta = load_head_state(path)
-    std = embed_dataset(load_watch_dataset(), FrozenBackbone(), cache=EmbeddingCache(default_cache_dir())).standardizer
+    backbone = FrozenBackbone()
+    std = backbone.embedding_standardizer()
+    if std is None:
+        raise ValueError(f"{backbone.path}: its sidecar has no embedding_standardization; rebuild it with "
+                         "models/build_backbone.py")
     return encode_head(quantize_head(params), std.mean, std.std)
 
 

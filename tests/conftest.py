@@ -34,7 +34,7 @@ def backbone():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def embedded(dataset, backbone, tmp_path_factory):  # type: ignore[no-untyped-def]
     from edge_agent.backbone import EmbeddingCache
-    from edge_agent.sim import embed_dataset
+    from edge_agent.data.federated import embed_dataset
 
     return embed_dataset(dataset, backbone, cache=EmbeddingCache(tmp_path_factory.mktemp("emb")))
 

@@ -57,9 +57,9 @@ class FixedSource:
 def dataset_source(cfg: AgentConfig) -> FixedSource:
     """The demo's local data: this subject's windows of the bundled recordings, through the real backbone."""
     from ..backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
+    from ..data.federated import default_cache_dir, embed_dataset, federate
     from ..data.partition import PartitionConfig
     from ..data.watch import load_watch_dataset
-    from ..sim import default_cache_dir, embed_dataset, federate
 
     d = cfg.data
     backbone = FrozenBackbone(cfg.backbone or DEFAULT_MODEL)

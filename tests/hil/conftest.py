@@ -75,7 +75,7 @@ def trained_head(embedded: Any) -> TrainedHead:
     """A head trained with edge_agent on the subject's real embeddings, quantized, as a blob."""
     from edge_agent.data.partition import PartitionConfig
     from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead, quantize_head
-    from edge_agent.sim import federate
+    from edge_agent.data.federated import federate
     from firmware_bridge.head_blob import encode_head
 
     data = federate(embedded, PartitionConfig())
@@ -92,7 +92,7 @@ def other_head(embedded: Any) -> TrainedHead:
     """A second, different head (another subject), to tell which head the device runs."""
     from edge_agent.data.partition import PartitionConfig
     from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead, quantize_head
-    from edge_agent.sim import federate
+    from edge_agent.data.federated import federate
     from firmware_bridge.head_blob import encode_head
 
     data = federate(embedded, PartitionConfig())

@@ -20,7 +20,7 @@ from edge_agent.learning.training import TrainingConfig
 from edge_agent.demo import Fleet, write_aggregator_config
 from edge_agent.fleet import decode_task
 from edge_agent.learning.strategies import ServerState
-from edge_agent.sim import federate
+from edge_agent.data.federated import federate
 from edge_agent.transport import Message, MqttLink
 
 pytestmark = pytest.mark.fleet

@@ -12,7 +12,8 @@ import pytest
 
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.learning.training import TrainingConfig
-from edge_agent.sim import federate, run_simulation
+from edge_agent.data.federated import federate
+from edge_agent.sim import run_simulation
 
 from ..conftest import ROOT
 

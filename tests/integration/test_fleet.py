@@ -24,7 +24,8 @@ from edge_agent.codec.tensor_pack import unpack_tensors
 from edge_agent.data.partition import CLIENT_SUBJECTS, PartitionConfig
 from edge_agent.demo import Fleet, write_agent_config, write_aggregator_config
 from edge_agent.learning.training import TrainingConfig
-from edge_agent.sim import federate, run_simulation
+from edge_agent.data.federated import federate
+from edge_agent.sim import run_simulation
 from edge_agent.transport import Message, MqttLink
 
 pytestmark = pytest.mark.fleet

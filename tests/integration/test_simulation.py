@@ -13,7 +13,8 @@ from edge_agent.data.partition import PartitionConfig
 from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead
 from edge_agent.learning.strategies import STRATEGIES, make_strategy
 from edge_agent.learning.training import TrainingConfig
-from edge_agent.sim import federate, run_simulation
+from edge_agent.data.federated import federate
+from edge_agent.sim import run_simulation
 
 from ..conftest import ROOT
 

@@ -73,3 +73,84 @@ def test_messaging_and_the_memory_broker_do_not_import_paho() -> None:
     bad = [m for m in loaded if m == "paho" or m.startswith("paho.") or m == "edge_agent.transport"]
     assert not bad, f"the paho-free link modules pulled in {bad}"
     assert "edge_agent.memory_broker" in loaded
+
+
+# --- the layer rules, over every import statement (module level or inside functions) -----------------
+
+PACKAGES = ("edge_agent", "firmware_bridge")
+# Pure: numpy and the standard library's computing modules in, numbers or bytes out. No port, socket,
+# file, database, thread, clock or interpreter.
+PURE = ("edge_agent.learning", "edge_agent.codec", "edge_agent.aggregator.rounds", "edge_agent.protocol",
+        "edge_agent.fleet", "firmware_bridge.framing", "firmware_bridge.messages", "firmware_bridge.head_blob",
+        "firmware_bridge.error_replies", "firmware_bridge.emulator.staging")
+# importlib: codec.digest picks the builtin sha256 module by name.
+PURE_MAY_IMPORT_EXTERNAL = {"__future__", "abc", "binascii", "collections", "dataclasses", "enum", "functools",
+                            "hashlib", "importlib", "itertools", "json", "math", "numpy", "re", "struct", "typing",
+                            "uuid",
+                            "zlib"}
+SERVICES = ("edge_agent.agent", "edge_agent.aggregator")
+SIMULATOR_AND_TOOLS = ("edge_agent.sim", "edge_agent.demo", "edge_agent.cli", "edge_agent.report")
+
+
+def _in(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> every module it imports (absolute names), read from the source with ast."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    graph: dict[str, set[str]] = {}
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            if is_pkg:
+                parts = parts[:-1]
+            module = ".".join(parts)
+            here = parts if is_pkg else parts[:-1]  # the package relative imports start from
+            found: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found.update(a.name for a in node.names)
+                elif isinstance(node, ast.ImportFrom):
+                    base = here[:len(here) - node.level + 1] if node.level else []
+                    target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                    found.add(target)
+                    # `from . import rounds` imports a module, not a name
+                    found.update(f"{target}.{a.name}" for a in node.names)
+            graph[module] = found
+    return graph
+
+
+def test_the_layer_rules_hold_for_every_module() -> None:
+    graph = _import_graph()
+    ours = set(graph)
+    assert {"edge_agent.sim", "edge_agent.agent.service", "firmware_bridge.link",
+            "edge_agent.learning.head"} <= ours  # the walk really saw the packages
+    problems = []
+    for module, imports in sorted(graph.items()):
+        internal = {m for m in imports if m in ours}
+        external = {m.split(".")[0] for m in imports if m.split(".")[0] not in PACKAGES}
+        if _in(module, PURE):
+            bad = sorted(m for m in internal if not _in(m, PURE) and m not in PACKAGES)
+            bad += sorted(external - PURE_MAY_IMPORT_EXTERNAL)
+            if bad:
+                problems.append(f"{module} is pure but imports {bad}")
+        if module.startswith("firmware_bridge."):
+            bad = sorted(m for m in internal if m.startswith("edge_agent.")
+                         and (_in(m, SERVICES) or _in(m, SIMULATOR_AND_TOOLS)
+                              or _in(m, ("edge_agent.transport", "edge_agent.memory_broker"))))
+            if bad:
+                problems.append(f"{module}: the serial bridge may use edge-fl's core, not {bad}")
+        if _in(module, SERVICES):
+            bad = sorted(m for m in internal if _in(m, SIMULATOR_AND_TOOLS))
+            if bad:
+                problems.append(f"{module} is a service but imports the simulator or a tool: {bad}")
+        if _in(module, ("edge_agent.learning", "edge_agent.codec")):
+            bad = sorted(m for m in internal if not _in(m, ("edge_agent.learning", "edge_agent.codec")))
+            if bad:
+                problems.append(f"{module} is the learning/codec core but imports {bad}")
+    assert not problems, "\n".join(problems)

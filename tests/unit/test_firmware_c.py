@@ -571,7 +571,7 @@ def test_head_values_must_be_finite_and_extreme_inputs_are_not_undefined_behavio
 def test_c_head_inference_matches_python_on_real_embeddings(host: Path, embedded) -> None:  # type: ignore[no-untyped-def]
     from edge_agent.data.partition import PartitionConfig
     from edge_agent.learning.head import FitConfig, HeadConfig, PersonalizationHead
-    from edge_agent.sim import federate
+    from edge_agent.data.federated import federate
 
     data = federate(embedded, PartitionConfig("natural", seed=0))
     x = np.concatenate([c.x_train for c in data.clients])

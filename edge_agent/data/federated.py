@@ -1,0 +1,79 @@
+"""The federated view of a dataset: every window embedded once by the frozen backbone, then split into
+clients (a partition regime), their later-in-time test windows, and the never-seen users.
+
+What `edge-fl simulate`, the demo's agents (the bundled recordings) and the benchmarks train on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backbone import EmbeddingCache, FrozenBackbone
+from ..learning.features import EmbeddingStandardizer
+from ..learning.strategies import ClientData
+from .partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS, PartitionConfig, partition_clients
+from .watch import WatchDataset
+from .windows import WindowConfig, split_and_window
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Standardized embeddings per client plus the never-seen users, built once per (backbone, regime, seed)."""
+
+    client_ids: tuple[str, ...]
+    clients: tuple[ClientData, ...]
+    new_user_x: np.ndarray
+    new_user_y: np.ndarray
+    num_classes: int
+    embedding_dim: int
+    class_names: tuple[str, ...]
+    partition: PartitionConfig
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """All windows of the dataset embedded once; partitions are index views on it."""
+
+    train: Any
+    test: Any
+    train_emb: np.ndarray
+    test_emb: np.ndarray
+    standardizer: EmbeddingStandardizer
+    class_names: tuple[str, ...]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edge-fl" / "embeddings"
+
+
+def embed_dataset(dataset: WatchDataset, backbone: FrozenBackbone, window: WindowConfig = WindowConfig(),
+                  cache: EmbeddingCache | None = None) -> Embedded:
+    train, test = split_and_window(dataset, window)
+    run = cache.embed if cache else (lambda b, x: b.embed(x))
+    train_emb, test_emb = run(backbone, train.x), run(backbone, test.x)
+    # Statistics from the backbone subjects only: clients and new users never inform them.
+    reference = train_emb[np.isin(train.subject, BACKBONE_SUBJECTS)]
+    return Embedded(train, test, train_emb, test_emb, EmbeddingStandardizer.fit(reference), dataset.class_names)
+
+
+def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
+    std = embedded.standardizer
+    splits = partition_clients(embedded.train, embedded.test, partition, CLIENT_SUBJECTS)
+    clients = tuple(
+        ClientData(std(embedded.train_emb[s.train_idx]), embedded.train.y[s.train_idx],
+                   std(embedded.test_emb[s.test_idx]), embedded.test.y[s.test_idx])
+        for s in splits
+    )
+    # A new user has no labels to train on; all of their windows are test windows.
+    new_x = np.concatenate([embedded.train_emb[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
+                            embedded.test_emb[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
+    new_y = np.concatenate([embedded.train.y[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
+                            embedded.test.y[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
+    return FederatedData(tuple(s.client_id for s in splits), clients, std(new_x), new_y,
+                         len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
