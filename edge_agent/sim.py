@@ -227,12 +227,10 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
     for agent in agents:
         agent.shutdown()
     aggregator.shutdown()
-    per_round = sum(r["clients_reporting"] for r in rounds) / len(rounds) if rounds else 0
     summary = {k: rounds[-1][k] for k in ("mean_acc", "p10_acc", "worst_acc", "new_user_acc")}
     selected = max(1, round(config.fraction * n_clients))
     summary["uplink_bytes_per_client_round"] = sum(r["uplink_bytes"] for r in rounds) / (config.rounds * selected)
     summary["downlink_bytes_per_client_round"] = sum(r["downlink_bytes"] for r in rounds) / (config.rounds * selected)
-    del per_round
     strategy = make_strategy(config.strategy, HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim),
                              config.strategy_config())
     return {

@@ -54,6 +54,9 @@ class BridgeSource:
         self._push_locks = {link.url: threading.Lock() for link in self.links}
         # url -> (connection generation, blob, head id) of the last head that MCU accepted
         self._pushed: dict[str, tuple[int, bytes, int]] = {}
+        # url -> (connection generation, blob) of the last push that failed: not retried on that connection
+        # (an MCU that refused a head refuses it again; a hung one is reconnected by its link first)
+        self._failed: dict[str, tuple[int, bytes]] = {}
         self._threads = [threading.Thread(target=self._collect, args=(link,), name=f"bridge-collector {link.url}",
                                           daemon=True) for link in self.links]
         for t in self._threads:
@@ -84,6 +87,9 @@ class BridgeSource:
         blob, gen, done = self._blob, link.generation, self._pushed.get(link.url)
         if blob is None or not link.connected or link.peer_generation != gen:
             return  # nothing to push yet, or the MCU has not said HELLO on this connection yet
+        failed = self._failed.get(link.url)
+        if failed is not None and failed[0] == gen and failed[1] is blob:
+            return
         if done is None or done[0] != gen or done[1] is not blob:
             self._push_one(link, blob, again=True)
 
@@ -97,8 +103,9 @@ class BridgeSource:
             try:
                 head_id = link.push_head(blob)
             except LinkError as exc:
-                log.warning("head not pushed to the MCU on %s (%s); it keeps its previous head until it "
-                            "reconnects", link.url, exc)
+                self._failed[link.url] = (gen, blob)
+                log.warning("head not pushed to the MCU on %s (%s); it keeps its previous head; tried again "
+                            "after the MCU reconnects or with the next round's head", link.url, exc)
                 return None
             self._pushed[link.url] = (gen, blob, head_id)
         log.info("%s head %d (%d bytes) to the MCU on %s", "re-pushed" if again else "pushed", head_id, len(blob),

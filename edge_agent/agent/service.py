@@ -89,6 +89,11 @@ class AgentService:
         data = data or self.data()
         if data is None or data.y_test.size == 0:
             return
+        try:  # scoring may fine-tune on the data (fedavg-ft, ncm): what train() refuses is refused here too
+            check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
+        except ClientDataError as exc:
+            log.error("version %d: not evaluating: %s", version, exc)
+            return
         strategy, server = model.strategy(), model.server()
         state = self._state(model, strategy)
         personal = strategy.personalized(server, state, data,
@@ -215,7 +220,9 @@ class AgentService:
             self.waiting = None  # a newer task replaces one we could not train yet
             self.store.forget_rounds_before(task.round)
             self.train(task)
-            self.flush_outbox()
+            # Also what was sent before: the aggregator publishes its task again when it (re)connects, and an
+            # update sent while it was away may be lost (a broker crash) or acknowledged with nobody to get it.
+            self.flush_outbox(resend=True)
         else:
             self.evaluate(model)
 
