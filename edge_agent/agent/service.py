@@ -62,6 +62,7 @@ class AgentService:
         self.topics = Topics(cfg.fleet)
         self.store = AgentStore(MEMORY if cfg.state_dir == MEMORY else Path(cfg.state_dir) / "agent.db")
         self.waiting: RoundTask | None = None  # a round task that arrived before enough local data
+        self._checked: tuple[tuple[int, int, int], ClientData] | None = None  # the data that passed the check
         self.source = source if source is not None else open_source(cfg, self.store)
         b = cfg.broker
         self.link: BrokerLink = link_factory(
@@ -77,6 +78,14 @@ class AgentService:
             self.store.save_initial_state(state)
         return state
 
+    def _check(self, data: ClientData, model: GlobalModel) -> None:
+        """check_client_data, once per data object and head shape (fixed data is checked once, not per round)."""
+        key = (id(data), model.head.num_classes, model.head.in_dim)
+        if self._checked is not None and self._checked[0] == key and self._checked[1] is data:
+            return
+        check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
+        self._checked = (key, data)
+
     def data(self) -> ClientData | None:
         """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
         return self.source.client_data()
@@ -90,7 +99,7 @@ class AgentService:
         if data is None or data.y_test.size == 0:
             return
         try:  # scoring may fine-tune on the data (fedavg-ft, ncm): what train() refuses is refused here too
-            check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
+            self._check(data, model)
         except ClientDataError as exc:
             log.error("version %d: not evaluating: %s", version, exc)
             return
@@ -134,7 +143,7 @@ class AgentService:
         self.waiting = None
         model = task.model
         try:
-            check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
+            self._check(data, model)
         except ClientDataError as exc:  # never upload what would poison the fleet; the round goes on without us
             log.error("round %d: not training: %s", round_no, exc)
             return
