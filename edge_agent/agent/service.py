@@ -62,7 +62,7 @@ class AgentService:
         self.topics = Topics(cfg.fleet)
         self.store = AgentStore(MEMORY if cfg.state_dir == MEMORY else Path(cfg.state_dir) / "agent.db")
         self.waiting: RoundTask | None = None  # a round task that arrived before enough local data
-        self._checked: tuple[tuple[int, int, int], ClientData] | None = None  # the data that passed the check
+        self._checked: tuple[ClientData, tuple[int, int]] | None = None  # the data that passed the check
         self.source = source if source is not None else open_source(cfg, self.store)
         b = cfg.broker
         self.link: BrokerLink = link_factory(
@@ -80,11 +80,11 @@ class AgentService:
 
     def _check(self, data: ClientData, model: GlobalModel) -> None:
         """check_client_data, once per data object and head shape (fixed data is checked once, not per round)."""
-        key = (id(data), model.head.num_classes, model.head.in_dim)
-        if self._checked is not None and self._checked[0] == key and self._checked[1] is data:
+        shape = (model.head.num_classes, model.head.in_dim)
+        if self._checked is not None and self._checked[0] is data and self._checked[1] == shape:
             return
-        check_client_data(self.cfg.device_id, data, num_classes=model.head.num_classes, dim=model.head.in_dim)
-        self._checked = (key, data)
+        check_client_data(self.cfg.device_id, data, num_classes=shape[0], dim=shape[1])
+        self._checked = (data, shape)
 
     def data(self) -> ClientData | None:
         """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
