@@ -182,10 +182,10 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
                     service.handle(msg)
                     observer.drain()
                     busy = moved = True
-            closed_before = aggregator.rounds_opened()
+            opened_before = aggregator.rounds_opened()
             aggregator.tick()
             observer.drain()
-            busy = busy or aggregator.rounds_opened() != closed_before
+            busy = busy or aggregator.rounds_opened() != opened_before
         return moved
 
     rounds: list[dict[str, Any]] = []
