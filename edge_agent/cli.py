@@ -280,10 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # paho's own log repeats, less clearly, what the link reports (reconnect attempts while a broker is away).
     logging.getLogger("edge_agent.transport.paho").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     from .backbone import BackboneError
+    from .config import EXIT_CONFIG, ConfigError
     from .data.watch import DatasetError
 
     try:
         return int(args.func(args))
+    except ConfigError as exc:  # its own exit code: systemd's RestartPreventExitStatus stops retrying a typo
+        print(f"edge-fl: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except (BackboneError, DatasetError, ValueError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"edge-fl: error: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@ and the key. Unknown keys are errors: a typo must not silently fall back to a de
 from __future__ import annotations
 
 import sys
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +25,9 @@ T = TypeVar("T", bound="DataclassInstance")
 
 class ConfigError(ValueError):
     """A configuration file is missing, is not TOML, or has a wrong, missing or unknown key."""
+
+
+EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): a service manager should not restart a typo
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,44 @@ class AggregatorConfig:
     train: TrainingConfig = field(default_factory=TrainingConfig)
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Is a TOML value of the type a config field declares? (bool is not an int here; an int is a float.)"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     for name, f in known.items():
         if name not in data:
             if f.default is MISSING and f.default_factory is MISSING:
@@ -106,6 +143,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             value = _build(sub, value, f"{where} [{name}]")
+        else:
+            hint = hints[name]
+            if not _fits(value, hint):
+                raise ConfigError(f"{where}: {name} must be {_describe(hint)}, got {value!r} "
+                                  f"({type(value).__name__})")
+            if hint is float and isinstance(value, int):
+                value = float(value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
