@@ -453,8 +453,14 @@ def test_message_order_per_publisher(links: Harness) -> None:
             else:
                 pub.publish(topic, b"%d" % i)
     got = [next_message(sub) for _ in range(120)]
+    # What MQTT promises (v5 section 4.6): one publisher's messages of one QoS arrive in the order sent.
+    # Across QoS levels there is no promise: paho holds QoS 1 messages past its in-flight window and lets
+    # QoS 0 ones pass them (seen once in CI: 19 before 18), so each QoS is checked on its own.
     for j in range(3):
-        assert [int(m.payload) for m in got if m.topic.startswith(f"edgefl/f1/update/dev-{j}/")] == list(range(40))
+        mine = [int(m.payload) for m in got if m.topic.startswith(f"edgefl/f1/update/dev-{j}/")]
+        assert sorted(mine) == list(range(40)), mine
+        assert [i for i in mine if i % 3 != 1] == [i for i in range(40) if i % 3 != 1], mine  # QoS 1
+        assert [i for i in mine if i % 3 == 1] == [i for i in range(40) if i % 3 == 1], mine  # QoS 0
 
 
 def test_clean_restart_keeps_sessions_and_retained_and_sends_wills(links: Harness) -> None:
