@@ -68,21 +68,20 @@ def _meta(model: GlobalModel) -> dict[str, Any]:
     return meta
 
 
-def encode_global(model: GlobalModel) -> bytes:
+def _encode(model: GlobalModel, round_no: int, extra: dict[str, Any]) -> bytes:
     return encode_envelope(Envelope(
-        kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=model.version, model_version=model.version,
+        kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=round_no, model_version=model.version,
         strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
-        codec=model.codec, meta=_meta(model)))
+        codec=model.codec, meta={**_meta(model), **extra}))
+
+
+def encode_global(model: GlobalModel) -> bytes:
+    return _encode(model, model.version, {})
 
 
 def encode_task(task: RoundTask) -> bytes:
-    model = task.model
     selected = EVERY_DEVICE if task.selected is None else ",".join(task.selected)
-    return encode_envelope(Envelope(
-        kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=task.round, model_version=model.version,
-        strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
-        codec=model.codec, meta={**_meta(model), "round": task.round, "deadline": task.deadline,
-                                 "selected": selected}))
+    return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected})
 
 
 _DEFAULTS = TrainingConfig()

@@ -38,14 +38,13 @@ from ..learning.strategies import (
     Strategy,
     check_client_data,
 )
-from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
+from ..messaging import NO_MATCHING_SUBSCRIBERS, BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
 from ..transport import MqttLink
 from .sources import DataSource, open_source
 from .store import AgentStore, OutboxItem
 
 log = logging.getLogger("edge_fl.agent")
-NO_MATCHING_SUBSCRIBERS = 0x10  # a successful PUBACK, but nobody will receive the message
 
 
 def _message_id(update_id: str) -> bytes:
