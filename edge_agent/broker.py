@@ -29,10 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from .resources import broker_config
+
 __all__ = ["BrokerError", "LocalBroker", "DEV_CONFIG", "find_mosquitto"]
 
-#: The development configuration shipped in the repository.
-DEV_CONFIG = Path(__file__).resolve().parent.parent / "broker_config" / "mosquitto-dev.conf"
+#: The development configuration the package ships (broker_config/ in the repository).
+DEV_CONFIG = broker_config("mosquitto-dev.conf")
 
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
 _FALLBACK_BINARIES: tuple[str, ...] = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")

@@ -2,7 +2,8 @@
 
 10 subjects, 6-axis IMU (accelerometer + gyroscope) at 50 Hz, 7 exercises, each performed with the
 left and the right arm: 140 recordings. We read the file directly instead of importing seglearn,
-which needs scipy/scikit-learn/pandas that a device should not carry.
+which needs scipy/scikit-learn/pandas that a device should not carry. `edge-fl data fetch`
+(edge_agent/data/fetch.py) puts the one file in the user's data directory without installing seglearn.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .fetch import WATCH_REQUIREMENT, fetched_watch_dataset
+
 DATASET_ENV = "EDGEFL_WATCH_DATASET"
 SAMPLE_RATE_HZ = 50
 INSTALL_HINT = (
-    "install it with `pip install --no-deps seglearn==1.2.5` (scripts/setup does this), "
+    f"run `edge-fl data fetch` (downloads the pinned {WATCH_REQUIREMENT} wheel with pip and keeps only the "
+    f"recordings; scripts/setup does this), or `pip install --no-deps {WATCH_REQUIREMENT}`, "
     f"or point {DATASET_ENV} at a copy of watch_dataset.npy"
 )
 
@@ -54,13 +58,15 @@ class WatchDataset:
 
 
 def locate_watch_dataset(path: str | os.PathLike[str] | None = None) -> Path:
-    """Find watch_dataset.npy: explicit path, then $EDGEFL_WATCH_DATASET, then the installed seglearn wheel."""
+    """Find watch_dataset.npy: explicit path, else $EDGEFL_WATCH_DATASET, else the user's data directory
+    (`edge-fl data fetch`), then an installed seglearn wheel."""
     candidates: list[Path] = []
     if path is not None:
         candidates.append(Path(path))
     elif os.environ.get(DATASET_ENV):
         candidates.append(Path(os.environ[DATASET_ENV]))
     else:
+        candidates.append(fetched_watch_dataset())
         # find_spec locates the package without executing its __init__ (which imports scipy).
         spec = importlib.util.find_spec("seglearn")
         if spec is not None and spec.submodule_search_locations:
@@ -69,7 +75,7 @@ def locate_watch_dataset(path: str | os.PathLike[str] | None = None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    looked = ", ".join(str(c) for c in candidates) or "no seglearn package installed"
+    looked = ", ".join(str(c) for c in candidates)
     raise DatasetError(f"watch_dataset.npy not found (looked in: {looked}); {INSTALL_HINT}")
 
 
@@ -77,7 +83,8 @@ def load_watch_dataset(path: str | os.PathLike[str] | None = None) -> WatchDatas
     file = locate_watch_dataset(path)
     try:
         # The file is a pickled dict inside an .npy (that is how seglearn ships it). We only ever
-        # open it from a pinned, locally installed wheel, never from the network.
+        # open it from the pinned wheel, checked by sha256 (edge-fl data fetch) or installed by pip, or from
+        # a path the user named; never straight from the network.
         raw = np.load(file, allow_pickle=True).item()
     except Exception as exc:  # numpy raises several types for a damaged file
         raise DatasetError(f"{file}: cannot read the recordings ({exc}); reinstall: {INSTALL_HINT}") from exc
