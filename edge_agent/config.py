@@ -1,11 +1,20 @@
 """TOML configuration of the agent and the aggregator, checked on load with messages that name the file
-and the key. Unknown keys are errors: a typo must not silently fall back to a default."""
+and the key. Unknown keys are errors: a typo must not silently fall back to a default.
+
+Where a value comes from, strongest first: `--set section.key=value` on the command line, then an
+environment variable (`ENVIRONMENT`, for the few values operators change per device), then the file,
+then the default. Every source is type- and range-checked the same way; a problem names its source.
+Secrets never come from the command line or the environment: see `BrokerConfig.secret`."""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import sys
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,7 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .learning.strategies import STRATEGIES
 from .learning.training import TrainingConfig
+from .protocol import check_name
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -24,7 +35,19 @@ T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
-    """A configuration file is missing, is not TOML, or has a wrong, missing or unknown key."""
+    """A configuration file is missing, is not TOML, or has a wrong, missing or unknown key.
+
+    `problems` holds every problem found, each naming its file (or variable, or flag), section and key."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+
+    @classmethod
+    def of(cls, problems: Sequence[str]) -> ConfigError:
+        if len(problems) == 1:
+            return cls(problems[0], problems)
+        return cls(f"{len(problems)} problems: " + "; ".join(problems), problems)
 
 
 EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): a service manager should not restart a typo
@@ -39,10 +62,35 @@ class BrokerConfig:
     password_file: str | None = None  # preferred over `password` on a device: keep secrets out of the config
     max_payload_bytes: int = 256 * 1024 - 1024  # below mosquitto-dev.conf's max_packet_size
 
-    def secret(self) -> str | None:
-        if self.password_file:
-            return Path(self.password_file).read_text().strip()
-        return self.password
+    def secret(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The MQTT password: the systemd credential `mqtt-password` (LoadCredential=) when the service
+        has one, else the file `password_file` names, else `password` (for throw-away development
+        brokers only). Never logged or printed."""
+        source = secret_source(self, environ)
+        if source is None:
+            return self.password
+        path, what = source
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {path} ({exc.strerror or exc}); create it (mode 0600, "
+                              "readable by the service's user) or fix the path") from None
+        if not text:
+            raise ConfigError(f"{what}: {path} is empty; write the broker password into it")
+        return text
+
+
+CREDENTIAL = "mqtt-password"  # the name in the units' LoadCredential=mqtt-password:/etc/edge-fl/...
+
+
+def secret_source(broker: BrokerConfig, environ: Mapping[str, str] = os.environ) -> tuple[Path, str] | None:
+    """Which file holds the password (path, what to call it in a message), or None: no secret file."""
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and (Path(credentials) / CREDENTIAL).is_file():
+        return Path(credentials) / CREDENTIAL, f"systemd credential {CREDENTIAL!r} ($CREDENTIALS_DIRECTORY)"
+    if broker.password_file:
+        return Path(broker.password_file), "[broker] password_file"
+    return None
 
 
 @dataclass(frozen=True)
@@ -89,6 +137,9 @@ class AggregatorConfig:
     fleet_name: str = "default"
     embedding_dim: int = 64
     num_classes: int = 7
+    # Status page, /api/status and Prometheus /metrics on this HOST:PORT (":9465" = loopback). Off unless set:
+    # a service should open no port it was not asked to, and metrics need prometheus-client (`aggregator` extra).
+    http: str | None = None
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
@@ -125,48 +176,309 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
-def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str],
+           origins: Mapping[str, str] | None = None, prefix: str = "") -> T | None:
+    """The config `cls` from a TOML table, or None; every problem found goes to `problems` (not only
+    the first). `origins` names where an overridden key came from ("environment variable ...")."""
+    origins = origins or {}
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for name in sorted(set(data) - set(known)):
+        problems.append(f"{where}: unknown key {name!r}; known: {', '.join(sorted(known))}")
+    before = len(problems)
     kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for name, f in known.items():
+        dotted = prefix + name
+        at = f"{origins[dotted]}: {dotted}" if dotted in origins else f"{where}: {name}"
         if name not in data:
             if f.default is MISSING and f.default_factory is MISSING:
-                raise ConfigError(f"{where}: missing required key {name!r}")
+                problems.append(f"{where}: missing required key {name!r}")
             continue
         value = data[name]
         sub = f.type if isinstance(f.type, type) else _NESTED.get(str(f.type))
         if sub is not None and is_dataclass(sub):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: [{name}] must be a table")
-            value = _build(sub, value, f"{where} [{name}]")
+                problems.append(f"{where}: [{name}] must be a table, got {value!r}")
+                continue
+            value = _build(sub, value, f"{where} [{name}]", problems, origins, dotted + ".")
+            if value is None:
+                continue
         else:
             hint = hints[name]
             if not _fits(value, hint):
-                raise ConfigError(f"{where}: {name} must be {_describe(hint)}, got {value!r} "
-                                  f"({type(value).__name__})")
+                problems.append(f"{at} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+                continue
             if hint is float and isinstance(value, int):
                 value = float(value)
+            check = _CHECKS.get((cls, name))
+            expected = check(value) if check is not None and value is not None else None
+            if expected:
+                problems.append(f"{at} must be {expected}, got {value!r}")
+                continue
         kwargs[name] = value
+    if len(problems) > before:
+        return None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        problems.append(f"{where}: {exc}")
+        return None
 
 
 _NESTED: dict[str, type] = {"BrokerConfig": BrokerConfig, "DataConfig": DataConfig, "FleetConfig": FleetConfig,
                             "TrainingConfig": TrainingConfig}
 
 
-def load_toml(path: str | Path, cls: type[T]) -> T:
+def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"configuration file not found: {p}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p} is a directory, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: permission denied (the file must be readable by this user)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from exc
-    return _build(cls, data, str(p))
+
+
+def load_toml(path: str | Path, cls: type[T], overrides: Sequence[Override] = ()) -> T:
+    """Load and check a config file; `overrides` (environment, then --set) are applied over it in order.
+    Raises ConfigError listing every problem."""
+    data = read_toml(path)
+    cfg, problems, _ = check_table(data, cls, str(path), overrides)
+    if problems or cfg is None:
+        raise ConfigError.of(problems)
+    return cfg
+
+
+def check_table(data: dict[str, Any], cls: type[T], where: str,
+                overrides: Sequence[Override] = ()) -> tuple[T | None, list[str], dict[str, Any]]:
+    """(the config or None, every problem, the table with the overrides applied)."""
+    problems: list[str] = []
+    origins: dict[str, str] = {}
+    apply_overrides(cls, data, overrides, problems, origins)
+    return _build(cls, data, where, problems, origins), problems, data
+
+
+def check_toml(text: str, cls: type[T], where: str,
+               overrides: Sequence[Override] = ()) -> tuple[T | None, list[str], dict[str, Any]]:
+    """`check_table` of TOML text (which may not have been written yet)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return None, [f"{where}: not valid TOML ({exc})"], {}
+    return check_table(data, cls, where, overrides)
+
+
+def load_config(path: str | Path, cls: type[T], sets: Sequence[Override] = (),
+                environ: Mapping[str, str] = os.environ) -> T:
+    """What `edge-fl agent` and `edge-fl aggregator` run on: the file, then the environment, then --set."""
+    overrides = [*env_overrides(cls, environ), *sets]
+    cfg = load_toml(path, cls, overrides)
+    if overrides:  # say so: a value that differs from the file should not puzzle whoever reads the log
+        logging.getLogger("edge_fl.config").info("%s, overridden by %s", path, "; ".join(o.origin for o in overrides))
+    return cfg
+
+
+# --- overrides: environment variables and --set ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Override:
+    key: str  # dotted: "device_id", "broker.port"
+    value: str  # as the operator wrote it; parsed to the key's type
+    origin: str  # for messages: "environment variable EDGEFL_BROKER_PORT", "--set broker.port=x"
+
+
+# The few values operators change per device (or per aggregator host), by environment variable.
+ENVIRONMENT: dict[str, dict[str, str]] = {
+    "AgentConfig": {
+        "EDGEFL_DEVICE_ID": "device_id",
+        "EDGEFL_FLEET": "fleet",
+        "EDGEFL_STATE": "state_dir",
+        "EDGEFL_BROKER_HOST": "broker.host",
+        "EDGEFL_BROKER_PORT": "broker.port",
+        "EDGEFL_BROKER_USERNAME": "broker.username",
+        "EDGEFL_BROKER_PASSWORD_FILE": "broker.password_file",
+        "EDGEFL_SERIAL_PORT": "data.port",
+    },
+    "AggregatorConfig": {
+        "EDGEFL_FLEET": "fleet_name",
+        "EDGEFL_STATE": "state",
+        "EDGEFL_BROKER_HOST": "broker.host",
+        "EDGEFL_BROKER_PORT": "broker.port",
+        "EDGEFL_BROKER_USERNAME": "broker.username",
+        "EDGEFL_BROKER_PASSWORD_FILE": "broker.password_file",
+    },
+}
+# A password on a command line is visible to every user (ps); in the environment, to the process tree.
+_SECRET_KEYS = frozenset({"broker.password"})
+
+
+def env_overrides(cls: type[Any], environ: Mapping[str, str] = os.environ) -> list[Override]:
+    """The overrides set in the environment for this kind of config (an empty variable counts as unset)."""
+    table = ENVIRONMENT.get(cls.__name__, {})
+    return [Override(key, environ[var], f"environment variable {var}") for var, key in table.items()
+            if environ.get(var)]
+
+
+def parse_set(text: str) -> Override:
+    """`section.key=value` (or `key=value` for a top-level key) from a --set option."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {text}: expected SECTION.KEY=VALUE, for example broker.port=1884")
+    key = key.strip()
+    return Override(key, value, f"--set {key}=<hidden>" if key in _SECRET_KEYS else f"--set {text}")
+
+
+def apply_overrides(cls: type[Any], data: dict[str, Any], overrides: Sequence[Override], problems: list[str],
+                    origins: dict[str, str]) -> None:
+    """Write each override into the TOML table `data`, parsed to its key's type; record its origin."""
+    for o in overrides:
+        if o.key in _SECRET_KEYS:
+            problems.append(f"{o.origin}: {o.key} cannot be set there (other processes can read it); put the "
+                            f"password in a file named by [broker] password_file or in the systemd credential "
+                            f"{CREDENTIAL!r}")
+            continue
+        *sections, name = o.key.split(".")
+        target: type[Any] = cls
+        table = data
+        for section in sections:
+            sub = typing.get_type_hints(target).get(section) if section in {f.name for f in fields(target)} else None
+            if not isinstance(sub, type) or not is_dataclass(sub):
+                target = type(None)
+                break
+            target, table = sub, table.setdefault(section, {})
+        names = {f.name for f in fields(target)} if is_dataclass(target) else set()
+        hint = typing.get_type_hints(target).get(name) if name in names else None
+        if hint is None or is_dataclass(hint) or not isinstance(table, dict):
+            problems.append(f"{o.origin}: no key {o.key!r} in an {_KIND.get(cls.__name__, cls.__name__)} config")
+            continue
+        try:
+            table[name] = _parse(o.value, hint)
+        except ValueError:
+            problems.append(f"{o.origin}: {o.key} must be {_describe(hint)}, got {o.value!r}")
+            continue
+        origins[o.key] = o.origin
+
+
+_KIND = {"AgentConfig": "agent", "AggregatorConfig": "aggregator"}
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _parse(text: str, hint: Any) -> Any:
+    """A value typed on a command line or in an environment variable, as the type a field declares."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if text == "" and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _parse(text, arg)
+                except ValueError:
+                    pass
+        raise ValueError(text)
+    if origin is typing.Literal:
+        for arg in args:
+            if text == str(arg):
+                return arg
+        raise ValueError(text)
+    if origin is list:
+        return [_parse(part.strip(), args[0]) for part in text.split(",") if part.strip()]
+    if hint is bool:
+        word = text.strip().lower()
+        if word not in _BOOLEANS:
+            raise ValueError(text)
+        return _BOOLEANS[word]
+    if hint is int:
+        return int(text)
+    if hint is float:
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return number
+    if hint is str:
+        return text
+    raise ValueError(text)
+
+
+# --- ranges and formats, checked beside the declared types -----------------------------------------------------
+
+Check = Callable[[Any], "str | None"]  # None if the value is fine, else what was expected
+
+
+def _at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"at least {low}"
+
+
+def _between(low: float, high: float) -> Check:
+    return lambda v: None if low <= v <= high else f"between {low} and {high}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "greater than 0"
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "greater than 0 and at most 1"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _topic_name(v: str) -> str | None:
+    try:
+        check_name("name", v)
+    except ValueError:
+        return "1-64 letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)"
+    return None
+
+
+def _http_address(v: str | None) -> str | None:
+    """HOST:PORT, :PORT or PORT, as edge_agent.aggregator.web.parse_address reads it."""
+    host, sep, port = (v or "").rpartition(":")
+    if v is None or (port.isdigit() and int(port) <= 65535 and " " not in host and (sep or not host)):
+        return None
+    return "HOST:PORT, e.g. \"127.0.0.1:9465\" (or \":9465\" for loopback)"
+
+
+_CHECKS: dict[tuple[type[Any], str], Check] = {
+    (AggregatorConfig, "http"): _http_address,
+    (BrokerConfig, "port"): _between(1, 65535),
+    (BrokerConfig, "max_payload_bytes"): _between(1024, 268_435_455),  # MQTT's largest packet
+    (DataConfig, "source"): _one_of("watch-dataset", "serial"),
+    (DataConfig, "baudrate"): _at_least(1),
+    (DataConfig, "min_windows"): _at_least(1),
+    (DataConfig, "subject"): _at_least(1),
+    (DataConfig, "seed"): _at_least(0),
+    (DataConfig, "shots"): _at_least(0),
+    (DataConfig, "classes_per_client"): _at_least(1),
+    (DataConfig, "alpha"): _positive,
+    (AgentConfig, "device_id"): _topic_name,
+    (AgentConfig, "fleet"): _topic_name,
+    (AgentConfig, "rng_stream"): _at_least(0),
+    (FleetConfig, "expected_clients"): _at_least(1),
+    (FleetConfig, "min_clients"): _at_least(1),
+    (FleetConfig, "deadline_s"): _positive,
+    (FleetConfig, "max_update_bytes"): _at_least(1),
+    (AggregatorConfig, "fleet_name"): _topic_name,
+    (AggregatorConfig, "embedding_dim"): _at_least(1),
+    (AggregatorConfig, "num_classes"): _at_least(2),
+    (TrainingConfig, "strategy"): _one_of(*STRATEGIES),
+    (TrainingConfig, "rounds"): _at_least(1),
+    (TrainingConfig, "seed"): _at_least(0),
+    (TrainingConfig, "fraction"): _fraction,
+    (TrainingConfig, "adapter_dim"): _at_least(0),
+    (TrainingConfig, "local_epochs"): _at_least(0),
+    (TrainingConfig, "batch_size"): _at_least(1),
+    (TrainingConfig, "lr"): _positive,
+    (TrainingConfig, "weight_decay"): _at_least(0),
+    (TrainingConfig, "finetune_epochs"): _at_least(0),
+    (TrainingConfig, "fedrep_head_epochs"): _at_least(0),
+    (TrainingConfig, "ditto_lambda"): _at_least(0),
+}

@@ -1,0 +1,122 @@
+"""The systemd units in deploy/: systemd itself accepts them (`systemd-analyze verify`), they rate 2.5 or
+lower in `systemd-analyze security`, they start what deploy/README.md installs, and the memory protection
+they ask for (MemoryDenyWriteExecute) does not break the agent's interpreter.
+
+`scripts/setup --dev` installs systemd-analyze (Debian package `systemd`); without it these tests skip and
+say so. Nothing here needs systemd as PID 1."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import CREDENTIAL, EXIT_CONFIG
+
+from ..conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+UNITS = {
+    "edge-fl-agent.service": ("agent", "/etc/edge-fl/agent.toml", "/etc/edge-fl/mqtt-password", "edge-fl"),
+    "edge-fl-aggregator.service": ("aggregator", "/etc/edge-fl/aggregator.toml", "/etc/edge-fl/aggregator-password",
+                                   "edge-fl-aggregator"),
+}
+INSTALLED_BINARY = "/opt/edge-fl/bin/edge-fl"  # the venv deploy/README.md creates
+MAX_EXPOSURE = 2.5
+
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package "
+                                                           "`systemd`; scripts/setup --dev installs it)")
+
+
+def _directives(unit: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_the_unit_starts_what_the_install_guide_installs(name: str) -> None:
+    command, config, password, state = UNITS[name]
+    d = _directives(DEPLOY / name)
+    assert d["ExecStart"] == [f"{INSTALLED_BINARY} {command} --config {config}"]
+    assert d["LoadCredential"] == [f"{CREDENTIAL}:{password}"]
+    assert d["RestartPreventExitStatus"] == [str(EXIT_CONFIG)] and d["Restart"] == ["on-failure"]
+    assert d["StateDirectory"] == [state] and d["DynamicUser"] == ["yes"]
+    assert d["MemoryDenyWriteExecute"] == ["yes"] and d["CapabilityBoundingSet"] == [""]
+    assert d["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+    guide = (DEPLOY / "README.md").read_text()
+    for step in ("python3 -m venv /opt/edge-fl", f"edge-fl init {command}", config, password,
+                 name):
+        assert step in guide, f"deploy/README.md does not mention {step!r}, which {name} relies on"
+    example = (DEPLOY / f"{command}.example.toml").read_text()
+    assert f'"/var/lib/{state}' in example  # the example's state path is inside the unit's StateDirectory
+
+
+def test_the_agent_reaches_only_serial_devices() -> None:
+    d = _directives(DEPLOY / "edge-fl-agent.service")
+    assert d["DevicePolicy"] == ["closed"] and d["DeviceAllow"] == ["char-ttyACM rw", "char-ttyUSB rw"]
+    assert d["SupplementaryGroups"] == ["dialout"]
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_systemd_accepts_the_unit(name: str, tmp_path: Path) -> None:
+    # verify also checks that ExecStart's binary exists; /opt/edge-fl is not installed here, so a copy of the
+    # unit runs this interpreter instead (the path itself is checked in the test above).
+    text = (DEPLOY / name).read_text()
+    assert text.count(f"ExecStart={INSTALLED_BINARY} ") == 1
+    (tmp_path / name).write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={sys.executable} "))
+    p = subprocess.run([ANALYZE or "", "verify", "--man=no", str(tmp_path / name)], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    # verify exits 0 on unknown keys and unparsable values, only warning about them: any output is a failure.
+    assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), p.stdout + p.stderr
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_the_unit_rates_at_most_2_5_exposure(name: str, tmp_path: Path) -> None:
+    p = subprocess.run([ANALYZE or "", "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}",
+                        str(DEPLOY / name)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout)
+    assert found, p.stdout + p.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, p.stdout
+    assert p.returncode == 0, p.stdout + p.stderr  # --threshold: non-zero above 2.5
+
+
+MDWE_PROBE = r"""
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+    print("no-mdwe"); sys.exit(0)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("mdwe-not-enforced"); sys.exit(0)
+except OSError:
+    pass
+import numpy as np, sqlite3, ssl, paho.mqtt.client, serial
+from edge_agent.backbone import DEFAULT_MODEL, FrozenBackbone
+from edge_agent.learning.head import PersonalizationHead
+backbone = FrozenBackbone(DEFAULT_MODEL)
+x = np.random.default_rng(0).normal(size=(16, *backbone.input_shape)).astype(np.float32)
+print("ok", backbone.runtime, backbone.embed(x).shape)
+"""
+
+
+def test_the_interpreter_runs_with_write_xor_execute_memory(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes cannot be tried without systemd as PID 1; the kernel's own W^X switch
+    (prctl PR_SET_MDWE, Linux >= 6.3, what systemd >= 253 uses too) refuses the same memory, so the agent's
+    imports and a batched backbone pass run under it here."""
+    p = subprocess.run([sys.executable, "-c", MDWE_PROBE], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    if p.stdout.strip() in ("no-mdwe", "mdwe-not-enforced"):
+        pytest.skip(f"this kernel has no PR_SET_MDWE ({p.stdout.strip()}): W^X not tried")
+    assert p.stdout.startswith("ok "), p.stdout + p.stderr
