@@ -68,6 +68,7 @@ class AgentService:
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
             will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
             max_payload_bytes=b.max_payload_bytes)
+        self.lost_at: float | None = None  # monotonic time the broker connection was lost (for the reconnect log)
 
     # --- decisions ------------------------------------------------------------------------------
     def _state(self, model: GlobalModel, strategy: Strategy) -> ClientState:
@@ -199,6 +200,9 @@ class AgentService:
     def handle(self, msg: Message | ConnectionEvent) -> None:
         if isinstance(msg, ConnectionEvent):
             if msg.connected:
+                if self.lost_at is not None:
+                    log.info("back on the broker after %.1f s (%s)", time.monotonic() - self.lost_at, msg.reason)
+                    self.lost_at = None
                 try:
                     self.link.publish_nowait(self.topics.presence(self.cfg.device_id), b"online", qos=1, retain=True)
                 except MqttError as exc:
@@ -206,7 +210,8 @@ class AgentService:
                 # A broker that crashed lost what it held: send the open round's update again.
                 self.flush_outbox(resend=True)
             else:
-                log.warning("disconnected from the broker (%s); paho reconnects with backoff", msg.reason)
+                self.lost_at = time.monotonic()
+                log.warning("lost connection to the broker: %s; reconnecting with backoff", msg.reason)
             return
         if not msg.payload:
             if msg.topic == self.topics.round_current:  # the aggregator cleared the task: the fleet is done

@@ -28,8 +28,12 @@ from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttE
 from ..protocol import Topics
 from ..transport import MqttLink
 from . import rounds
+from .metrics import Metrics, PrometheusMetrics, judge_reason
+from .presence import PresenceLog
 from .rounds import Outcome, Phase, RoundConfig, RoundState
 from .store import AggregatorStore
+from .view import FleetView
+from .web import StatusServer
 
 log = logging.getLogger("edge_fl.aggregator")
 CHUNK_MAGIC = b"EFLC"
@@ -47,6 +51,8 @@ class RoundCounters:
 class AggregatorService:
     def __init__(self, cfg: AggregatorConfig, *, link_factory: LinkFactory = MqttLink,
                  clock: Callable[[], float] = time.time) -> None:
+        """With `cfg.http` set, the service also serves its status page and Prometheus metrics there (from
+        `start()` on); otherwise it records no metrics and imports no prometheus-client."""
         self.cfg = cfg
         self.clock = clock
         self.topics = Topics(cfg.fleet_name)
@@ -72,6 +78,19 @@ class AggregatorService:
                 self.acc = type(self.acc).from_arrays(saved)
             log.info("resuming round %d: %d update(s) already counted", self.state.round, len(self.state.accepted))
         self.online: set[str] = set()
+        self.presence_log = PresenceLog(log, clock)
+        self.lost_at: float | None = None  # monotonic time the broker connection was lost
+        self.metrics: Metrics = PrometheusMetrics() if cfg.http else Metrics()
+        self.metrics.model_version(self.server.version)
+        self.view = FleetView(cfg.fleet_name, clock, history=self.store.history())
+        self.view.model_version(self.server.version)
+        if self.state is not None:
+            self.metrics.round_resumed(self.state.round)
+            if self.state.phase is Phase.COLLECTING:
+                self.view.round_opened(self.state.round, self.state.model_version, len(self.state.selected),
+                                       self.state.opened_at, self.state.deadline, len(self.state.accepted))
+        self.http: StatusServer | None = None
+        self.started = False
         self.counters = RoundCounters()
         self.reassembler = Reassembler(max_message_bytes=cfg.fleet.max_update_bytes, max_pending=256)
         self.held: dict[bytes, list[Message]] = {}  # chunk messages acknowledged once their message is handled
@@ -133,6 +152,8 @@ class AggregatorService:
         self.store.open_round(self.state)
         self.acc = self.strategy.start_aggregation(self.server)
         self.counters = RoundCounters()
+        self.metrics.round_opened(nxt)
+        self.view.round_opened(nxt, self.state.model_version, len(selected), self.state.opened_at, self.state.deadline)
         self.publish_task()
 
     def maybe_close(self) -> None:
@@ -142,12 +163,17 @@ class AggregatorService:
         t0 = self.state.opened_at
         if ok:
             self.server = self.strategy.finish_aggregation(self.server, self.acc, failures)
-            self.store.close_round(closed, failures, True, self.server.version, self.server.params, self.clock())
+            self.store.close_round(closed, failures, True, self.server.version, self.server.params, self.clock(),
+                                   self._traffic())
         else:
-            self.store.close_round(closed, failures, False, None, None, self.clock())
+            self.store.close_round(closed, failures, False, None, None, self.clock(), self._traffic())
             log.warning("round %d failed: %d update(s), at least %d needed; the global head stays at version %d",
                         closed.round, len(closed.accepted), self.round_config.min_clients, self.server.version)
         self.state = closed
+        self.metrics.round_closed(ok, self.clock() - t0)
+        self.metrics.model_version(self.server.version)
+        self.view.model_version(self.server.version)
+        self.view.round_closed(self.store.history(1)[-1])
         for f in failures:
             log.warning("round %d: %s sent no update (%s)", closed.round, f.client_id, f.reason)
         if ok:
@@ -168,20 +194,27 @@ class AggregatorService:
             self.done.set()
         self.maybe_open()
 
+    def _traffic(self) -> dict[str, int]:
+        c = self.counters
+        return {"bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "rejected": c.rejected, "duplicates": c.duplicates}
+
     # --- ingest --------------------------------------------------------------------------------
-    def reject(self, what: str) -> None:
+    def reject(self, what: str, reason: str) -> None:
+        """Refuse an update; `reason` is its metrics label (metrics.REJECTION_REASONS)."""
         self.counters.rejected += 1
+        self.metrics.update_rejected(reason)
         log.warning("rejected %s", what)
 
     def on_update_message(self, msg: Message) -> None:
         device = self.topics.device_of(msg.topic, "update") or "?"
         self.counters.bytes_in += len(msg.payload)
+        self.metrics.bytes_received(len(msg.payload))
         if msg.payload[:4] == CHUNK_MAGIC:
             try:
                 header, _ = parse_chunk(msg.payload)
                 whole = self.reassembler.feed(msg.payload, self.clock())
             except ChunkError as exc:
-                self.reject(f"a malformed chunk on {msg.topic}: {exc}")
+                self.reject(f"a malformed chunk on {msg.topic}: {exc}", "malformed_chunk")
                 self.link.ack(msg)
                 return
             self.held.setdefault(header.message_id, []).append(msg)
@@ -197,25 +230,26 @@ class AggregatorService:
     def ingest(self, payload: bytes, topic: str, device: str) -> None:
         if len(payload) > self.cfg.fleet.max_update_bytes:
             self.reject(f"an oversized update on {topic}: {len(payload)} bytes, the limit is "
-                        f"{self.cfg.fleet.max_update_bytes} (fleet.max_update_bytes)")
+                        f"{self.cfg.fleet.max_update_bytes} (fleet.max_update_bytes)", "oversized")
             return
         try:
             env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
         except EnvelopeError as exc:
-            self.reject(f"a malformed update on {topic} (device {device}): {exc}")
+            self.reject(f"a malformed update on {topic} (device {device}): {exc}", "malformed")
             return
         if env.kind is not Kind.UPDATE or env.device_id != device:
             self.reject(f"update {env.update_id} on {topic}: kind {env.kind.name} from {env.device_id!r}; "
-                        f"an update must be kind UPDATE from the device named in its topic")
+                        f"an update must be kind UPDATE from the device named in its topic", "wrong_sender")
             return
         verdict = rounds.judge(self.state, env, strategy=self.strategy.name,
                                expected=self.strategy.upload_shapes(self.server))
         if verdict.outcome is Outcome.DUPLICATE:
             self.counters.duplicates += 1
+            self.metrics.update_duplicate()
             log.info("ignored a redelivery: %s", verdict.reason)
             return
         if verdict.outcome is Outcome.REJECTED:
-            self.reject(verdict.reason)
+            self.reject(verdict.reason, judge_reason(verdict.reason))
             return
         assert self.state is not None
         crash_point("aggregator.before_commit", env.round)
@@ -224,6 +258,9 @@ class AggregatorService:
         self.store.accept(self.state, env, self.acc.to_arrays(), self.clock())
         crash_point("aggregator.after_commit", env.round)  # counted, but the broker has no PUBACK yet
         self.state = rounds.accept(self.state, env)
+        self.metrics.update_accepted()
+        self.view.update_accepted(len(self.state.accepted))
+        self.view.seen(env.device_id)
         log.info("accepted update %s from %s for round %d (%d/%d)", env.update_id, env.device_id, env.round,
                  len(self.state.accepted), len(self.state.selected))
 
@@ -231,16 +268,44 @@ class AggregatorService:
         device = self.topics.device_of(msg.topic, "presence")
         if device is None:
             return
-        if msg.payload == b"online":
-            self.online.add(device)
-        else:
-            self.online.discard(device)
+        online = msg.payload == b"online"
+        if online != (device in self.online):
+            if online:
+                self.online.add(device)
+            else:
+                self.online.discard(device)
+            self.presence_log.changed(device, online, len(self.online))
+            self.metrics.devices_online(len(self.online))
+        self.view.seen(device, online)
         self.link.ack(msg)
+
+    def on_telemetry(self, msg: Message, device: str) -> None:
+        """A device's accuracies under a global version: history for the operator, never used to decide."""
+        self.link.ack(msg)
+        try:
+            doc = json.loads(msg.payload)
+            version, n_test = doc["version"], doc["n_test"]
+            accs = [doc.get("personal_acc"), doc.get("global_acc")]
+            valid = (doc.get("device") == device and type(version) is int and type(n_test) is int and n_test >= 0
+                     and all(a is None or (isinstance(a, (int, float)) and 0.0 <= a <= 1.0) for a in accs))
+        except (ValueError, TypeError, KeyError):
+            valid = False
+        if not valid:
+            log.warning("ignored malformed telemetry on %s (%d bytes)", msg.topic, len(msg.payload))
+            return
+        personal, glob = (None if a is None else float(a) for a in accs)
+        self.store.record_telemetry(version, device, personal, glob, n_test, self.clock())
+        self.view.telemetry(version, device, personal, glob, n_test)
+        self.view.seen(device)
 
     def handle(self, msg: Message | ConnectionEvent) -> None:
         if isinstance(msg, ConnectionEvent):
             if msg.connected:
-                log.info("connected to the broker (%s)", msg.reason)
+                if self.lost_at is None:
+                    log.info("connected to the broker (%s)", msg.reason)
+                else:
+                    log.info("back on the broker after %.1f s (%s)", time.monotonic() - self.lost_at, msg.reason)
+                    self.lost_at = None
                 # A broker that crashed may have lost our retained messages: publish them again.
                 self.publish_model()
                 if self.state is not None and self.state.phase is Phase.COLLECTING:
@@ -250,20 +315,30 @@ class AggregatorService:
                 if self.last_status:
                     self._publish_retained(self.topics.status, self.last_status)
             else:
+                self.lost_at = time.monotonic()
                 log.warning("lost the broker (%s); paho reconnects with backoff", msg.reason)
             return
         if self.topics.device_of(msg.topic, "update") is not None:
             self.on_update_message(msg)
         elif self.topics.device_of(msg.topic, "presence") is not None:
             self.on_presence(msg)
+        elif (device := self.topics.device_of(msg.topic, "telemetry")) is not None:
+            self.on_telemetry(msg, device)
         else:
             self.link.ack(msg)
 
     def start(self, timeout: float = 30.0) -> None:
         """Connect and subscribe; messages then arrive in `self.link.inbox`."""
+        self.started = True
         self.link.connect(timeout=timeout)
         self.link.subscribe(self.topics.update_filter, qos=1)
         self.link.subscribe(self.topics.presence_filter, qos=1)
+        # QoS 0: telemetry is for the operator, never decides anything, and must not queue for an absent
+        # aggregator in front of the updates (Mosquitto's queue limits would then drop updates first).
+        self.link.subscribe(self.topics.telemetry_filter, qos=0)
+        if self.cfg.http and self.http is None:
+            self.http = StatusServer(self.cfg.http, self.view, self.metrics)
+            self.http.start()
         log.info("aggregator up: strategy %s, %d rounds, waiting for %d device(s)", self.strategy.name,
                  self.round_config.rounds, self.cfg.fleet.expected_clients)
 
@@ -273,15 +348,20 @@ class AggregatorService:
         for message_id in self.reassembler.expire(self.clock()):
             for held in self.held.pop(message_id, []):  # a message whose other chunks never came
                 self.link.ack(held)
+        self.presence_log.flush()
         self.maybe_close()
         self.maybe_open()
 
     def shutdown(self) -> None:
+        if self.http is not None:
+            self.http.close()
         self.link.close()
         self.store.close()
 
     def run(self, stop: threading.Event) -> None:
-        self.start()
+        """Serve until `stop` is set; calls `start()` unless the caller already did."""
+        if not self.started:
+            self.start()
         while not stop.is_set():
             try:
                 self.handle(self.link.inbox.get(timeout=0.2))

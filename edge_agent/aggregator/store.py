@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,10 @@ from ..db import connect, transaction
 from ..learning.strategies import ClientFailure
 from .rounds import Phase, RoundState, UpdateLike
 
-SCHEMA = """
+# The tables as the first release created them (schema version 0, no PRAGMA user_version). A new database
+# is created this way too and then migrated, so a fresh and an upgraded database are the same by construction.
+# docs/history-schema.md documents every table and column; keep it in step with MIGRATIONS.
+SCHEMA_V0 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS globals (
     version INTEGER PRIMARY KEY, blob BLOB NOT NULL, created_at REAL NOT NULL);
@@ -37,6 +41,25 @@ CREATE TABLE IF NOT EXISTS accepted (
     num_examples INTEGER NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (round, device_id));
 CREATE TABLE IF NOT EXISTS accumulator (round INTEGER PRIMARY KEY, blob BLOB NOT NULL);
 """
+
+# MIGRATIONS[n] takes a database from schema version n - 1 to n, in one transaction with the version bump.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        # What an operator asks about a closed round: the traffic, the refusals, the version it produced.
+        "ALTER TABLE rounds ADD COLUMN result_version INTEGER",
+        "ALTER TABLE rounds ADD COLUMN bytes_in INTEGER",
+        "ALTER TABLE rounds ADD COLUMN bytes_out INTEGER",
+        "ALTER TABLE rounds ADD COLUMN rejected INTEGER",
+        "ALTER TABLE rounds ADD COLUMN duplicates INTEGER",
+        # A successful round always produced the next version (strategies add one); failed rounds produce none.
+        "UPDATE rounds SET result_version = model_version + 1 WHERE succeeded = 1",
+        # The accuracies devices report (telemetry) for each global version: the accuracy-per-round history.
+        "CREATE TABLE IF NOT EXISTS telemetry (version INTEGER NOT NULL, device_id TEXT NOT NULL, "
+        "personal_acc REAL, global_acc REAL, n_test INTEGER NOT NULL, received_at REAL NOT NULL, "
+        "PRIMARY KEY (version, device_id))",
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 
 
 class StoreError(RuntimeError):
@@ -73,10 +96,29 @@ def _bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection, where: str) -> int:
+    """Bring a database to SCHEMA_VERSION, one version per transaction; return the version it had."""
+    found = schema_version(db)
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"{where} has history schema version {found}, newer than this edge-fl understands "
+                         f"({SCHEMA_VERSION}): run the edge-fl release that wrote it, or a newer one")
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        with transaction(db):
+            for statement in MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version:d}")  # PRAGMA takes no parameters; an int from our table
+    return found
+
+
 class AggregatorStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = connect(self.path, SCHEMA)
+        self.db = connect(self.path, SCHEMA_V0)
+        self.migrated_from = migrate(self.db, str(self.path))
 
     def close(self) -> None:
         self.db.close()
@@ -133,15 +175,33 @@ class AggregatorStore:
         return None if row is None else _bytes_to_arrays(row[0])
 
     def close_round(self, state: RoundState, failures: Sequence[ClientFailure], succeeded: bool,
-                    new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float) -> None:
-        """Close the round and, when it succeeded, store the new global version, atomically."""
+                    new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float,
+                    traffic: Mapping[str, int] | None = None) -> None:
+        """Close the round and, when it succeeded, store the new global version, atomically.
+
+        `traffic` holds the round's bytes_in, bytes_out, rejected and duplicates for the history."""
+        t = dict(traffic or {})
         with transaction(self.db):
-            self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=? WHERE round=?",
-                            (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded), state.round))
+            self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=?, "
+                            "result_version=?, bytes_in=?, bytes_out=?, rejected=?, duplicates=? WHERE round=?",
+                            (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded),
+                             new_version if succeeded else None, t.get("bytes_in"), t.get("bytes_out"),
+                             t.get("rejected"), t.get("duplicates"), state.round))
             if new_version is not None and new_params is not None:
                 self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
                                 (new_version, pack_tensors(new_params, int8=False), now))
             self.db.execute("DELETE FROM accumulator WHERE round=?", (state.round,))
+
+    def record_telemetry(self, version: int, device_id: str, personal_acc: float | None, global_acc: float | None,
+                         n_test: int, now: float) -> None:
+        """A device's accuracies under global `version` (the latest report per device and version wins)."""
+        with transaction(self.db):
+            self.db.execute("INSERT OR REPLACE INTO telemetry VALUES (?, ?, ?, ?, ?, ?)",
+                            (version, device_id, personal_acc, global_acc, n_test, now))
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last `limit` rounds, oldest first, with traffic and the devices' mean accuracies."""
+        return read_history(self.db, limit)
 
     def round_history(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT round, model_version, phase, reported, failed, succeeded FROM rounds "
@@ -152,3 +212,47 @@ class AggregatorStore:
     def accepted_count(self, round_no: int) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM accepted WHERE round=?", (round_no,)).fetchone()[0])
 
+
+
+def read_history(db: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """The last `limit` rounds of a database of any schema version up to ours, oldest first, never writing
+    (so `edge-fl status` can read a running aggregator's file read-only). Columns a version-0 database
+    lacks read as None. Accuracies are means over the devices that reported telemetry for the version the
+    round produced (n_test-weighted)."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"history schema version {version} is newer than this edge-fl understands ({SCHEMA_VERSION})")
+    if version >= 1:
+        extra = ("r.result_version, r.bytes_in, r.bytes_out, r.rejected, r.duplicates, "
+                 "(SELECT SUM(t.personal_acc * t.n_test) / SUM(t.n_test) FROM telemetry t "
+                 " WHERE t.version = r.result_version AND t.personal_acc IS NOT NULL), "
+                 "(SELECT SUM(t.global_acc * t.n_test) / SUM(t.n_test) FROM telemetry t "
+                 " WHERE t.version = r.result_version AND t.global_acc IS NOT NULL), "
+                 "(SELECT COUNT(*) FROM telemetry t WHERE t.version = r.result_version)")
+    else:
+        extra = "CASE WHEN r.succeeded = 1 THEN r.model_version + 1 END, NULL, NULL, NULL, NULL, NULL, NULL, 0"
+    rows = db.execute(
+        "SELECT * FROM (SELECT r.round, r.model_version, r.phase, r.opened_at, r.deadline, r.closed_at, r.selected, "
+        f"r.reported, r.failed, r.succeeded, {extra} FROM rounds r ORDER BY r.round DESC LIMIT ?) ORDER BY 1",
+        (limit,)).fetchall()
+    out = []
+    for row in rows:
+        (rnd, mv, phase, opened, deadline, closed, selected, reported, failed, succeeded, result_version, b_in,
+         b_out, rejected, duplicates, personal, glob, n_acc) = row
+        if reported is None and phase != Phase.CLOSED.value:  # the open round: what is counted so far
+            reported = int(db.execute("SELECT COUNT(*) FROM accepted WHERE round=?", (rnd,)).fetchone()[0])
+        out.append({"round": rnd, "model_version": mv, "result_version": result_version, "phase": phase,
+                    "opened_at": opened, "deadline": deadline, "closed_at": closed,
+                    "selected": len(json.loads(selected)), "reported": reported, "failed": failed,
+                    "succeeded": None if succeeded is None else bool(succeeded), "bytes_in": b_in,
+                    "bytes_out": b_out, "rejected": rejected, "duplicates": duplicates, "personal_acc": personal,
+                    "global_acc": glob, "devices_reporting_acc": n_acc})
+    return out
+
+
+def open_read_only(path: str | Path) -> sqlite3.Connection:
+    """A connection that cannot write: for looking at a running aggregator's state (WAL allows it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"aggregator state database not found: {p}")
+    return sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)

@@ -170,7 +170,7 @@ def test_prod_config_parses_and_listens_with_tls(tmp_path: Path) -> None:
 def test_acl_example_confines_devices_to_their_own_topics(tmp_path: Path) -> None:
     conf = tmp_path / "acl.conf"
     conf.write_text(DEV_CONFIG.read_text() + f"\nacl_file {CONFIG_DIR / 'acl.example'}\n")
-    users = {"aggregator": "agg-pw", "dev-1": "pw-1", "dev-2": "pw-2"}
+    users = {"aggregator": "agg-pw", "dev-1": "pw-1", "dev-2": "pw-2", "operator": "op-pw"}
     with LocalBroker(config=conf, users=users) as b:
         links: list[MqttLink] = []
 
@@ -183,7 +183,9 @@ def test_acl_example_confines_devices_to_their_own_topics(tmp_path: Path) -> Non
 
         try:
             agg, dev1, dev2 = link("aggregator"), link("dev-1"), link("dev-2")
+            operator = link("operator")
             agg.subscribe("edgefl/#")
+            operator.subscribe("edgefl/#")
             # Mosquitto grants any subscription and filters at delivery time.
             dev1.subscribe("edgefl/+/update/#")
             dev1.subscribe("edgefl/f1/model/#")
@@ -203,6 +205,13 @@ def test_acl_example_confines_devices_to_their_own_topics(tmp_path: Path) -> Non
             # dev-1 sees the model but not dev-2's update, which was published before it.
             assert next_message(dev1).topic == "edgefl/f1/model/current"
             assert_inbox_empty(dev1)
+            # The operator's read-only login (edge-fl status) sees presence and the model, never an update,
+            # and may publish nothing.
+            assert [next_message(operator).topic for _ in range(2)] == ["edgefl/f1/presence/dev-2",
+                                                                         "edgefl/f1/model/current"]
+            assert_inbox_empty(operator)
+            with pytest.raises(PublishError):
+                operator.publish("edgefl/f1/status", b"forged")
         finally:
             for lk in links:
                 lk.close()
