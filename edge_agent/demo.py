@@ -1,9 +1,26 @@
 """`edge-fl demo`: a whole fleet on one machine, through a real broker.
 
-A private Mosquitto from broker_config/ (or `--broker host:port`), the aggregator, and one agent
-process per federated subject on the real recordings. The demo process itself only watches: it
-subscribes to telemetry and status, prints a table per round, and writes a results document shaped
-like `edge-fl simulate`'s. Every process it started is stopped on the way out, whatever happens.
+A private Mosquitto from broker_config/ (or `--broker host:port`), the aggregator, and `--agents N` agent
+processes on the real recordings: by default one per federated subject; more agents than subjects take the
+subjects' recordings in turn (`subject-04-2` is the second agent on subject 4's data, with its own device id and
+random stream). The demo process itself only watches: it subscribes to telemetry and status, prints a table per
+round, and writes a results document shaped like `edge-fl simulate`'s.
+
+No process outlives the demo, whatever ends it:
+- Success, an error, SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signals raise `Interrupted` in the main thread, so
+  the `finally` that stops the fleet and the broker runs; while it runs, further signals are held, so a second
+  Ctrl-C cannot cut the clean-up short. The exit code is then 128 + the signal number.
+- The demo killed outright (SIGKILL, the OOM killer): every child's stdin is a pipe whose only write end the demo
+  holds. The kernel closes it when the demo dies, however it dies; the child (started as `python -m
+  edge_agent.demo ...`, see `run_supervised`) reads end-of-file and stops itself, SIGTERM then SIGKILL. Chosen over
+  prctl(PR_SET_PDEATHSIG): that fires when the *thread* that forked exits, not the process, needs code between
+  fork and exec (unsafe while paho's network thread runs) and exists on Linux only; a pipe works on any POSIX
+  system, Termux included. The private broker has `setpriv --pdeathsig` (edge_agent/broker.py).
+Children run in their own session, so a terminal's Ctrl-C or hang-up reaches only the demo, which stops them.
+
+Secrets never reach the work directory (configs, logs), the results or the screen: passwords go to files in a
+separate private directory (mode 0700) that the configs name as `password_file`; it is deleted as soon as every
+process has logged in (the first round closed) and in any case on the way out.
 """
 
 from __future__ import annotations
@@ -13,14 +30,19 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -32,6 +54,11 @@ from .protocol import Topics
 
 log = logging.getLogger("edge_fl.demo")
 
+#: Signals that stop the demo cleanly (SIGKILL cannot be caught: the children's stdin pipe covers it).
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: How long a child whose demo is gone waits for its own clean shutdown before it kills itself.
+ORPHAN_GRACE_S = 10.0
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -39,11 +66,76 @@ class DemoConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)  # what each agent holds
     broker: str | None = None  # host:port of an existing broker; default: a private one
     username: str | None = None
-    password: str | None = None
+    password: str | None = None  # never written anywhere but a private password file
     timeout_s: float = 170.0
     deadline_s: float = 60.0
-    workdir: Path | None = None
+    workdir: Path | None = None  # default: a temporary directory, removed after a successful run
     fleet: str = "demo"
+    agents: int = len(CLIENT_SUBJECTS)
+    keep_logs: bool = False  # keep the temporary work directory after a successful run too
+
+
+class Interrupted(BaseException):
+    """A stop signal arrived (a BaseException, like KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention for "ended by signal N"
+
+
+class _StopSignals:
+    """STOP_SIGNALS raise `Interrupted` while the fleet runs and are held while it is stopped.
+
+    Python runs signal handlers in the main thread only; called from another thread, this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous: dict[int, Any] = {}
+        self.held: list[int] = []
+
+    def _raise(self, signum: int, frame: FrameType | None) -> None:
+        self.holding()  # one is enough: a second signal must not land in the clean-up this one starts
+        raise Interrupted(signum)
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self.held.append(signum)
+
+    def _install(self, handler: Callable[[int, FrameType | None], None]) -> None:
+        if not self.active:
+            return
+        for sig in STOP_SIGNALS:
+            previous = signal.signal(sig, handler)
+            self.previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
+
+    def raising(self) -> None:
+        self._install(self._raise)
+
+    def holding(self) -> None:
+        self._install(self._hold)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
+def agent_ids(count: int) -> list[tuple[str, int]]:
+    """(device id, subject) of `count` agents: the federated subjects in turn, `subject-04`, ..., `subject-09`,
+    then `subject-04-2` (the second agent on subject 4's recordings), and so on."""
+    if count < 1:
+        raise ValueError(f"the demo needs at least one agent, got {count}")
+    ids = []
+    for i in range(count):
+        copy, subject = divmod(i, len(CLIENT_SUBJECTS))
+        s = CLIENT_SUBJECTS[subject]
+        ids.append((f"subject-{s:02d}" if copy == 0 else f"subject-{s:02d}-{copy + 1}", s))
+    return ids
 
 
 def _toml_value(v: Any) -> str:
@@ -58,12 +150,18 @@ def _toml(sections: dict[str, dict[str, Any]], top: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _path_or_none(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
 def write_aggregator_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
                             fleet: str, clients: int, train: TrainingConfig, deadline_s: float, min_clients: int = 1,
-                            max_update_bytes: int | None = None) -> Path:
+                            max_update_bytes: int | None = None, password_file: Path | None = None) -> Path:
+    """The aggregator's TOML. Give `password_file` (and no `password`) to keep the secret out of the file."""
     path = workdir / "aggregator.toml"
     path.write_text(_toml(
-        {"broker": {"host": host, "port": port, "username": username, "password": password},
+        {"broker": {"host": host, "port": port, "username": username, "password": password,
+                    "password_file": _path_or_none(password_file)},
          "fleet": {"expected_clients": clients, "min_clients": min_clients, "deadline_s": deadline_s,
                    "max_update_bytes": max_update_bytes},
          "train": asdict(train)},
@@ -73,12 +171,14 @@ def write_aggregator_config(workdir: Path, host: str, port: int, username: str |
 
 def write_agent_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
                        fleet: str, subject: int, rng_stream: int, partition: PartitionConfig,
-                       max_payload_bytes: int | None = None) -> Path:
-    device = f"subject-{subject:02d}"
+                       max_payload_bytes: int | None = None, device_id: str | None = None,
+                       password_file: Path | None = None) -> Path:
+    """An agent's TOML (device id `subject-NN` unless given) on `subject`'s recordings."""
+    device = device_id or f"subject-{subject:02d}"
     path = workdir / f"{device}.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
-                    "max_payload_bytes": max_payload_bytes},
+                    "password_file": _path_or_none(password_file), "max_payload_bytes": max_payload_bytes},
          "data": {"subject": subject, "regime": partition.regime, "seed": partition.seed,
                   "shots": partition.shots, "classes_per_client": partition.classes_per_client,
                   "alpha": partition.alpha}},
@@ -86,8 +186,17 @@ def write_agent_config(workdir: Path, host: str, port: int, username: str | None
     return path
 
 
+def _write_secret(directory: Path, name: str, secret: str) -> Path:
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
 class Fleet:
-    """Processes started with `python -m edge_agent.cli ...`; `stop()` ends all of them."""
+    """Processes started with `python -m edge_agent.demo ...` (the `edge-fl` command line, supervised):
+    `stop()` ends all of them, and each ends by itself if the process that started it dies."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -95,12 +204,13 @@ class Fleet:
         self.args: dict[str, tuple[str, ...]] = {}
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        logf = open(self.workdir / f"{name}.log", "ab")
         self.args[name] = args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", *args], stdout=logf,
-                                            stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        logf.close()
+        with open(self.workdir / f"{name}.log", "ab") as logf:  # the child has its own descriptor
+            # stdin=PIPE: the lifeline run_supervised watches; we never write to it.
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "edge_agent.demo", *args],
+                                                stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+                                                env=full_env, start_new_session=True)
         return self.procs[name]
 
     def restart(self, name: str) -> subprocess.Popen[bytes]:
@@ -109,6 +219,7 @@ class Fleet:
         if old.poll() is None:
             old.kill()
             old.wait()
+        _close_lifeline(old)
         return self.spawn(name, *self.args[name])
 
     def check(self) -> None:
@@ -119,6 +230,9 @@ class Fleet:
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.workdir / f"{name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
 
     def stop(self, timeout: float = 5.0) -> None:
         for p in self.procs.values():
@@ -131,49 +245,104 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+            _close_lifeline(p)
 
 
-def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict[str, Any]:
+def _close_lifeline(p: subprocess.Popen[bytes]) -> None:
+    if p.stdin is not None:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+
+
+def _exit_with_parent(grace_s: float = ORPHAN_GRACE_S) -> None:
+    """End this process when its stdin pipe closes, that is when the process holding the other end dies."""
+    if not stat.S_ISFIFO(os.fstat(0).st_mode):
+        return  # started by hand from a terminal: no lifeline to watch
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        log.warning("the demo that started this process is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)  # the service's own handler: a clean stop
+        time.sleep(grace_s)  # a daemon thread: it only gets here if the clean stop hangs
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def run_supervised(argv: list[str]) -> int:
+    """`edge-fl ARGV` as a child of the demo: it stops when the demo is gone, however the demo ended."""
+    _exit_with_parent()
+    from .cli import main
+
+    return main(argv)
+
+
+def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the fleet for `cfg.train.rounds` rounds and return (and write to `out`) the results.
+
+    Raises `Interrupted` on SIGINT, SIGTERM or SIGHUP (from the main thread), after stopping everything; the
+    temporary work directory is kept, and its path printed, unless the run succeeded (and `keep_logs` is off).
+    """
     from .broker import LocalBroker
     from .transport import Message, MqttLink
 
+    clients = agent_ids(cfg.agents)
     owned = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-")) if cfg.workdir is None else Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    broker = None
-    if cfg.broker:
-        host, _, port_s = cfg.broker.rpartition(":")
-        host, port = host or "127.0.0.1", int(port_s)
-        users = {n: cfg.password or "" for n in ("aggregator", "device", "monitor")}
-        user_names = {n: cfg.username for n in users}
-    else:
-        users = {n: secrets.token_hex(12) for n in ("aggregator", "device", "monitor")}
-        broker = LocalBroker(workdir / "broker", users=users).start()
-        host, port = broker.host, broker.port
-        user_names = {n: n for n in users}
-        printer(f"broker: private Mosquitto on {host}:{port} (config from broker_config/mosquitto-dev.conf)")
-    topics = Topics(cfg.fleet)
-    clients = [f"subject-{s:02d}" for s in CLIENT_SUBJECTS]
+    secrets_dir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-secrets-"))  # mode 0700, outside the work directory
+    stop_signals = _StopSignals()
+    broker: LocalBroker | None = None
     fleet = Fleet(workdir)
-    monitor = None
+    monitor: MqttLink | None = None
+    finished = False
     try:
+        stop_signals.raising()
+        if cfg.broker:
+            host, _, port_s = cfg.broker.rpartition(":")
+            if not port_s.isdigit():
+                raise ValueError(f"--broker {cfg.broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+            host, port = host or "127.0.0.1", int(port_s)
+            users = {n: cfg.password or "" for n in ("aggregator", "device", "monitor")}
+            user_names = {n: cfg.username for n in users}
+        else:
+            users = {n: secrets.token_hex(12) for n in ("aggregator", "device", "monitor")}
+            broker = LocalBroker(workdir / "broker", users=users)
+            broker.start()
+            host, port = broker.host, broker.port
+            user_names = {n: n for n in users}
+            printer(f"broker: private Mosquitto on {host}:{port} (config from {broker.config})")
+        secret_files = {n: _write_secret(secrets_dir, f"{n}.pass", pw) if pw else None for n, pw in users.items()}
+        topics = Topics(cfg.fleet)
         monitor = MqttLink(f"edge-fl-demo-monitor-{os.getpid()}", host, port, username=user_names["monitor"],
-                           password=users["monitor"], clean_start=True)
+                           password=users["monitor"] or None, clean_start=True)
         monitor.connect(timeout=10)
         monitor.subscribe(topics.telemetry_filter, qos=1)
         monitor.subscribe(topics.status, qos=1)
-        agg = write_aggregator_config(workdir, host, port, user_names["aggregator"], users["aggregator"],
-                                      fleet=cfg.fleet, clients=len(clients), train=cfg.train,
-                                      deadline_s=cfg.deadline_s)
+        agg = write_aggregator_config(workdir, host, port, user_names["aggregator"], None, fleet=cfg.fleet,
+                                      clients=len(clients), train=cfg.train, deadline_s=cfg.deadline_s,
+                                      password_file=secret_files["aggregator"])
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
-        for i, (cid, subject) in enumerate(zip(clients, CLIENT_SUBJECTS, strict=True)):
-            path = write_agent_config(workdir, host, port, user_names["device"], users["device"], fleet=cfg.fleet,
-                                      subject=subject, rng_stream=i, partition=cfg.partition)
-            fleet.spawn(cid, "agent", "--config", str(path))
+        for i, (device, subject) in enumerate(clients):
+            path = write_agent_config(workdir, host, port, user_names["device"], None, fleet=cfg.fleet,
+                                      subject=subject, rng_stream=i, partition=cfg.partition, device_id=device,
+                                      password_file=secret_files["device"])
+            fleet.spawn(device, "agent", "--config", str(path))
+        # Who to look for if something is left behind (the tests do).
+        (workdir / "pids.json").write_text(json.dumps(
+            {**({"broker": broker.pid} if broker is not None else {}), **fleet.pids()}, indent=1))
         t = cfg.train
-        printer(f"started the aggregator and {len(clients)} agents ({t.strategy}, {cfg.partition.regime}, "
-                f"{t.rounds} rounds, seed {t.seed}" + (f", fraction {t.fraction}" if t.fraction < 1 else "")
-                + f"); logs in {workdir}")
+        subjects = len({s for _, s in clients})
+        printer(f"started the aggregator and {len(clients)} agents"
+                + (f" on the data of {subjects} subjects" if subjects != len(clients) else "")
+                + f" ({t.strategy}, {cfg.partition.regime}, {t.rounds} rounds, seed {t.seed}"
+                + (f", fraction {t.fraction}" if t.fraction < 1 else "") + f"); logs in {workdir}")
         header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
                   f"{'bytes in':>9} {'bytes out':>10}")
         printer(header)
@@ -213,9 +382,13 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
                 printer(f"{v:>5} {g:>7} {100 * row['mean_acc']:>9.1f} {100 * row['p10_acc']:>6.1f} "
                         f"{st['reporting']:>4}/{st['selected']:<5} {st['bytes_in']:>9} {st['bytes_out']:>10}")
                 printed = v
+                # Every process has read its password and logged in (each reported this round): the files
+                # are not needed any more.
+                shutil.rmtree(secrets_dir, ignore_errors=True)
         last = rows[-1]
+        config = {k: v for k, v in asdict(cfg).items() if k != "password"}
         result = {
-            "config": {**asdict(cfg), "workdir": str(workdir)},
+            "config": {**config, "workdir": str(workdir)},
             "rounds": rows,
             "summary": {"mean_acc": last["mean_acc"], "p10_acc": last["p10_acc"], "worst_acc": last["worst_acc"],
                         "global_acc": last["global_acc"],
@@ -225,14 +398,27 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Any = print) -> dict
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=float))
+        finished = True
         return result
     finally:
-        fleet.stop()
-        if monitor is not None:
-            monitor.close()
-        if broker is not None:
-            broker.stop()
-        if owned and not os.environ.get("EDGEFL_KEEP_DEMO"):
-            import shutil
+        stop_signals.holding()  # from here on a signal cannot interrupt the clean-up
+        try:
+            fleet.stop()
+            if monitor is not None:
+                monitor.close()
+            if broker is not None:
+                broker.stop()
+            shutil.rmtree(secrets_dir, ignore_errors=True)
+            if finished and owned and not cfg.keep_logs:
+                shutil.rmtree(workdir, ignore_errors=True)
+            elif not finished:
+                try:
+                    printer(f"logs kept in {workdir}")
+                except OSError:  # the terminal that hung up: nobody to tell
+                    pass
+        finally:
+            stop_signals.restore()
 
-            shutil.rmtree(workdir, ignore_errors=True)
+
+if __name__ == "__main__":
+    sys.exit(run_supervised(sys.argv[1:]))

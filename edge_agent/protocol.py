@@ -1,18 +1,24 @@
 """Topic layout of an edge-fl fleet, in one place. Pure: names only, no MQTT.
 
-| message | topic | QoS | retain | payload |
-|---|---|---|---|---|
-| global model (latest) | `edgefl/<fleet>/model/current` | 1 | yes | envelope kind GLOBAL; version = rounds done |
-| round task | `edgefl/<fleet>/round/current` | 1 | yes | envelope kind GLOBAL: the tensors to train from (1) |
-| update upload | `edgefl/<fleet>/update/<device>/<round>` | 1 | no | envelope kind UPDATE, or its chunks (2) |
-| presence | `edgefl/<fleet>/presence/<device>` | 1 | yes | `online` on connect; `offline` as the last will |
-| telemetry | `edgefl/<fleet>/telemetry/<device>` | 1 | no | JSON: the device's head accuracies per global version |
-| aggregator status | `edgefl/<fleet>/status` | 1 | yes | JSON: the last closed round (reporting, rejected, bytes) |
+`TOPIC_TABLE` below is the one truth; this table, and the one in broker_config/README.md, are tested
+against it (tests/unit/test_docs.py). Every topic lives under `edgefl/<fleet>/`:
 
-Envelopes are `codec.envelope.Envelope`. (1) Its meta holds the round, deadline, selected devices and
-training configuration. (2) Chunks (`codec.chunking`) when the envelope is larger than the broker's packet limit.
+| message | topic | QoS | retained | written by | payload |
+|---|---|---|---|---|---|
+| global model (latest) | `model/current` | 1 | yes | aggregator | envelope kind GLOBAL; version = rounds done |
+| round task | `round/current` | 1 | yes | aggregator | envelope kind GLOBAL (1) |
+| update upload | `update/<device>/<round>` | 1 | no | device | envelope kind UPDATE, or its chunks (2) |
+| presence | `presence/<device>` | 1 | yes | device | `online` on connect; `offline` as its last will (3) |
+| telemetry | `telemetry/<device>` | 1 | no | device | JSON: the device's head accuracies per global version |
+| aggregator status | `status` | 1 | yes | aggregator | JSON: the last closed round (reporting, rejected, bytes) |
 
-Telemetry is QoS 1 rather than 0 here because `edge-fl demo` builds its per-round table from it.
+Envelopes are `codec.envelope.Envelope`. (1) The tensors to train from; its meta holds the round, deadline,
+selected devices and training configuration. The broker drops it at the deadline (message expiry); the aggregator
+empties it once the last round closed. (2) Chunks (`codec.chunking`), all on the same topic, when the
+envelope is larger than the broker's packet limit. (3) Published by the broker when the device's connection
+is lost, and by the device itself on a clean exit.
+
+Telemetry is QoS 1 rather than 0 because `edge-fl demo` builds its per-round table from it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,47 @@ import re
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+#: Every topic of a fleet starts with this, `<fleet>` being the fleet's name.
+PREFIX_PATTERN = "edgefl/<fleet>"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One row of the topic table: what travels where, with which QoS and retain flag, sent by whom."""
+
+    message: str
+    topic: str  # below `edgefl/<fleet>/`; `<device>` and `<round>` stand for a device id and a round number
+    qos: int
+    retained: bool
+    writer: str
+    payload: str
+    attr: str  # the `Topics` member that builds this topic
+
+
+TOPIC_TABLE: tuple[TopicSpec, ...] = (
+    TopicSpec("global model (latest)", "model/current", 1, True, "aggregator",
+              "envelope kind GLOBAL; version = rounds done", "model_current"),
+    TopicSpec("round task", "round/current", 1, True, "aggregator",
+              "envelope kind GLOBAL (1)",
+              "round_current"),
+    TopicSpec("update upload", "update/<device>/<round>", 1, False, "device",
+              "envelope kind UPDATE, or its chunks (2)", "update"),
+    TopicSpec("presence", "presence/<device>", 1, True, "device",
+              "`online` on connect; `offline` as its last will (3)", "presence"),
+    TopicSpec("telemetry", "telemetry/<device>", 1, False, "device",
+              "JSON: the device's head accuracies per global version", "telemetry"),
+    TopicSpec("aggregator status", "status", 1, True, "aggregator",
+              "JSON: the last closed round (reporting, rejected, bytes)", "status"),
+)
+
+
+def topic_table_markdown() -> str:
+    """`TOPIC_TABLE` as the Markdown table this module's docstring and broker_config/README.md show."""
+    lines = ["| message | topic | QoS | retained | written by | payload |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t.message} | `{t.topic}` | {t.qos} | {'yes' if t.retained else 'no'} | {t.writer} | {t.payload} |"
+              for t in TOPIC_TABLE]
+    return "\n".join(lines)
 
 
 def check_name(kind: str, value: str) -> str:
