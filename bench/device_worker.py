@@ -1,4 +1,8 @@
-"""What one device does, in one fresh process; run by bench/device_footprint.py, not on its own.
+"""A stand-in for a device: backbone, head state, training, in one fresh process; run by
+bench/device_footprint.py for comparison with the real `edge-fl agent` process, not on its own.
+
+It imports neither paho nor the agent service nor SQLite, so its peak RSS is a floor for the learning part
+alone, not a device agent's footprint (which the benchmark measures on the real process).
 
 Usage: device_worker.py MODEL HEAD_STATE WINDOW_NPY {npz USER_NPZ | dataset SUBJECT} EPOCHS SEED
 

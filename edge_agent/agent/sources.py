@@ -12,13 +12,18 @@ The agent service only asks `client_data()` before training and hands each new p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..config import AgentConfig
 from ..learning.strategies import ClientData
 from .store import AgentStore
+
+if TYPE_CHECKING:
+    from ..backbone import FrozenBackbone
+    from ..data.partition import PartitionConfig
+    from ..data.watch import WatchDataset
 
 
 class DataSource(Protocol):
@@ -55,22 +60,95 @@ class FixedSource:
 
 
 def dataset_source(cfg: AgentConfig) -> FixedSource:
-    """The demo's local data: this subject's windows of the bundled recordings, through the real backbone."""
-    from ..backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
-    from ..data.federated import default_cache_dir, embed_dataset, federate
-    from ..data.partition import PartitionConfig
+    """The demo's local data: this subject's windows of the bundled recordings, through the real backbone.
+
+    The same ClientData `federate()` gives this subject in `edge-fl simulate` (tested), built from the
+    recordings this agent needs and no others: its own subject's, and the backbone subjects' training
+    windows for the standardization statistics. The rest of the dataset is dropped as soon as it is read,
+    and every window, the dataset and the backbone are released before the agent starts its rounds.
+    """
+    from ..backbone import DEFAULT_MODEL, FrozenBackbone
+    from ..data.partition import CLIENT_SUBJECTS, PartitionConfig
     from ..data.watch import load_watch_dataset
 
     d = cfg.data
-    backbone = FrozenBackbone(cfg.backbone or DEFAULT_MODEL)
-    cache = EmbeddingCache(d.cache_dir or default_cache_dir())
-    embedded = embed_dataset(load_watch_dataset(d.dataset), backbone, cache=cache)
-    fed = federate(embedded, PartitionConfig(regime=d.regime, seed=d.seed, shots=d.shots,
-                                             classes_per_client=d.classes_per_client, alpha=d.alpha))
-    client_id = f"subject-{d.subject:02d}"
-    if client_id not in fed.client_ids:
-        raise ValueError(f"subject {d.subject} is not a federated client (clients: {', '.join(fed.client_ids)})")
-    return FixedSource(fed.clients[fed.client_ids.index(client_id)], f"subject {d.subject}")
+    if d.subject not in CLIENT_SUBJECTS:
+        raise ValueError(f"subject {d.subject} is not a federated client (clients: "
+                         f"{', '.join(f'subject-{s:02d}' for s in CLIENT_SUBJECTS)})")
+    partition = PartitionConfig(regime=d.regime, seed=d.seed, shots=d.shots,
+                                classes_per_client=d.classes_per_client, alpha=d.alpha)
+    # Only this client's recordings outlive the read; the rest of the dataset (one pickle, read whole) is
+    # freed and its pages handed back before the interpreter loads, so the two are never resident together.
+    recordings = subject_recordings(load_watch_dataset(d.dataset), d.subject)
+    release_freed_memory()
+    data = watch_client_data(recordings, FrozenBackbone(cfg.backbone or DEFAULT_MODEL), d.subject, partition)
+    del recordings
+    release_freed_memory()  # the recordings, windows and the interpreter's buffers are gone: hand their pages back
+    return FixedSource(data, f"subject {d.subject}")
+
+
+def subject_recordings(dataset: WatchDataset, subject: int) -> WatchDataset:
+    """Only the recordings one client's data is made of: its own and the backbone subjects'."""
+    from dataclasses import replace
+
+    from ..data.partition import BACKBONE_SUBJECTS
+
+    keep = {subject, *BACKBONE_SUBJECTS}
+    return replace(dataset, recordings=tuple(r for r in dataset.recordings if r.subject in keep))
+
+
+def watch_client_data(dataset: WatchDataset, backbone: FrozenBackbone, subject: int,
+                      partition: PartitionConfig) -> ClientData:
+    """`federate(embed_dataset(dataset, backbone), partition)`'s ClientData of `subject`, computed from
+    `dataset` (which must hold that subject's and the backbone subjects' recordings) one recording at a
+    time, so that only this subject's windows and the backbone subjects' embeddings are ever held.
+
+    Equal, not close (tested): a window's embedding does not depend on the windows batched with it; the
+    statistics come from the same backbone-subject windows in the same order (windows are cut per
+    recording, in dataset order); and a partition draws per client from `default_rng([seed, subject])`
+    by position among the client's own windows.
+    """
+    from dataclasses import replace
+
+    from ..data.partition import BACKBONE_SUBJECTS, partition_clients
+    from ..data.windows import WindowSet, split_and_window
+    from ..learning.features import EmbeddingStandardizer
+
+    reference: list[np.ndarray] = []  # embeddings of the backbone subjects' training windows
+    parts: dict[str, list[WindowSet]] = {"train": [], "test": []}
+    for rec in dataset.recordings:
+        if rec.subject not in BACKBONE_SUBJECTS and rec.subject != subject:
+            continue
+        train, test = split_and_window(replace(dataset, recordings=(rec,)))
+        if rec.subject in BACKBONE_SUBJECTS:
+            reference.append(backbone.embed(train.x))  # a recording's windows at a time: ~100 KB, not MBs
+        if rec.subject == subject:
+            parts["train"].append(train)
+            parts["test"].append(test)
+    if not reference or not parts["train"]:
+        raise ValueError(f"the recordings hold no windows of subject {subject} or of the backbone subjects")
+    standardize = EmbeddingStandardizer.fit(np.concatenate(reference))
+    del reference
+    train, test = (WindowSet(*(np.concatenate(cols) for cols in zip(*(
+        (w.x, w.y, w.subject, w.recording, w.start, w.stop) for w in parts[name]), strict=True)))
+        for name in ("train", "test"))
+    (split,) = partition_clients(train, test, partition, (subject,))
+    return ClientData(standardize(backbone.embed(train.x[split.train_idx])), train.y[split.train_idx],
+                      standardize(backbone.embed(test.x[split.test_idx])), test.y[split.test_idx])
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed objects back to the system (glibc keeps them in its heap otherwise), so the
+    agent's resident size after start-up is what it holds, not what start-up once needed."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, Termux's bionic): nothing to trim with
+        pass
 
 
 def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:

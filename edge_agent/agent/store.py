@@ -102,11 +102,29 @@ class AgentStore:
         return int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
 
     def windows(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.db.execute("SELECT label, shape, samples FROM windows ORDER BY seq").fetchall()
-        if not rows:
+        """Every stored window in arrival order, as (windows, labels).
+
+        Read row by row into one array sized up front: a device that has collected for weeks holds each
+        window once while reading, not three times (fetched rows, per-row arrays, their stacked copy).
+        """
+        x: np.ndarray | None = None
+        # A deferred transaction is one read snapshot (WAL) for the count and the rows, without blocking the
+        # collectors, which keep inserting windows through their own connections meanwhile.
+        self.db.execute("BEGIN")
+        try:
+            n = self.window_count()
+            y = np.empty(n, np.int64)
+            for i, (label, shape, samples) in enumerate(
+                    self.db.execute("SELECT label, shape, samples FROM windows ORDER BY seq")):
+                row = np.frombuffer(samples, np.float32).reshape(tuple(int(d) for d in shape.split(",")))
+                if x is None:
+                    x = np.empty((n, *row.shape), np.float32)
+                x[i], y[i] = row, label
+        finally:
+            self.db.execute("COMMIT")
+        if x is None:
             return np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int64)
-        xs = [np.frombuffer(r[2], np.float32).reshape(tuple(int(d) for d in r[1].split(","))) for r in rows]
-        return np.stack(xs), np.array([r[0] for r in rows], np.int64)
+        return x, y
 
     def evaluated(self, version: int) -> bool:
         return self.db.execute("SELECT 1 FROM evaluations WHERE version=?", (version,)).fetchone() is not None
