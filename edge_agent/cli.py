@@ -124,9 +124,9 @@ def _stop_on_signals() -> Any:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent.service import AgentService
-    from .config import AgentConfig, load_toml
+    from .config import AgentConfig, load_config
 
-    cfg = load_toml(args.config, AgentConfig)
+    cfg = load_config(args.config, AgentConfig, args.set)
     AgentService(cfg).run(_stop_on_signals())
     return 0
 
@@ -135,9 +135,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     import threading
 
     from .aggregator.service import AggregatorService
-    from .config import AggregatorConfig, load_toml
+    from .config import AggregatorConfig, load_config
 
-    cfg = load_toml(args.config, AggregatorConfig)
+    cfg = load_config(args.config, AggregatorConfig, args.set)
+    if args.http is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, http=args.http or None)
     service = AggregatorService(cfg)
     stop = _stop_on_signals()
     if args.exit_when_done:
@@ -146,18 +150,84 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_address(text: str) -> str:
+    """--http's value, checked by argparse (a bad one is a usage error, exit 2); '' turns HTTP off."""
+    from .aggregator.web import parse_address
+
+    if text:
+        try:
+            parse_address(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import StatusError, StatusQuery, run_status
+
+    host, port, fleet, user, password, state = "127.0.0.1", 1883, args.fleet, args.username, None, args.state
+    if args.config is not None:
+        from .config import AggregatorConfig, load_toml
+
+        cfg = load_toml(args.config, AggregatorConfig)
+        b = cfg.broker
+        host, port, user, password = b.host, b.port, user or b.username, b.secret()
+        fleet, state = fleet or cfg.fleet_name, state or cfg.state
+    if args.broker is not None:
+        from .aggregator.web import parse_address
+
+        host, port = parse_address(args.broker)
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
+    if args.watch is not None and args.watch <= 0:
+        print("edge-fl status: --watch takes a positive number of seconds", file=sys.stderr)
+        return 2
+    stop = _stop_on_signals()
+    query = StatusQuery(fleet or "default", host, port, username=user, password=password,
+                        state_db=None if state is None else str(state), rounds=args.rounds, timeout_s=args.timeout)
+    try:
+        return run_status(query, sys.stdout, as_json=args.json, watch_s=args.watch, stop=stop.is_set)
+    except StatusError as exc:
+        print(f"edge-fl status: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, Interrupted, run_demo
 
     train, partition = _fleet_configs(args, args.strategy)
+    if not args.broker and (args.username or args.password or args.password_file):
+        print("edge-fl demo: --username, --password and --password-file go with --broker (the private broker "
+              "makes its own users)", file=sys.stderr)
+        return 2
+    password = args.password
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
     cfg = DemoConfig(train=train, partition=partition, broker=args.broker, username=args.username,
-                     password=args.password, timeout_s=args.timeout, workdir=args.workdir)
+                     password=password, timeout_s=args.timeout, workdir=args.workdir, agents=args.agents,
+                     keep_logs=args.keep_logs)
     t0 = time.perf_counter()
-    result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
+    try:
+        result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
+    except Interrupted as stop:  # every process the demo started has been stopped
+        print(f"edge-fl: demo stopped by {stop.name}", file=sys.stderr)
+        return stop.exit_code
     s = result["summary"]
     print(f"done in {time.perf_counter() - t0:.0f} s: personalized mean {100 * s['mean_acc']:.1f}%, "
           f"10th percentile {100 * s['p10_acc']:.1f}%, worst {100 * s['worst_acc']:.1f}%"
           + (f"; results written to {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.fetch import fetch_watch_dataset
+    from .data.watch import locate_watch_dataset
+
+    if args.data_command == "fetch":
+        path = fetch_watch_dataset(args.data_dir, wheel=args.wheel, force=args.force)
+        print(f"watch recordings ready: {path}")
+    else:
+        print(locate_watch_dataset())
     return 0
 
 
@@ -197,9 +267,18 @@ def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
     return train, partition
 
 
+def _demo_agents(text: str) -> int:
+    """`--agents`: a whole number of at least 1 (argparse turns the error into a usage message, exit 2)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of agents, at least 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backbone import DEFAULT_MODEL
-    from .data.partition import REGIMES
+    from .config_tools import add_parsers as add_config_parsers
+    from .config_tools import add_set_option
+    from .data.partition import CLIENT_SUBJECTS, REGIMES
     from .learning.strategies import STRATEGIES
     from .learning.training import DEFAULT_STRATEGY
 
@@ -229,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no XNNPACK delegate: bit-identical embeddings across LiteRT and tflite-runtime")
     sim.add_argument("--window", type=float, default=2.0, help="window length in seconds")
     sim.add_argument("--stride", type=float, default=0.5, help="window stride in seconds")
-    sim.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: from the seglearn wheel)")
+    sim.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: `edge-fl data path`)")
     sim.add_argument("--cache-dir", type=Path, help="embedding cache (default: ~/.cache/edge-fl/embeddings)")
     sim.add_argument("--no-cache", action="store_true", help="always run the backbone")
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress line")
@@ -239,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run a device agent: trains the personalization head on local data when a "
                                        "round selects it, uploads the shared tensors, keeps the personal ones.")
     agent.add_argument("--config", type=Path, required=True, help="agent TOML (see deploy/agent.example.toml)")
+    add_set_option(agent)
     agent.set_defaults(func=cmd_agent)
 
     agg = sub.add_parser("aggregator", help="run the aggregator",
@@ -246,24 +326,75 @@ def build_parser() -> argparse.ArgumentParser:
                                      "publishes global versions. State survives restarts (SQLite).")
     agg.add_argument("--config", type=Path, required=True, help="aggregator TOML (see deploy/aggregator.example.toml)")
     agg.add_argument("--exit-when-done", action="store_true", help="exit 0 after the last round")
+    agg.add_argument("--http", metavar="HOST:PORT", type=_http_address,
+                     help="serve the status page, /api/status and Prometheus /metrics here (':9465' = loopback; "
+                          "overrides the config's http key; '' turns it off)")
+    add_set_option(agg)
     agg.set_defaults(func=cmd_aggregator)
 
     demo = sub.add_parser("demo", help="a whole fleet on this machine through a real Mosquitto",
-                          description="Start a private Mosquitto (or use --broker), the aggregator and one agent per "
-                                      "federated subject on the real recordings; print a table per round.",
+                          description="Start a private Mosquitto (or use --broker), the aggregator and --agents agent "
+                                      "processes on the real recordings (by default one per federated subject); print "
+                                      "a table per round. SIGINT, SIGTERM and SIGHUP stop every process it started "
+                                      "(exit code 128 + signal number). Logs are kept, and their path printed, when "
+                                      "the run fails.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
     _add_fleet_options(demo)
+    demo.add_argument("--agents", type=_demo_agents, default=len(CLIENT_SUBJECTS),
+                      help=f"agent processes; beyond {len(CLIENT_SUBJECTS)} they share the subjects' recordings, "
+                           "each with its own device id")
     demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private one")
     demo.add_argument("--username", help="with --broker: the MQTT user of every process")
-    demo.add_argument("--password", help="with --broker: its password")
+    demo.add_argument("--password", help="with --broker: its password (visible to ps; prefer --password-file)")
+    demo.add_argument("--password-file", type=Path, metavar="FILE", help="with --broker: read the password here")
     demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
-    demo.add_argument("--workdir", type=Path, help="keep configs, logs and state here (default: a temp dir)")
+    demo.add_argument("--workdir", type=Path, help="keep configs, logs and state here (default: a temp dir, removed "
+                                                   "after a successful run)")
+    demo.add_argument("--keep-logs", action="store_true", help="keep the temp dir after a successful run too")
     demo.add_argument("--out", type=Path, help="write the results JSON here")
     demo.set_defaults(func=cmd_demo)
 
+    data = sub.add_parser("data", help="get the sensor recordings simulate, demo and agents train on",
+                          description="The watch recordings ship inside the seglearn 1.2.5 wheel. `fetch` downloads "
+                                      "that wheel with pip (no dependencies, nothing installed), checks its sha256 "
+                                      "and keeps only the recordings, in the user's data directory.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{fetch,path}")
+    fetch = data_sub.add_parser("fetch", help="download, check and unpack the recordings",
+                                description="Download seglearn==1.2.5 with `pip download --no-deps`, check its "
+                                            "sha256, extract watch_dataset.npy.")
+    fetch.add_argument("--data-dir", type=Path,
+                       help="where to put it (default: $EDGEFL_DATA_DIR, else $XDG_DATA_HOME/edge-fl, "
+                            "else ~/.local/share/edge-fl)")
+    fetch.add_argument("--wheel", type=Path, metavar="FILE",
+                       help="use this seglearn-1.2.5-py3-none-any.whl instead of downloading it")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if the file is there")
+    data_sub.add_parser("path", help="print where the recordings are found (exit 1 if nowhere)")
+    data.set_defaults(func=cmd_data)
+
     # Listed for `edge-fl --help`; main() hands `edge-fl bridge ...` to firmware_bridge.bridge_cli whole.
+    status = sub.add_parser(
+        "status", help="what a running fleet is doing: rounds, devices online, accuracy",
+        description="Show a fleet's global model, current round, devices online and the last closed round, read from "
+                    "what its aggregator publishes on the broker (retained messages); with the aggregator's state "
+                    "database (--state, or the `state` key of --config) also the rounds' history with accuracy. "
+                    "Exit 0, or 1 when no broker or aggregator answers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    status.add_argument("--config", type=Path, help="the aggregator's TOML: broker, credentials, fleet and state")
+    status.add_argument("--broker", metavar="HOST:PORT", help="broker address (default: from --config, else "
+                                                               "127.0.0.1:1883)")
+    status.add_argument("--fleet", help="fleet name (default: from --config, else 'default')")
+    status.add_argument("--username", help="MQTT user with read access to the fleet's topics")
+    status.add_argument("--password-file", type=Path, help="file holding that user's password")
+    status.add_argument("--state", type=Path, metavar="DB", help="the aggregator's state database (read-only)")
+    status.add_argument("--rounds", type=int, default=10, help="rounds of history to show")
+    status.add_argument("--json", action="store_true", help="one JSON document (per --watch interval)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until interrupted")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
+    status.set_defaults(func=cmd_status)
+
     sub.add_parser("bridge", help="live view of a microcontroller on a serial link (edge-fl bridge --help)")
+    add_config_parsers(sub)  # init agent|aggregator, check-config
     return parser
 
 
