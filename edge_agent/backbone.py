@@ -8,8 +8,10 @@ expose the same `Interpreter` API, so the choice is only about which wheel exist
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import json
 import os
+import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +19,19 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .backbone_plan import NoWorkingPlan, PlanKey, RunPlan, plan_run
 from .codec.digest import sha256
 from .fsutil import atomic_write
 from .learning.features import EmbeddingStandardizer
+from .resources import backbone_model as bundled_backbone_model
 
 RuntimeName = Literal["auto", "ai-edge-litert", "tflite-runtime"]
 _RUNTIME_MODULES: dict[str, str] = {
     "ai-edge-litert": "ai_edge_litert.interpreter",
     "tflite-runtime": "tflite_runtime.interpreter",
 }
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "backbone_int8.tflite"
+# The model the wheel ships (models/ in the repository), found by edge_agent/resources.py.
+DEFAULT_MODEL = bundled_backbone_model()
 
 
 class BackboneError(RuntimeError):
@@ -57,6 +62,32 @@ def load_interpreter_module(runtime: RuntimeName = "auto") -> tuple[str, Any]:
         "no TFLite interpreter could be imported (" + "; ".join(errors) + "). "
         "Install `ai-edge-litert` (x86_64/aarch64) or `tflite-runtime` with numpy<2 (pip install 'edge-fl[tflite]')."
     )
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of a runtime (its wheel's: runtime names are distribution names), or "unknown"."""
+    try:
+        return importlib.metadata.version(runtime)
+    except importlib.metadata.PackageNotFoundError:
+        top = _RUNTIME_MODULES.get(runtime, runtime).split(".")[0]
+        try:
+            return str(getattr(importlib.import_module(top), "__version__", "unknown"))
+        except ImportError:
+            return "unknown"
+
+
+def open_interpreter(module: Any, path: Path, *, num_threads: int, reference_kernels: bool) -> Any:
+    """An interpreter of `module` (LiteRT's or tflite-runtime's) for the model, with the asked op resolver."""
+    options: dict[str, Any] = {"num_threads": num_threads}
+    if reference_kernels:
+        options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        return module.Interpreter(model_path=str(path), **options)
+    except (ValueError, RuntimeError) as exc:
+        raise BackboneError(
+            f"{path}: not a loadable TFLite model ({exc}). sha256={file_sha256(path)}; "
+            "replace the file or rebuild it with `python models/build_backbone.py`."
+        ) from exc
 
 
 # --- the arithmetic around an interpreter ---------------------------------------------------------
@@ -199,10 +230,20 @@ class FrozenBackbone:
         the interpreter's output list (int). Default: the sidecar's ``feature_output``, else output 0.
     runtime:
         ``auto``, ``ai-edge-litert`` or ``tflite-runtime``.
+    batch_size:
+        Windows per `invoke()`. ``None`` (default): picked for this machine (see below), 64 where it works.
     reference_kernels:
         Run the builtin kernels without the default XNNPACK delegate. LiteRT uses XNNPACK for int8
         models and tflite-runtime 2.14 does not; their outputs then differ by one int8 step on ~14% of
         the values. With this flag both runtimes give bit-identical embeddings (at some speed cost).
+        ``None`` (default): picked for this machine.
+    plan_dir:
+        Where the verdict of the runner probe is remembered (default ``~/.cache/edge-fl/backbone-runner``).
+
+    Whatever of `batch_size` and `reference_kernels` is not given is picked by a probe in a child
+    process, once per model, runtime version and machine (edge_agent/backbone_plan.py): on armv7l
+    tflite-runtime 2.14 segfaults at batch > 1, with and without the default delegates. ``self.plan`` says
+    what was picked and why; it is logged.
     """
 
     def __init__(
@@ -212,9 +253,10 @@ class FrozenBackbone:
         feature_output: str | int | None = None,
         runtime: RuntimeName = "auto",
         num_threads: int = 1,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         metadata_path: str | os.PathLike[str] | None = None,
-        reference_kernels: bool = False,
+        reference_kernels: bool | None = None,
+        plan_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -222,23 +264,27 @@ class FrozenBackbone:
                 f"backbone model not found: {self.path}. Expected a .tflite file; the bundled one is "
                 f"{DEFAULT_MODEL} (rebuild it with `python models/build_backbone.py`)."
             )
-        if batch_size < 1 or num_threads < 1:
+        if (batch_size is not None and batch_size < 1) or num_threads < 1:
             raise BackboneError(f"batch_size and num_threads must be >= 1, got {batch_size} and {num_threads}")
         self.sha256 = file_sha256(self.path)
         self.metadata = read_sidecar(self.path, metadata_path, model_sha256=self.sha256)
         self.runtime, module = load_interpreter_module(runtime)
-        self.batch_size = batch_size
+        self.runtime_version = runtime_version(self.runtime)
         self.num_threads = num_threads
-        options: dict[str, Any] = {"num_threads": num_threads}
-        if reference_kernels:
-            options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        # Fail on a model the interpreter cannot load here, before any probe child tries it.
+        self._interp = open_interpreter(module, self.path, num_threads=num_threads,
+                                        reference_kernels=bool(reference_kernels))
+        key = PlanKey(self.sha256, self.runtime, self.runtime_version, platform.machine(), num_threads,
+                      batch_size, reference_kernels)
         try:
-            self._interp = module.Interpreter(model_path=str(self.path), **options)
-        except (ValueError, RuntimeError) as exc:
-            raise BackboneError(
-                f"{self.path}: not a loadable TFLite model ({exc}). sha256={self.sha256}; "
-                "replace the file or rebuild it with `python models/build_backbone.py`."
-            ) from exc
+            self.plan: RunPlan = plan_run(self.path, key, Path(plan_dir) if plan_dir else None)
+        except NoWorkingPlan as exc:
+            raise BackboneError(str(exc)) from exc
+        self.batch_size = self.plan.batch_size
+        self.reference_kernels = self.plan.reference_kernels
+        if self.reference_kernels != bool(reference_kernels):
+            self._interp = open_interpreter(module, self.path, num_threads=num_threads,
+                                            reference_kernels=self.reference_kernels)
         (inp,) = self._interp.get_input_details()[:1] or [None]
         if inp is None:
             raise BackboneError(f"{self.path}: the model has no input tensor")
@@ -257,6 +303,28 @@ class FrozenBackbone:
     def _out_scale(self) -> float:
         """One int8 step of the embedding (kept for callers that read it under this name)."""
         return self.output_quant.scale
+
+    def numbers_identity(self) -> dict[str, Any]:
+        """Everything that changes the embeddings this backbone computes from given windows.
+
+        The model, the interpreter (runtime and version: kernels change between releases), the op
+        resolver (the XNNPACK delegate rounds differently on ~14% of the values), the CPU architecture
+        (kernels differ per instruction set), the output used and how its values and the inputs are
+        (de)quantized and standardized (a sidecar given with `metadata_path` may differ from the
+        default one). Batch size and threads are not in it: they do not change a value (tested).
+        """
+        return {
+            "model_sha256": self.sha256,
+            "runtime": self.runtime,
+            "runtime_version": self.runtime_version,
+            "reference_kernels": self.reference_kernels,
+            "machine": platform.machine(),
+            "feature_output": [self.feature.index, self.feature.name, self.embedding_dim],
+            "input_quantization": [self.input_quant.scale, self.input_quant.zero_point, str(self.input_quant.dtype)],
+            "output_quantization": [self.output_quant.scale, self.output_quant.zero_point,
+                                    str(self.output_quant.dtype)],
+            "input_standardization": [self.standardization.mean.tolist(), self.standardization.std.tolist()],
+        }
 
     def embedding_standardizer(self) -> EmbeddingStandardizer | None:
         """The embedding statistics shipped in the sidecar (fitted on the backbone subjects), if any.
@@ -315,10 +383,12 @@ class FrozenBackbone:
 
 
 class EmbeddingCache:
-    """Embeddings on disk, keyed by the model's sha256 and a digest of the windows they came from.
+    """Embeddings on disk, keyed by the model's sha256, everything else that changes the numbers
+    (`FrozenBackbone.numbers_identity`: runtime and version, op resolver, machine, output, quantization)
+    and a digest of the windows they came from.
 
-    A different model, or different windows (other window length, stride or split), is a different key:
-    a stale cache can never be served for a changed backbone.
+    A different model, runtime or resolver, or different windows (other window length, stride or split),
+    is a different key: embeddings computed one way are never served for a backbone that runs another.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -328,7 +398,9 @@ class EmbeddingCache:
         h = sha256()
         h.update(np.ascontiguousarray(windows, dtype=np.float32).tobytes())
         data = h.hexdigest()
-        return f"{backbone.sha256[:16]}-{backbone.feature.index}-{data[:16]}"
+        h = sha256()
+        h.update(json.dumps(backbone.numbers_identity(), sort_keys=True).encode())
+        return f"{backbone.sha256[:16]}-{h.hexdigest()[:16]}-{data[:16]}"
 
     def embed(self, backbone: FrozenBackbone, windows: np.ndarray) -> np.ndarray:
         path = self.directory / f"{self.key(backbone, windows)}.npy"

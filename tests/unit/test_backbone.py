@@ -138,3 +138,43 @@ def test_tflite_runtime_backbone_errors_are_the_same(tmp_path, sample) -> None: 
     (tmp_path / "bad.tflite").write_bytes(b"\0" * 64)
     with pytest.raises(BackboneError, match="not a loadable"):
         FrozenBackbone(tmp_path / "bad.tflite", runtime="tflite-runtime")
+
+
+def test_cache_never_serves_embeddings_of_another_op_resolver(tmp_path, sample) -> None:  # type: ignore[no-untyped-def]
+    cache = EmbeddingCache(tmp_path)
+    default = FrozenBackbone(MODEL, reference_kernels=False, batch_size=64)
+    reference = FrozenBackbone(MODEL, reference_kernels=True, batch_size=64)
+    a, b = cache.embed(default, sample), cache.embed(reference, sample)
+    assert cache.key(default, sample) != cache.key(reference, sample)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    # Each resolver gets its own numbers back (they differ: XNNPACK rounds differently on some values).
+    np.testing.assert_array_equal(a, default.embed(sample))
+    np.testing.assert_array_equal(b, reference.embed(sample))
+    assert not np.array_equal(a, b)
+
+
+def test_cache_key_follows_everything_that_changes_the_numbers(tmp_path, backbone, sample) -> None:  # type: ignore[no-untyped-def]
+    cache = EmbeddingCache(tmp_path)
+    base = cache.key(backbone, sample)
+    assert base == cache.key(FrozenBackbone(MODEL, batch_size=7, num_threads=2), sample)  # these change nothing
+    other_version = FrozenBackbone(MODEL)
+    other_version.runtime_version = backbone.runtime_version + ".post1"
+    assert cache.key(other_version, sample) != base
+    assert cache.key(FrozenBackbone(MODEL, feature_output="logits"), sample) != base
+    # Another sidecar for the same model: other input statistics, other embeddings.
+    meta = json.loads(MODEL.with_suffix(".json").read_text())
+    meta["input"]["channel_std"] = [2 * s for s in meta["input"]["channel_std"]]
+    (tmp_path / "other.json").write_text(json.dumps(meta))
+    assert cache.key(FrozenBackbone(MODEL, metadata_path=tmp_path / "other.json"), sample) != base
+
+
+@pytest.mark.tflite_runtime
+def test_cache_never_serves_embeddings_of_another_runtime(tmp_path, sample) -> None:  # type: ignore[no-untyped-def]
+    cache = EmbeddingCache(tmp_path)
+    for kernels in (False, True):
+        litert = FrozenBackbone(MODEL, runtime="ai-edge-litert", reference_kernels=kernels)
+        tfl = FrozenBackbone(MODEL, runtime="tflite-runtime", reference_kernels=kernels)
+        assert cache.key(litert, sample) != cache.key(tfl, sample)
+        np.testing.assert_array_equal(cache.embed(litert, sample), litert.embed(sample))
+        np.testing.assert_array_equal(cache.embed(tfl, sample), tfl.embed(sample))
+    assert len(list(tmp_path.glob("*.npy"))) == 4
