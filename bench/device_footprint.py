@@ -79,7 +79,6 @@ DEFAULT_VENV = benchlib.REPO_ROOT / ".venv"
 # A device environment with tflite-runtime and NO LiteRT (the backbone picks LiteRT whenever it is importable,
 # and the `tflite` extra does not remove it on x86_64/aarch64): made by --tflite-runtime on first use.
 TFLITE_VENV = benchlib.REPO_ROOT / ".venv-device-tflite"
-TFLITE_REQUIREMENTS = ("numpy<2", "tflite-runtime>=2.14", "paho-mqtt>=2.1,<3", "pyserial>=3.5")
 WORKER = benchlib.BENCH_DIR / "device_worker.py"
 SAMPLE_S = 0.02
 
@@ -106,6 +105,8 @@ def mapping_group(path: str) -> str:
     for key, label in (("numpy.libs", "numpy's OpenBLAS + gfortran (numpy.libs)"),
                        ("/numpy/", "numpy extension modules"),
                        ("ai_edge_litert", "LiteRT (ai_edge_litert)"), ("tflite_runtime", "tflite-runtime"),
+                       ("/cryptography/", "cryptography (Ed25519 signatures)"),
+                       ("_cffi_backend", "cryptography (Ed25519 signatures)"),
                        ("libpython", "libpython"), ("libcrypto", "OpenSSL libcrypto"), ("libssl", "OpenSSL libssl"),
                        ("sqlite", "SQLite (libsqlite3, _sqlite3)"), ("libstdc++", "libstdc++"),
                        ("lib-dynload", "CPython extension modules (lib-dynload)"),
@@ -225,10 +226,13 @@ def run_agent_once(source: str, venv: Path, args: argparse.Namespace, root: Path
 
             emu = EmulatedMcu.on_pty(subject=args.subject, speedup=20)
             data.update(port=emu.port_url, min_windows=args.min_windows)
+        sections: dict[str, dict[str, Any]] = {
+            "broker": {"host": broker.host, "port": broker.port, "username": "device", "password": users["device"]},
+            "data": data}
+        if args.backbone_runtime != "auto":
+            sections["backbone"] = {"runtime": args.backbone_runtime}
         agent_cfg = write_toml(work / "agent.toml", {"device_id": device, "state_dir": str(work / "state"),
-                                                     "fleet": fleet_name},
-                               {"broker": {"host": broker.host, "port": broker.port, "username": "device",
-                                           "password": users["device"]}, "data": data})
+                                                     "fleet": fleet_name}, sections)
         agg_cfg = write_aggregator_config(work, broker.host, broker.port, "aggregator", users["aggregator"],
                                           fleet=fleet_name, clients=1,
                                           train=TrainingConfig(rounds=args.rounds, seed=args.seed), deadline_s=120)
@@ -400,6 +404,8 @@ def render(results: dict[str, dict[str, Any]], worker: dict[str, Any] | None, ar
         f"MCU on a pty streaming subject {args.subject}'s windows (what a device has); `watch-dataset` = the "
         f"demo's bundled recordings, subject {args.subject}; `embeddings` = the same agent service with this "
         f"subject's embeddings handed over (no interpreter in the process; not a configurable source). "
+        f"The serial source embeds each window once, on arrival, and keeps only its int8 codes (at most "
+        f"`[data] max_windows`). "
         f"`.venv` = numpy 2 + ai-edge-litert; `.venv-device-tflite` = numpy<2 + tflite-runtime, no LiteRT. "
         f"\n\n{table}\n\n"
         + ("".join(f"- {r}\n" for r in ratios) + "\n" if ratios else "")
@@ -411,14 +417,25 @@ def render(results: dict[str, dict[str, Any]], worker: dict[str, Any] | None, ar
     )
 
 
+def tflite_requirements() -> list[str]:
+    """What a tflite-runtime device installs: edge-fl's dependencies (pyproject.toml) without LiteRT, plus the
+    `tflite` extra (tflite-runtime, numpy<2). Read from pyproject.toml, so that a new dependency is measured."""
+    import tomllib
+
+    project = tomllib.loads((benchlib.REPO_ROOT / "pyproject.toml").read_text())["project"]
+    deps = [d for d in project["dependencies"] if not d.replace("_", "-").startswith("ai-edge-litert")]
+    return [*deps, *project["optional-dependencies"]["tflite"]]
+
+
 def ensure_tflite_venv(path: Path) -> Path:
     """A venv holding only what a tflite-runtime device installs, plus this checkout (editable, no deps)."""
+    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    requirements = tflite_requirements()
     if not (path / "bin" / "edge-fl").exists():
-        print(f"creating {path}: {', '.join(TFLITE_REQUIREMENTS)} and edge-fl (editable, no deps)", file=sys.stderr)
-        pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        print(f"creating {path}: {', '.join(requirements)} and edge-fl (editable, no deps)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run([*pip, *TFLITE_REQUIREMENTS], check=True)
         subprocess.run([*pip, "--no-deps", "-e", str(benchlib.REPO_ROOT)], check=True)
+    subprocess.run([*pip, *requirements], check=True)  # also on an existing venv: dependencies change
     return path
 
 
@@ -432,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "created on first use; tflite-runtime has wheels for Python <= 3.11)")
     p.add_argument("--source", action="append", choices=SOURCES, default=None,
                    help=f"data source kinds to measure (default: {', '.join(SOURCES)})")
+    p.add_argument("--backbone-runtime", choices=("auto", "litert", "tflite-runtime"), default="auto",
+                   help="the agents' [backbone] runtime (auto: LiteRT where installed, else tflite-runtime)")
     p.add_argument("--subject", type=int, default=4, help="whose windows the device holds")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds per run")
     p.add_argument("--repeats", type=int, default=3, help="fresh runs per environment and source")

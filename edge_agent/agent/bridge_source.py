@@ -1,9 +1,13 @@
 """The agent's local data from attached microcontrollers, and the heads it pushes back to them.
 
-Labelled SENSOR_WINDOWs from the MCU are kept in the agent's own SQLite store (they never leave the
-device), embedded with the frozen backbone and standardized with the statistics shipped in the model
-sidecar. Per label, the earlier windows train and the later ones test: the same time split as the
-bundled recordings, so an evaluation never scores a window that overlaps a training one.
+Each labelled SENSOR_WINDOW from the MCU is embedded with the frozen backbone once, as it arrives (one
+window per invoke: the interpreter's buffers stay those of one window), and only its embedding is kept, in
+the agent's own SQLite store (it never leaves the device): the backbone's int8 output codes, 64 bytes a
+window, exact, at most `max_windows` of them, the oldest dropped first. So memory and disk stay bounded
+over a device's life, and no window is ever embedded twice. Training data is built from the codes,
+standardized with the statistics shipped in the model sidecar. Per label, the earlier windows train and
+the later ones test: the same time split as the bundled recordings, so an evaluation never scores a
+window that overlaps a training one.
 
 A gateway outlives its cables: an MCU may be missing when the agent starts, be unplugged, reboot or
 hang. Each link reconnects on its own (firmware_bridge.link), and the collector re-pushes the latest
@@ -12,14 +16,15 @@ head on every new connection, because a rebooted MCU comes back without one.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backbone import FrozenBackbone
+from ..backbone import BackboneError, FrozenBackbone, dequantize
 from ..learning.head import quantize_head
 from ..learning.strategies import ClientData
 from .store import AgentStore
@@ -29,6 +34,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edge_fl.agent.bridge")
 
+DEFAULT_MAX_WINDOWS = 5000  # embeddings kept; int8 codes: 64 B each on disk, 256 B each as training data
+_FEATURE_CHUNK = 512  # rows standardized at a time: no float copy of all windows beyond the result itself
+
+
+class EmbeddingCodes:
+    """How an embedding is kept: the backbone's own output codes where its output is quantized (int8 for the
+    bundled model: exact, since the backbone's float output is `dequantize` of them), else float16."""
+
+    def __init__(self, backbone: FrozenBackbone) -> None:
+        self.quant, self.dim = backbone.output_quant, backbone.embedding_dim
+        out = np.dtype(self.quant.dtype)
+        self.dtype: np.dtype[Any] = out if self.quant.scale and out.kind in "iu" else np.dtype(np.float16)
+        # Codes from another model, output or quantization mean nothing to this backbone (see use_embedding_space).
+        self.space = json.dumps({"model_sha256": backbone.sha256, "output": backbone.feature.index, "dim": self.dim,
+                                 "dtype": self.dtype.name, "scale": self.quant.scale,
+                                 "zero_point": self.quant.zero_point})
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.dtype.kind == "f":
+            return embeddings.astype(self.dtype)
+        info = np.iinfo(self.dtype)
+        q = np.rint(embeddings.astype(np.float64) / self.quant.scale) + self.quant.zero_point
+        codes: np.ndarray = np.clip(q, info.min, info.max).astype(self.dtype)
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return codes.astype(np.float32) if self.dtype.kind == "f" else dequantize(codes, self.quant)
+
 
 class BridgeSource:
     """Every attached MCU (one serial link each) feeds the store and receives each new head."""
@@ -36,7 +69,7 @@ class BridgeSource:
     runs_heads = True
 
     def __init__(self, urls: list[str], store: AgentStore, backbone: FrozenBackbone, *, baudrate: int = 115200,
-                 test_fraction: float = 0.3, min_windows: int = 14) -> None:
+                 test_fraction: float = 0.3, min_windows: int = 14, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
         from firmware_bridge.link import SerialLink  # pyserial only where a bridge is configured
 
         standardizer = backbone.embedding_standardizer()
@@ -45,9 +78,18 @@ class BridgeSource:
                              "models/build_backbone.py (a device cannot compute these statistics itself)")
         self.store, self.backbone, self.standardizer = store, backbone, standardizer
         self.description = "the MCU on " + ", ".join(urls)
-        self.test_fraction, self.min_windows = test_fraction, min_windows
+        if max_windows < min_windows:
+            raise ValueError(f"max_windows ({max_windows}) must be at least min_windows ({min_windows})")
+        self.test_fraction, self.min_windows, self.max_windows = test_fraction, min_windows, max_windows
+        self.codes = EmbeddingCodes(backbone)
+        self._embed_lock = threading.Lock()  # one interpreter, several collector threads
+        dropped = store.use_embedding_space(self.codes.space)
+        if dropped:
+            log.warning("%d stored embedding(s) came from another backbone model or output and were dropped (the "
+                        "raw windows are not kept, so they cannot be recomputed); collecting anew", dropped)
+        store.keep_newest_embeddings(max_windows)  # a lowered max_windows holds from the start
         self._last_reported = -1
-        self._cached: tuple[int, ClientData] | None = None
+        self._cached: tuple[int, ClientData] | None = None  # (seq of the newest embedding, the data built)
         self.links = [SerialLink(url, baudrate=baudrate, require_port=False) for url in urls]
         self._stop = threading.Event()
         self._blob: bytes | None = None  # the latest head, for MCUs that (re)connect after it was pushed
@@ -77,11 +119,29 @@ class BridgeSource:
                 if w.label < 0:
                     continue
                 try:
-                    store.add_window(w.window_id, int(w.label), w.to_float())
-                except Exception:  # a full disk or a locked database must not end collection for good
+                    self._keep(store, w.window_id, int(w.label), w.to_float())
+                except Exception:  # a full disk, a locked database or a malformed window must not end collection
                     log.exception("window %d from the MCU on %s not stored", w.window_id, link.url)
         finally:
             store.close()
+
+    def _keep(self, store: AgentStore, window_id: int, label: int, window: np.ndarray,
+              replaces_window: int | None = None) -> None:
+        """Embed one window (the only time it is embedded) and keep its codes, within the cap."""
+        with self._embed_lock:
+            embedding = self.backbone.embed(window[None])
+        store.add_embedding(window_id, label, self.codes.encode(embedding)[0], cap=self.max_windows,
+                            replaces_window=replaces_window)
+
+    def _embed_waiting(self) -> None:
+        """Windows stored raw (by an earlier edge-fl, or by a caller without the backbone): embed and drop them."""
+        while batch := self.store.pending_windows(64):
+            for seq, window_id, label, window in batch:
+                try:
+                    self._keep(self.store, window_id, label, window, replaces_window=seq)
+                except BackboneError as exc:  # a window of another shape: it can never be embedded
+                    log.warning("stored window %d dropped: %s", window_id, exc)
+                    self.store.drop_window(seq)
 
     def _repush_if_reconnected(self, link: SerialLink) -> None:
         blob, gen, done = self._blob, link.generation, self._pushed.get(link.url)
@@ -113,25 +173,34 @@ class BridgeSource:
         return head_id
 
     def client_data(self) -> ClientData | None:
-        """Everything collected so far, or None while there is too little to train on."""
-        count = self.store.window_count()
+        """Everything kept so far, or None while there is too little to train on."""
+        self._embed_waiting()
+        count, newest = self.store.embedding_version()
         if count < self.min_windows:
             if count != self._last_reported:  # the idle loop asks every second: say it once per change
                 log.info("%d labelled window(s) from the MCU so far, %d needed to train", count, self.min_windows)
                 self._last_reported = count
             return None
-        if self._cached is not None and self._cached[0] == count:
-            return self._cached[1]  # nothing new: do not embed every window again
-        x, y = self.store.windows()
-        emb = self.standardizer(self.backbone.embed(x))
+        if self._cached is not None and self._cached[0] == newest:
+            return self._cached[1]  # nothing new
+        self._cached = None  # the previous data can go before the new is built
+        codes, y, newest = self.store.embeddings(self.codes.dim, self.codes.dtype)
         train = np.zeros(y.size, bool)
         for label in np.unique(y):
             idx = np.flatnonzero(y == label)  # in arrival order
             cut = max(1, round(idx.size * (1.0 - self.test_fraction)))
             train[idx[:cut]] = True
-        data = ClientData(emb[train], y[train], emb[~train], y[~train])
-        self._cached = (int(y.size), data)
+        data = ClientData(self._features(codes, np.flatnonzero(train)), y[train],
+                          self._features(codes, np.flatnonzero(~train)), y[~train])
+        self._cached = (newest, data)
         return data
+
+    def _features(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Standardized float32 embeddings of `rows`, a chunk at a time (each row as `standardizer(embed(x))`)."""
+        out = np.empty((rows.size, self.codes.dim), np.float32)
+        for lo in range(0, rows.size, _FEATURE_CHUNK):
+            out[lo: lo + _FEATURE_CHUNK] = self.standardizer(self.codes.decode(codes[rows[lo: lo + _FEATURE_CHUNK]]))
+        return out
 
     def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
         """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away (it gets

@@ -21,7 +21,7 @@ from ..learning.strategies import ClientData
 from .store import AgentStore
 
 if TYPE_CHECKING:
-    from ..backbone import FrozenBackbone
+    from ..backbone import FrozenBackbone, RuntimeName
     from ..data.partition import PartitionConfig
     from ..data.watch import WatchDataset
 
@@ -67,7 +67,6 @@ def dataset_source(cfg: AgentConfig) -> FixedSource:
     windows for the standardization statistics. The rest of the dataset is dropped as soon as it is read,
     and every window, the dataset and the backbone are released before the agent starts its rounds.
     """
-    from ..backbone import DEFAULT_MODEL, FrozenBackbone
     from ..data.partition import CLIENT_SUBJECTS, PartitionConfig
     from ..data.watch import load_watch_dataset
 
@@ -81,7 +80,7 @@ def dataset_source(cfg: AgentConfig) -> FixedSource:
     # freed and its pages handed back before the interpreter loads, so the two are never resident together.
     recordings = subject_recordings(load_watch_dataset(d.dataset), d.subject)
     release_freed_memory()
-    data = watch_client_data(recordings, FrozenBackbone(cfg.backbone or DEFAULT_MODEL), d.subject, partition)
+    data = watch_client_data(recordings, open_backbone(cfg), d.subject, partition)
     del recordings
     release_freed_memory()  # the recordings, windows and the interpreter's buffers are gone: hand their pages back
     return FixedSource(data, f"subject {d.subject}")
@@ -151,17 +150,28 @@ def release_freed_memory() -> None:
         pass
 
 
+_RUNTIMES: dict[str, RuntimeName] = {"auto": "auto", "litert": "ai-edge-litert", "ai-edge-litert": "ai-edge-litert",
+                                     "tflite-runtime": "tflite-runtime"}
+
+
+def open_backbone(cfg: AgentConfig) -> FrozenBackbone:
+    """The backbone `[backbone]` names: its model (default: the bundled one), runtime and threads."""
+    from ..backbone import DEFAULT_MODEL, FrozenBackbone
+
+    b = cfg.backbone
+    return FrozenBackbone(b.model or DEFAULT_MODEL, runtime=_RUNTIMES[b.runtime], num_threads=b.num_threads)
+
+
 def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:
     """The one place that turns `[data] source` into a data source."""
     d = cfg.data
     if d.source == "watch-dataset":
         return dataset_source(cfg)
     if d.source == "serial":
-        from ..backbone import DEFAULT_MODEL, FrozenBackbone
         from .bridge_source import BridgeSource  # pyserial only where a bridge is configured
 
         if not d.port:
             raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
-        return BridgeSource([d.port, *d.more_ports], store, FrozenBackbone(cfg.backbone or DEFAULT_MODEL),
-                            baudrate=d.baudrate, min_windows=d.min_windows)
+        return BridgeSource([d.port, *d.more_ports], store, open_backbone(cfg), baudrate=d.baudrate,
+                            min_windows=d.min_windows, max_windows=d.max_windows)
     raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset' or 'serial'")

@@ -62,9 +62,12 @@ def test_agent_trains_on_mcu_windows_and_pushes_its_head_back(broker: LocalBroke
         assert emu.head_id is not None and emu2.head_id is not None, fleet.tail("agent", 40)
         log = (tmp_path / "agent.log").read_text()
         assert f"pushed head {emu.head_id} " in log and f"pushed head {emu2.head_id} " in log
-        # The user's raw windows stayed on the device: in its own store, never in what it uploaded.
+        # The user's data stayed on the device: in its own store, as embeddings (not raw windows), never in what
+        # it uploaded.
         db = sqlite3.connect(tmp_path / "state" / "agent.db")
-        assert db.execute("SELECT COUNT(*) FROM windows").fetchone()[0] >= 40
+        assert db.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0] >= 40
+        assert db.execute("SELECT COUNT(*) FROM windows").fetchone()[0] == 0
+        db.close()
     finally:
         fleet.stop()
         monitor.close()

@@ -49,22 +49,30 @@ def test_a_subject_that_is_not_a_client_is_refused_before_anything_is_loaded() -
         dataset_source(cfg)
 
 
-def test_the_store_gives_back_the_windows_another_connection_stored_in_arrival_order(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_store_gives_back_the_embeddings_another_connection_stored_in_arrival_order_within_the_cap(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
     from edge_agent.agent.store import AgentStore
 
     store, collector = AgentStore(tmp_path / "agent.db"), AgentStore(tmp_path / "agent.db")
     try:
-        empty_x, empty_y = store.windows()
-        assert empty_x.shape == (0, 0, 0) and empty_y.shape == (0,)
+        codes, labels, newest = store.embeddings(8, np.int8)
+        assert codes.shape == (0, 8) and labels.shape == (0,) and newest == 0
         rng = np.random.default_rng(0)
-        sent = [rng.normal(size=(100, 6)).astype(np.float32) for _ in range(5)]
-        for i, w in enumerate(sent):
-            collector.add_window(i, i % 3, w)
-        x, y = store.windows()
-        assert x.dtype == np.float32 and x.shape == (5, 100, 6)
-        assert np.array_equal(x, np.stack(sent)) and y.tolist() == [0, 1, 2, 0, 1]
-        collector.add_window(5, 2, sent[0])  # the snapshot is over: the next read sees it
-        assert store.windows()[0].shape[0] == 6 == store.window_count()
+        sent = [rng.integers(-128, 128, size=8).astype(np.int8) for _ in range(7)]
+        for i, c in enumerate(sent[:5]):
+            collector.add_embedding(i, i % 3, c, cap=5)
+        codes, labels, newest = store.embeddings(8, np.int8)
+        assert codes.dtype == np.int8 and np.array_equal(codes, np.stack(sent[:5]))
+        assert labels.tolist() == [0, 1, 2, 0, 1] and newest == 5
+        for i, c in enumerate(sent[5:], start=5):  # beyond the cap: the oldest go, in the same transaction
+            collector.add_embedding(i, i % 3, c, cap=5)
+        codes, labels, newest = store.embeddings(8, np.int8)
+        assert np.array_equal(codes, np.stack(sent[2:])) and labels.tolist() == [2, 0, 1, 2, 0] and newest == 7
+        assert store.embedding_version() == (5, 7) == (store.window_count(), 7)
+        collector.add_window(7, 1, np.zeros((100, 6), np.float32))  # a raw window waits to be embedded
+        assert store.window_count() == 6 and store.embedding_version() == (5, 7)
+        ((_, window_id, label, x),) = store.pending_windows(10)
+        assert (window_id, label, x.shape, x.dtype) == (7, 1, (100, 6), np.float32)
     finally:
         store.close()
         collector.close()
