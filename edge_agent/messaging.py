@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
-    "MqttError", "ConnectError", "NotConnected", "PublishError", "PublishTimeout",
+    "MqttError", "ConnectError", "TlsError", "TlsOptions", "NotConnected", "PublishError", "PublishTimeout",
     "PayloadTooLarge", "SubscribeError", "Message", "ConnectionEvent", "BrokerLink", "LinkFactory",
     "BROKER_MAX_PACKET_SIZE", "DEFAULT_MAX_PAYLOAD", "BROKER_MAX_INFLIGHT", "NO_MATCHING_SUBSCRIBERS",
     "AUTH_REASON_CODES", "publish_packet_size", "encode_publish_properties", "check_publish_size",
@@ -37,6 +37,9 @@ BROKER_MAX_INFLIGHT = 20
 #: PUBACK reason code 0x10: accepted, but no subscription matched (not an error).
 NO_MATCHING_SUBSCRIBERS = 0x10
 
+#: CONNACK 0x84: what paho reports when a broker that does not speak MQTT 5 answers our CONNECT.
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
+
 #: Reason codes with which a broker refuses a CONNECT because of credentials.
 AUTH_REASON_CODES = frozenset({0x86, 0x87, 0x8C})
 
@@ -47,6 +50,29 @@ class MqttError(RuntimeError):
 
 class ConnectError(MqttError):
     """The broker refused the connection, or could not be reached in time."""
+
+
+class TlsError(ConnectError):
+    """The TLS connection to the broker failed: the message says what (and what to do).
+
+    Attributes
+    ----------
+    kind
+        What failed, for programs: ``"unknown-ca"`` (the broker's certificate is not signed by our
+        CA), ``"expired"`` (the broker's certificate), ``"name-mismatch"``, ``"server-revoked"``,
+        ``"refused-certificate"`` (the broker's TLS alert: our certificate is missing, unknown,
+        expired or revoked; ``alert`` says which), ``"not-tls"`` (the listener does not speak TLS),
+        ``"handshake"`` (anything else, e.g. no common TLS version), ``"local"`` (our own CA file,
+        certificate or key cannot be loaded).
+    alert
+        The broker's TLS alert when ``kind`` is ``"refused-certificate"`` (e.g.
+        ``"certificate revoked"``), else ``""``.
+    """
+
+    def __init__(self, message: str, kind: str, alert: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.alert = alert
 
 
 class NotConnected(MqttError):
@@ -129,6 +155,33 @@ class ConnectionEvent:
     reason: str
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """Client TLS for a broker link (MqttLink; the in-memory twin ignores it).
+
+    The broker's certificate is always verified against ``ca_file``, and its name against the
+    host the link connects to: there is no switch to turn that off.
+
+    Attributes
+    ----------
+    ca_file
+        PEM file of the CA(s) that sign the broker's certificate (the fleet CA).
+    cert_file, key_file
+        PEM client certificate and its private key (mutual TLS): the certificate's CN is the
+        device identity. Both or neither.
+    key_password_file
+        File holding the passphrase of an encrypted ``key_file``.
+    min_version
+        Oldest TLS version accepted: ``"1.2"`` or ``"1.3"``.
+    """
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    key_password_file: str | None = None
+    min_version: str = "1.2"
+
+
 class BrokerLink(Protocol):
     """What the aggregator and agent services use of a link: met by MqttLink and MemoryLink.
 
@@ -165,7 +218,8 @@ class LinkFactory(Protocol):
     def __call__(self, client_id: str, host: str, port: int, *, username: str | None = None,
                  password: str | None = None, will: tuple[str, bytes, bool] | None = None,
                  clean_start: bool = False, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
-                 manual_ack: bool = False, receive_maximum: int | None = None) -> BrokerLink: ...
+                 manual_ack: bool = False, receive_maximum: int | None = None, keepalive_s: int = 30,
+                 tls: TlsOptions | None = None) -> BrokerLink: ...
 
 
 # -- sizes -------------------------------------------------------------------------------------
@@ -300,6 +354,9 @@ def refused_message(host: str, port: int, client_id: str, username: str | None, 
     hint = (" (check the username and password: Mosquitto answers 'Not authorized' to an "
             "unknown user, a wrong password and a client without credentials alike)"
             if code in AUTH_REASON_CODES else "")
+    if code == UNSUPPORTED_PROTOCOL_VERSION:
+        hint = (": edge-fl needs MQTT 5 and this broker speaks only MQTT 3.1.1 or older; upgrade it "
+                "(Mosquitto >= 1.6; scripts/setup installs 2.0) or point the host and port at one that does")
     user = f"user {username!r}" if username is not None else "no username"
     return (f"broker {host}:{port} refused client "
             f"{client_id!r} ({user}): {name} (0x{code:02X}){hint}")

@@ -16,6 +16,11 @@ Delivery contract (see DESIGN.md section 4)
 - Connection losses and reconnects are reported as :class:`ConnectionEvent` on the same inbox
   as messages, so a service loop sees them in order. Reconnection itself is paho's loop with
   exponential backoff; subscriptions are restored after every reconnect.
+- With :class:`TlsOptions` the link speaks TLS (mutual TLS when a client certificate is given):
+  the broker's certificate is always checked against the CA file and its name against ``host``.
+  A failed handshake raises :class:`TlsError` at once, saying what failed (unknown CA, expired,
+  revoked, name mismatch, the broker refusing our certificate), instead of waiting for the
+  connect timeout. Without TLS the link logs a warning once: fine on loopback, not on a network.
 - Incoming QoS 1 messages are acknowledged when they reach the inbox, or with
   ``manual_ack=True`` only when the application calls :meth:`MqttLink.ack` (after committing
   them), so that a crash in between makes the broker deliver them again.
@@ -26,8 +31,9 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
@@ -50,6 +56,8 @@ from .messaging import (
     PublishError,
     PublishTimeout,
     SubscribeError,
+    TlsError,
+    TlsOptions,
     check_publish_size,
     check_qos,
     check_topic_filter,
@@ -63,7 +71,8 @@ from .messaging import (
 # (shared with the in-memory twin, edge_agent.memory_broker); importing them from here keeps working.
 __all__ = [
     "MqttError", "ConnectError", "NotConnected", "PublishError", "PublishTimeout",
-    "PayloadTooLarge", "SubscribeError", "Message", "ConnectionEvent", "MqttLink",
+    "PayloadTooLarge", "SubscribeError", "Message", "ConnectionEvent", "MqttLink", "TlsError", "TlsOptions",
+    "tls_context", "describe_tls_failure",
     "DEFAULT_MAX_PAYLOAD", "publish_packet_size", "BrokerLink", "LinkFactory",
 ]
 
@@ -129,6 +138,10 @@ class MqttLink:
         False: a QoS 1 message is acknowledged to the broker as soon as it is in ``inbox``.
         True: only when the application calls :meth:`ack` (e.g. after committing it to disk),
         so a crash before that makes the broker deliver it again (to a persistent session).
+    tls
+        Client TLS (CA file, client certificate and key, TLS floor); None: plain TCP, with a
+        warning at connect time. Files are loaded here: a missing or unreadable one raises
+        :class:`TlsError` (kind ``"local"``) at once.
     receive_maximum
         How many QoS 1 messages the broker may send us before we acknowledge them (MQTT v5
         Receive-Maximum). Default: the broker's choice (Mosquitto: ``max_inflight_messages``,
@@ -148,7 +161,7 @@ class MqttLink:
                  clean_start: bool = False, session_expiry_s: int = 3600, keepalive_s: int = 30,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, manual_ack: bool = False,
-                 receive_maximum: int | None = None) -> None:
+                 receive_maximum: int | None = None, tls: TlsOptions | None = None) -> None:
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -165,6 +178,7 @@ class MqttLink:
         self._waiters: dict[int, _Waiter] = {}
         self._early: dict[int, tuple[list[int], list[str]]] = {}  # acks that beat registration
         self._ignored: set[int] = set()  # mids whose ack nobody waits for any more
+        self._nowait_topics: dict[int, str] = {}  # QoS 1 publish_nowait() mids -> topic, until their PUBACK
         self._subscriptions: dict[str, int] = {}
         self._resubscribe_mid: int | None = None
         self._resubscribe_topics: list[str] = []  # the topic filters of that SUBSCRIBE, in order
@@ -184,6 +198,9 @@ class MqttLink:
         # packet id, connection number). A packet id means nothing on another connection.
         self._unacked: dict[int, tuple[Message, int, int]] = {}
         self._connection_no = 0
+        self._tls = tls
+        self._tls_failure: TlsError | None = None  # the last failed handshake (set from paho's thread)
+        self._closed_before_connack = 0  # connections the broker closed before any CONNACK
 
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv5, reconnect_on_failure=True,
@@ -196,6 +213,8 @@ class MqttLink:
         # paho only does arithmetic and time.sleep() with these, so sub-second floats work
         # (its annotations say int).
         client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
+        if tls is not None:
+            client.tls_set_context(tls_context(tls, self._on_tls_failure))
         client.enable_logger(logging.getLogger(__name__ + ".paho"))
         # An exception in one of our callbacks must be logged, not end paho's network thread.
         client.suppress_exceptions = True
@@ -217,15 +236,24 @@ class MqttLink:
 
         Raises
         ------
+        TlsError
+            The TLS handshake failed (raised as soon as it does, not after ``timeout``).
         ConnectError
-            The broker refused (e.g. bad credentials) or was not reachable within ``timeout``.
+            The broker refused (e.g. bad credentials or not MQTT 5) or was not reachable within
+            ``timeout``.
         """
         if self._closed:
             raise MqttError("this link was closed; make a new MqttLink")
         if self._started:
             return
+        if self._tls is None:
+            log.warning("%s: the connection to %s:%d is NOT encrypted and the broker does not authenticate "
+                        "this client by certificate (password over plain TCP): fine on loopback for "
+                        "development, never on a network; configure [broker.tls] (see SECURITY.md)",
+                        self.client_id, self.host, self.port)
         self._ready.clear()
         self._refused = None
+        self._tls_failure = None
         props = _properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry_s
         if self._receive_maximum is not None:
@@ -239,7 +267,16 @@ class MqttLink:
         self._started = True
         if not self._ready.wait(timeout):
             self._shutdown()
+            if self._closed_before_connack:
+                raise ConnectError(
+                    f"the broker at {self.host}:{self.port} closed the connection before answering "
+                    f"({self._closed_before_connack} attempts in {timeout:g} s): "
+                    + ("check its log; if that listener wants TLS, configure [broker.tls]" if self._tls is None
+                       else "check its log (a client certificate it rejects, or a listener that is not TLS)"))
             raise ConnectError(unreachable_message(self.host, self.port, timeout))
+        if self._tls_failure is not None and not self._up:
+            self._shutdown()
+            raise self._tls_failure
         if self._refused is not None:
             self._shutdown()
             code, name = self._refused
@@ -328,7 +365,8 @@ class MqttLink:
         codes, names = self._await(info.mid, timeout, f"PUBACK for {topic!r}", PublishTimeout)
         code, name = codes[0], names[0]
         if code >= 0x80:
-            raise PublishError(f"broker refused publish to {topic!r}: {name} (0x{code:02X})",
+            hint = _NOT_AUTHORIZED_HINT if code == 0x87 else ""
+            raise PublishError(f"broker refused publish to {topic!r}: {name} (0x{code:02X}){hint}",
                                code, name)
         return code
 
@@ -344,6 +382,9 @@ class MqttLink:
             Not connected: the message is dropped (QoS 0 is only worth anything live).
         """
         info = self._send(topic, payload, qos, retain, None, ())
+        if qos:
+            with self._lock:
+                self._nowait_topics[info.mid] = topic  # so that a refusal is logged, not lost
         self._forget(info.mid)
 
     def ack(self, message: Message) -> None:
@@ -447,8 +488,18 @@ class MqttLink:
 
     def _forget(self, mid: int) -> None:
         with self._lock:
-            if self._early.pop(mid, None) is None:
+            early = self._early.pop(mid, None)
+            if early is None:
                 self._ignored.add(mid)
+                return
+            topic = self._nowait_topics.pop(mid, None)
+        self._log_refused(topic, *early)
+
+    def _log_refused(self, topic: str | None, codes: list[int], names: list[str]) -> None:
+        if topic is not None and codes and codes[0] >= 0x80:
+            # Nobody waits for this answer (publish_nowait): without this line an ACL refusal would go unnoticed.
+            log.error("%s: broker refused publish to %r: %s (0x%02X)%s", self.client_id, topic, names[0],
+                      codes[0], _NOT_AUTHORIZED_HINT if codes[0] == 0x87 else "")
 
     def _fail_waiters(self, why: str) -> None:
         with self._lock:
@@ -469,12 +520,18 @@ class MqttLink:
         with self._lock:
             if mid in self._ignored:
                 self._ignored.discard(mid)
-                return
-            waiter = self._waiters.pop(mid, None)
-            if waiter is None:
-                self._early[mid] = (codes, names)
-                return
-        waiter.resolve(codes, names)
+                topic = self._nowait_topics.pop(mid, None)
+                waiter: _Waiter | None = None
+            else:
+                topic = None
+                waiter = self._waiters.pop(mid, None)
+                if waiter is None:
+                    self._early[mid] = (codes, names)
+                    return
+        if waiter is None:
+            self._log_refused(topic, codes, names)
+        else:
+            waiter.resolve(codes, names)
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -547,6 +604,20 @@ class MqttLink:
         else:
             self._announce_connected([f"resubscribe failed: {paho.error_string(rc)}"])
 
+    def _on_tls_failure(self, exc: OSError) -> None:
+        """A TLS handshake or read failed (paho's thread, from inside its socket call)."""
+        if self._ever_connected and isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
+            return  # the broker closed an established connection: reported as "connection lost" already
+        failure = describe_tls_failure(exc, self.host, self.port)
+        if not self._ever_connected:
+            self._tls_failure = failure  # connect() raises it
+            self._ready.set()
+        elif str(failure) != self._last_reason:
+            # Reconnecting after e.g. a certificate expired or was revoked: paho keeps retrying with
+            # backoff; say why once per distinct reason rather than stay silent.
+            log.error("%s: %s (paho keeps retrying with backoff)", self.client_id, failure)
+        self._last_reason = str(failure)
+
     def _announce_connected(self, problems: list[str]) -> None:
         session = "session resumed" if self._session_present else "new session"
         reason = f"connected to {self.host}:{self.port}, {session}"
@@ -566,6 +637,8 @@ class MqttLink:
             self._resubscribe_mid = None
             self._unacked.clear()  # their packet ids die with the connection
         if not was_up:
+            if not self._ever_connected and self._refused is None:
+                self._closed_before_connack += 1
             return  # paho reports a refused CONNACK a second time, as "Protocol error"
         if self._closed:
             why = "closed by this client"
@@ -592,6 +665,155 @@ class MqttLink:
             with self._lock:
                 self._unacked[id(msg)] = (msg, message.mid, self._connection_no)
         self.inbox.put(msg)
+
+
+#: Why a broker answers 0x87 to our own topics, in the production setup.
+_NOT_AUTHORIZED_HINT = (": the broker's ACL denies this client that topic; with broker_config/acl.example a device may "
+                        "write only topics named after its own identity (the certificate's CN, or the username): "
+                        "it must equal device_id")
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class _ReportingSocket(ssl.SSLSocket):
+    """An SSLSocket that reports why a handshake or read failed to its context's ``on_failure``.
+
+    paho catches these errors itself (and only retries), so this is where the reason is still known.
+    With TLS 1.3 the broker checks our certificate after the handshake completed on our side: its
+    refusal (an alert) then arrives with the first read.
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as exc:
+            _report(self.context, exc)
+            raise
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            _report(self.context, exc)
+            raise
+
+
+class _ReportingContext(ssl.SSLContext):
+    on_failure: Callable[[OSError], None] | None = None
+
+
+def _report(context: ssl.SSLContext, exc: OSError) -> None:
+    callback = getattr(context, "on_failure", None)
+    if callback is not None:
+        callback(exc)
+
+
+def tls_context(options: TlsOptions, on_failure: Callable[[OSError], None] | None = None) -> ssl.SSLContext:
+    """The client SSLContext for ``options``: broker certificate and name always verified.
+
+    Parameters
+    ----------
+    options
+        CA file, client certificate and key, key password file, TLS floor.
+    on_failure
+        Called (from the thread doing the I/O) with the exception of every failed handshake or read.
+
+    Raises
+    ------
+    TlsError
+        kind ``"local"``: a file is missing or unreadable, the key does not match the certificate
+        or its password is wrong, or ``min_version`` is not "1.2" or "1.3".
+    """
+    version = _TLS_VERSIONS.get(options.min_version)
+    if version is None:
+        raise TlsError(f"TLS min_version {options.min_version!r} is not supported: use \"1.2\" or \"1.3\"", "local")
+    if (options.cert_file is None) != (options.key_file is None):
+        raise TlsError("TLS needs both cert_file and key_file (or neither): got only one", "local")
+    # PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname=True, which nothing here turns off.
+    context = _ReportingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sslsocket_class = _ReportingSocket
+    context.on_failure = on_failure
+    context.minimum_version = version
+    try:
+        context.load_verify_locations(cafile=options.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsError(f"cannot load the CA file {options.ca_file} ({_why(exc)}): it must be the fleet CA's "
+                       f"certificate in PEM (scripts/fleet-ca writes ca.crt)", "local") from None
+    if options.cert_file is not None and options.key_file is not None:
+        password: str | None = None
+        if options.key_password_file is not None:
+            try:
+                password = open(options.key_password_file).read().rstrip("\r\n")
+            except OSError as exc:
+                raise TlsError(f"cannot read the key password file {options.key_password_file} ({_why(exc)})",
+                               "local") from None
+        try:
+            context.load_cert_chain(options.cert_file, options.key_file, password=password)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"cannot load the client certificate {options.cert_file} with key {options.key_file} "
+                           f"({_why(exc)}): check both paths, that the key belongs to the certificate, and "
+                           f"key_password_file for an encrypted key", "local") from None
+    return context
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+# X509_V_ERR_* codes (openssl/x509_vfy.h) that ssl.SSLCertVerificationError.verify_code carries.
+_UNKNOWN_CA_CODES = {2, 18, 19, 20, 21}
+_NOT_YET_VALID, _EXPIRED, _REVOKED = 9, 10, 23
+_NAME_MISMATCH_CODES = {62, 63, 64}  # host name, email, IP address mismatch
+
+
+def describe_tls_failure(exc: OSError, host: str, port: int) -> TlsError:
+    """A :class:`TlsError` that says what failed in a TLS handshake with the broker, and what to do."""
+    where = f"TLS with the broker at {host}:{port} failed"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code, detail = exc.verify_code, exc.verify_message
+        if code in _UNKNOWN_CA_CODES:
+            return TlsError(f"{where}: the broker's certificate is not signed by our CA ({detail}): ca_file must be "
+                            f"the fleet CA that signed the broker certificate", "unknown-ca")
+        if code in (_EXPIRED, _NOT_YET_VALID):
+            return TlsError(f"{where}: the broker's certificate {detail}: renew it (scripts/fleet-ca broker), "
+                            f"or fix this device's clock if it is wrong", "expired")
+        if code in _NAME_MISMATCH_CODES:
+            return TlsError(f"{where}: the broker's certificate is not valid for {host!r} ({detail}): set host to a "
+                            f"name or address its subjectAltName lists, or reissue it (scripts/fleet-ca broker "
+                            f"{host})", "name-mismatch")
+        if code == _REVOKED:
+            return TlsError(f"{where}: the broker's certificate is revoked", "server-revoked")
+        return TlsError(f"{where}: the broker's certificate was rejected: {detail} (X509 error {code})", "handshake")
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or "")
+        if "ALERT_" in reason:
+            alert = reason.split("ALERT_", 1)[1].replace("_", " ").lower()
+            if alert == "protocol version":
+                return TlsError(f"{where}: the broker refused our TLS version (alert {alert!r}): it and min_version "
+                                f"must share a version (1.2 or 1.3)", "handshake", alert)
+            whose = {"certificate required": "it needs a client certificate: set cert_file and key_file",
+                     "handshake failure": "no client certificate it accepts (or no common cipher)",
+                     "unknown ca": "our certificate is not signed by the CA it trusts",
+                     "certificate expired": "our certificate has expired (or is not valid yet): renew it "
+                                            "(edge-fl enrol, then scripts/fleet-ca sign)",
+                     "certificate revoked": "our certificate is revoked: this device must be enrolled again",
+                     "bad certificate": "it rejected our certificate",
+                     "certificate unknown": "it rejected our certificate"}.get(alert, "see the broker's log")
+            return TlsError(f"{where}: the broker refused our certificate (TLS alert {alert!r}): {whose}",
+                            "refused-certificate", alert)
+        if reason in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE",
+                      "PACKET_LENGTH_TOO_LONG") or isinstance(exc, ssl.SSLEOFError):
+            return TlsError(f"{where}: the other end does not speak TLS ({reason or exc}): is {host}:{port} the "
+                            f"broker's TLS listener (usually 8883; 1883 is plain MQTT)?", "not-tls")
+        return TlsError(f"{where}: {reason or exc}", "handshake")
+    return TlsError(f"{where}: the connection broke during the handshake ({_why(exc)}): is {host}:{port} the "
+                    f"broker's TLS listener (usually 8883; 1883 is plain MQTT)? If it is, see its log", "not-tls")
 
 
 # paho's Properties class carries no annotations.

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from edge_agent.broker import DEV_CONFIG, BrokerError, LocalBroker
 from edge_agent.transport import ConnectError, MqttLink, PublishError
-from tests.integration.conftest import (
-    LinkFactory, assert_inbox_empty, next_event, next_message)
+from tests.integration.conftest import LinkFactory, assert_inbox_empty, next_event, next_message
 
 CONFIG_DIR = DEV_CONFIG.parent
 
@@ -130,41 +128,6 @@ def test_dev_config_suits_mosquitto_2_0_and_2_1() -> None:
         assert key in directives, key
     prod = {words[0] for words in _directives(CONFIG_DIR / "mosquitto-prod.conf")}
     assert "per_listener_settings" not in prod
-
-
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed: cannot make a certificate for the TLS listener")
-    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=30)
-    return key, cert
-
-
-def test_prod_config_parses_and_listens_with_tls(tmp_path: Path) -> None:
-    key, cert = _self_signed(tmp_path)
-    acl = CONFIG_DIR / "acl.example"
-    replace = {"cafile": cert, "certfile": cert, "keyfile": key, "acl_file": acl}
-    lines = []
-    for line in (CONFIG_DIR / "mosquitto-prod.conf").read_text().splitlines():
-        words = line.split(maxsplit=1)
-        lines.append(f"{words[0]} {replace[words[0]]}" if words and words[0] in replace else line)
-    conf = tmp_path / "prod.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    with LocalBroker(config=conf) as b:
-        rendered = (b.workdir / "mosquitto.conf").read_text()
-        assert f"listener {b.port} 127.0.0.1" in rendered  # never 8883 on all interfaces
-        assert f"certfile {cert}" in rendered
-        # Plain MQTT on a TLS listener gets nowhere: proof that TLS really is on.
-        link = MqttLink("plain", b.host, b.port, username="device",
-                        password=b.users["device"], reconnect_min_s=0.1)
-        with pytest.raises(ConnectError):
-            link.connect(timeout=1)
-        link.close()
-    assert b.returncode == 0
 
 
 def test_acl_example_confines_devices_to_their_own_topics(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -240,3 +241,10 @@ def test_manual_ack_redelivers_what_was_not_acknowledged(make_link: LinkFactory)
     assert payloads == [b"u1", b"u2", b"u3", b"u4", b"u5", b"u6", b"u7"]  # not u0
     for m in held:
         again.ack(m)  # messages of another link or connection: ignored, no error
+
+
+def test_a_link_without_tls_says_so_loudly(make_link: LinkFactory, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="edge_agent.transport"):
+        make_link("device", client_id="dev-plain")
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NOT encrypted" in warnings[0] and "[broker.tls]" in warnings[0]
