@@ -3,13 +3,14 @@
 The aggregator's training configuration is the one source of truth: it travels as envelope meta in
 every global model and round task, and each device rebuilds the same strategy from it. The envelope's
 wire format is unchanged (codec/envelope.py); this module is the only place that reads or writes the
-meta keys, so no service picks values out of an untyped dict.
+meta keys, so no service picks values out of an untyped dict. A signed fleet passes the signer in; the
+signature itself is codec/signing.py's business.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,6 +21,7 @@ from .learning.head import HeadConfig
 from .learning.strategies import ServerState, Strategy, make_strategy
 from .learning.training import TrainingConfig
 
+Signer = Callable[[bytes], bytes]  # the envelope bytes to sign -> the signature (codec.signing.signer)
 EVERY_DEVICE = "*"  # `selected` of a round that takes every device online when it opened
 
 
@@ -68,20 +70,23 @@ def _meta(model: GlobalModel) -> dict[str, Any]:
     return meta
 
 
-def _encode(model: GlobalModel, round_no: int, extra: dict[str, Any]) -> bytes:
+def _encode(model: GlobalModel, round_no: int, extra: dict[str, Any], sign: Signer | None) -> bytes:
     return encode_envelope(Envelope(
         kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=round_no, model_version=model.version,
         strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
-        codec=model.codec, meta={**_meta(model), **extra}))
+        codec=model.codec, meta={**_meta(model), **extra}), sign=sign)
 
 
-def encode_global(model: GlobalModel) -> bytes:
-    return _encode(model, model.version, {})
+def encode_global(model: GlobalModel, sign: Signer | None = None) -> bytes:
+    """`sign`: `codec.signing.signer(fleet key, context(Purpose.MODEL, fleet))`, or None for an unsigned fleet."""
+    return _encode(model, model.version, {}, sign)
 
 
-def encode_task(task: RoundTask) -> bytes:
+def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
+    """`sign`: `codec.signing.signer(fleet key, context(Purpose.TASK, fleet))`, or None for an unsigned fleet."""
     selected = EVERY_DEVICE if task.selected is None else ",".join(task.selected)
-    return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected})
+    return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected},
+                   sign)
 
 
 _DEFAULTS = TrainingConfig()

@@ -7,6 +7,11 @@ One thread runs this loop; paho's network thread only fills the link's inbox. Th
 - on a new global version: evaluates its heads on its own held-out data and reports telemetry;
 - uploads whatever the outbox holds whenever it is connected (see agent/store.py for when an update
   counts as sent and when it is forgotten).
+
+With `[signing]` configured, updates are signed with the device's key, and a task or model counts only if
+signed with one of the fleet keys the device was enrolled with. Whatever the signatures, a task or model
+older than the newest one accepted (round or version, kept in the store across restarts) is refused as a
+rollback.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from ..codec.chunking import split_message
 from ..codec.digest import sha256
 from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope, encode_envelope
-from ..config import AgentConfig
+from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
+from ..config import AgentConfig, ConfigError
 from ..db import MEMORY
 from ..faults import crash_point
-from ..fleet import FleetMessageError, GlobalModel, RoundTask, decode_global, decode_task
+from ..fleet import FleetMessageError, GlobalModel, RoundTask, Signer, decode_global, decode_task
+from ..keys import KeyFileError, load_fleet_keys, load_private_key
 from ..learning import rng
 from ..learning.head import quantize_head
 from ..learning.metrics import accuracy
@@ -38,7 +47,15 @@ from ..learning.strategies import (
     Strategy,
     check_client_data,
 )
-from ..messaging import NO_MATCHING_SUBSCRIBERS, BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
+from ..messaging import (
+    NO_MATCHING_SUBSCRIBERS,
+    BrokerLink,
+    ConnectionEvent,
+    LinkFactory,
+    Message,
+    MqttError,
+    PublishError,
+)
 from ..protocol import Topics
 from ..transport import MqttLink
 from .sources import DataSource, open_source
@@ -67,8 +84,23 @@ class AgentService:
         self.link: BrokerLink = link_factory(
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
             will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
-            max_payload_bytes=b.max_payload_bytes)
+            max_payload_bytes=b.max_payload_bytes, keepalive_s=b.keepalive_s, tls=b.tls.options())
         self.lost_at: float | None = None  # monotonic time the broker connection was lost (for the reconnect log)
+        s = cfg.signing
+        self.sign_update: Signer | None = None
+        self.fleet_keys: list[Ed25519PublicKey] = []  # current first; the next one during a fleet key rotation
+        self.require_signatures = bool(s.key) and s.required
+        self.contexts = {self.topics.round_current: context(Purpose.TASK, cfg.fleet),
+                         self.topics.model_current: context(Purpose.MODEL, cfg.fleet)}
+        if s.key:
+            try:
+                self.fleet_keys = load_fleet_keys(s.fleet_keys)
+                device_key = load_private_key(s.key)
+            except KeyFileError as exc:
+                raise ConfigError(f"[signing]: {exc}") from None
+            self.sign_update = signer(device_key, context(Purpose.UPDATE, cfg.fleet))
+            log.info("signatures on: updates signed with key %s; tasks and models must be signed by fleet key %s",
+                     key_id(device_key.public_key()), " or ".join(key_id(k) for k in self.fleet_keys))
 
     # --- decisions ------------------------------------------------------------------------------
     def _state(self, model: GlobalModel, strategy: Strategy) -> ClientState:
@@ -163,7 +195,7 @@ class AgentService:
                 strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
                 tensors=update.tensors, codec=model.codec)
             item = OutboxItem(envelope.update_id, round_no, self.topics.update(self.cfg.device_id, round_no),
-                              encode_envelope(envelope))
+                              encode_envelope(envelope, sign=self.sign_update))
         self.store.commit_round(round_no, model.version, state, item)
         crash_point("agent.after_commit", round_no)
         queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
@@ -184,6 +216,10 @@ class AgentService:
             try:
                 for part in parts:
                     rc = self.link.publish(item.topic, part, qos=1, timeout=10.0)
+            except PublishError as exc:  # the broker answered, and said no: retrying will not change that
+                log.error("update %s for round %d REFUSED by the broker: %s; it stays in the outbox, but nothing "
+                          "this device sends will count until that is fixed", item.update_id, item.round, exc)
+                return
             except MqttError as exc:
                 log.warning("update %s for round %d not delivered yet (%s); it stays in the outbox",
                             item.update_id, item.round, exc)
@@ -218,18 +254,28 @@ class AgentService:
                 self.waiting = None
                 self.store.forget_rounds_before(1 << 62)
             return
+        if msg.topic not in self.contexts or not self.signed_by_fleet(msg):
+            return
         try:
             env = decode_envelope(msg.payload)
             if msg.topic == self.topics.round_current:
                 task = decode_task(env)
-            elif msg.topic == self.topics.model_current:
-                model = decode_global(env)
             else:
-                return
+                model = decode_global(env)
         except (EnvelopeError, FleetMessageError) as exc:
             log.error("ignored a malformed message on %s: %s", msg.topic, exc)
             return
-        if msg.topic == self.topics.round_current:
+        high_round, high_version = self.store.high_water()
+        is_task = msg.topic == self.topics.round_current
+        version, round_no = (task.model.version, task.round) if is_task else (model.version, high_round)
+        if version < high_version or round_no < high_round:
+            log.error("refused a rollback on %s: %s, but this device already accepted round %d and model version %d "
+                      "(a replayed old message)", msg.topic,
+                      f"round {round_no} from version {version}" if is_task else f"model version {version}",
+                      high_round, high_version)
+            return
+        self.store.raise_high_water(round_no, version)
+        if is_task:
             self.waiting = None  # a newer task replaces one we could not train yet
             self.store.forget_rounds_before(task.round)
             self.train(task)
@@ -239,9 +285,25 @@ class AgentService:
         else:
             self.evaluate(model)
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect and subscribe; messages then arrive in `self.link.inbox`."""
-        self.link.connect(timeout=timeout)
+    def signed_by_fleet(self, msg: Message) -> bool:
+        """Is a task or model signed by a fleet key this device trusts (or may it be unsigned)? Logs a refusal."""
+        if not self.fleet_keys:
+            return True
+        verdict = verify(msg.payload, self.fleet_keys, self.contexts[msg.topic])
+        if verdict.ok or (verdict.refusal is Refusal.UNSIGNED and not self.require_signatures):
+            return True
+        if verdict.refusal is Refusal.MALFORMED:
+            return True  # decode_envelope says what is wrong with it
+        kind = "round task" if msg.topic == self.topics.round_current else "global model"
+        log.error("refused a %s on %s: %s (%s); training goes on with the genuine ones", kind, msg.topic,
+                  "unsigned" if verdict.refusal is Refusal.UNSIGNED else "not signed by the fleet key",
+                  verdict.detail)
+        return False
+
+    def start(self, timeout: float | None = None) -> None:
+        """Connect (within `timeout`, default [broker] connect_timeout_s) and subscribe; messages then arrive in
+        `self.link.inbox`."""
+        self.link.connect(timeout=self.cfg.broker.connect_timeout_s if timeout is None else timeout)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
         log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, self.source.description, self.cfg.fleet)

@@ -1,4 +1,5 @@
-"""Device state in SQLite: the personal head, the round log and the outbox of unsent updates.
+"""Device state in SQLite: the personal head, the round log, the outbox of unsent updates, and the
+embeddings of the windows an attached MCU sent (see "a device's own data" below).
 
 Training a round commits three things in ONE transaction: the new personal state, the round-log entry
 and the outbox row holding the encoded update. So a device killed at any instant either has not trained
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +35,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     created_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS evaluations (version INTEGER PRIMARY KEY, report TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS high_water (
+    id INTEGER PRIMARY KEY CHECK (id = 1), round INTEGER NOT NULL, model_version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL,
     shape TEXT NOT NULL, samples BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS embeddings (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL, codes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS embedding_space (id INTEGER PRIMARY KEY CHECK (id = 1), space TEXT NOT NULL);
 """
 
 
@@ -92,42 +99,104 @@ class AgentStore:
         """Drop updates of rounds that are over (the aggregator has moved on); returns how many."""
         return self.db.execute("DELETE FROM outbox WHERE round < ?", (round_no,)).rowcount
 
+    # --- a device's own data: embeddings of the MCU's labelled windows -------------------------------------
+    # Kept as the backbone's output codes (int8 for a quantized backbone: 64 bytes a window, and exact), never as
+    # raw windows, and at most `cap` of them (the oldest go first): a device that collects for months holds
+    # what it can train on in bounded memory and disk. Windows that could not be embedded when they were stored
+    # (a database from an earlier edge-fl, which kept raw windows) wait in `windows` until the data source
+    # embeds them.
+
     def add_window(self, window_id: int, label: int, x: np.ndarray) -> None:
-        """A labelled window from an attached MCU: the user's raw data, kept on this device only."""
+        """A labelled window not embedded yet: the data source embeds it (once) and drops it."""
         x = np.ascontiguousarray(x, np.float32)
         self.db.execute("INSERT INTO windows (window_id, label, shape, samples) VALUES (?, ?, ?, ?)",
                         (window_id, label, ",".join(map(str, x.shape)), x.tobytes()))
 
+    def pending_windows(self, limit: int) -> list[tuple[int, int, int, np.ndarray]]:
+        """Up to `limit` of the oldest windows waiting to be embedded, as (seq, window id, label, window)."""
+        rows = self.db.execute("SELECT seq, window_id, label, shape, samples FROM windows ORDER BY seq LIMIT ?",
+                               (limit,)).fetchall()
+        return [(int(seq), int(wid), int(label),
+                 np.frombuffer(samples, np.float32).reshape(tuple(int(d) for d in shape.split(","))))
+                for seq, wid, label, shape, samples in rows]
+
+    def add_embedding(self, window_id: int, label: int, codes: np.ndarray, *, cap: int,
+                      replaces_window: int | None = None) -> None:
+        """One window's embedding codes; beyond `cap` embeddings the oldest are dropped, in the same
+        transaction. `replaces_window`: the seq of the waiting window these codes came from, dropped with it."""
+        if cap < 1:
+            raise ValueError(f"cap must be at least 1, got {cap}")
+        with transaction(self.db):
+            self.db.execute("INSERT INTO embeddings (window_id, label, codes) VALUES (?, ?, ?)",
+                            (window_id, label, np.ascontiguousarray(codes).tobytes()))
+            self._keep_newest(cap)
+            if replaces_window is not None:
+                self.drop_window(replaces_window)
+
+    def keep_newest_embeddings(self, cap: int) -> int:
+        """Drop all but the newest `cap` embeddings; returns how many were dropped."""
+        with transaction(self.db):
+            return self._keep_newest(cap)
+
+    def _keep_newest(self, cap: int) -> int:
+        # Everything at or below the (cap+1)-th newest seq goes: a walk of `cap` entries of the primary key.
+        return int(self.db.execute("DELETE FROM embeddings WHERE seq <= "
+                                   "(SELECT seq FROM embeddings ORDER BY seq DESC LIMIT 1 OFFSET ?)", (cap,)).rowcount)
+
+    def drop_window(self, seq: int) -> None:
+        self.db.execute("DELETE FROM windows WHERE seq = ?", (seq,))
+
+    def use_embedding_space(self, space: str) -> int:
+        """Record which backbone output the stored codes are in; embeddings from another one (another model, or
+        output, or quantization) mean nothing to this backbone and are dropped. Returns how many were dropped."""
+        with transaction(self.db):
+            row = self.db.execute("SELECT space FROM embedding_space WHERE id = 1").fetchone()
+            dropped = 0
+            if row is not None and row[0] != space:
+                dropped = self.db.execute("DELETE FROM embeddings").rowcount
+            self.db.execute("INSERT OR REPLACE INTO embedding_space VALUES (1, ?)", (space,))
+        return dropped
+
+    def embedding_version(self) -> tuple[int, int]:
+        """(how many embeddings are kept, the seq of the newest): the second changes whenever one is added."""
+        count, newest = self.db.execute("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM embeddings").fetchone()
+        return int(count), int(newest)
+
     def window_count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
+        """The device's windows: embedded (at most the cap) and waiting to be embedded."""
+        return int(self.db.execute("SELECT (SELECT COUNT(*) FROM embeddings) + (SELECT COUNT(*) FROM windows)")
+                   .fetchone()[0])
 
-    def windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored window in arrival order, as (windows, labels).
+    def embeddings(self, dim: int, dtype: np.dtype[Any] | type[Any]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every kept embedding in arrival order, as (codes (n, dim) of `dtype`, labels, seq of the newest).
 
-        Read row by row into one array sized up front: a device that has collected for weeks holds each
-        window once while reading, not three times (fetched rows, per-row arrays, their stacked copy).
+        Read row by row into arrays sized up front, inside one read snapshot (WAL) for the count and the rows,
+        without blocking the collectors, which keep inserting through their own connections meanwhile.
         """
-        x: np.ndarray | None = None
-        # A deferred transaction is one read snapshot (WAL) for the count and the rows, without blocking the
-        # collectors, which keep inserting windows through their own connections meanwhile.
         self.db.execute("BEGIN")
         try:
-            n = self.window_count()
-            y = np.empty(n, np.int64)
-            for i, (label, shape, samples) in enumerate(
-                    self.db.execute("SELECT label, shape, samples FROM windows ORDER BY seq")):
-                row = np.frombuffer(samples, np.float32).reshape(tuple(int(d) for d in shape.split(",")))
-                if x is None:
-                    x = np.empty((n, *row.shape), np.float32)
-                x[i], y[i] = row, label
+            n, newest = self.embedding_version()
+            codes = np.empty((n, dim), dtype)
+            labels = np.empty(n, np.int64)
+            for i, (label, blob) in enumerate(self.db.execute("SELECT label, codes FROM embeddings ORDER BY seq")):
+                codes[i], labels[i] = np.frombuffer(blob, dtype), label
         finally:
             self.db.execute("COMMIT")
-        if x is None:
-            return np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int64)
-        return x, y
+        return codes, labels, newest
 
     def evaluated(self, version: int) -> bool:
         return self.db.execute("SELECT 1 FROM evaluations WHERE version=?", (version,)).fetchone() is not None
+
+    def high_water(self) -> tuple[int, int]:
+        """(highest round, highest global model version) this device accepted: a task or model below either is a
+        rollback (a replayed old message), refused even after a restart. (0, 0) before the first one."""
+        row = self.db.execute("SELECT round, model_version FROM high_water WHERE id=1").fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def raise_high_water(self, round_no: int, model_version: int) -> None:
+        self.db.execute("INSERT INTO high_water VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET round = "
+                        "MAX(round, excluded.round), model_version = MAX(model_version, excluded.model_version)",
+                        (round_no, model_version))
 
     def record_evaluation(self, version: int, report: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?)", (version, report))

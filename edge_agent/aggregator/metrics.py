@@ -14,7 +14,9 @@ from typing import Any
 # Why updates are rejected, as a bounded label set (a free-text label would grow without limit).
 REJECTION_REASONS = ("malformed_chunk", "oversized", "malformed", "wrong_sender", "no_open_round", "wrong_round",
                      "wrong_model_version", "second_update", "not_selected", "wrong_strategy", "bad_num_examples",
-                     "wrong_tensors", "other")
+                     "wrong_tensors", "unsigned", "unknown_device", "wrong_key", "tampered", "other")
+# The signature refusals are codec.signing.Refusal's values: unsigned, unknown_device (not enrolled or revoked),
+# wrong_key (intact but signed by another key: a forgery), tampered (changed after signing).
 
 # rounds.judge explains a refusal in words; these fragments of its sentences name the reason.
 _JUDGE_FRAGMENTS = (("no round is open", "no_open_round"), ("late or early", "wrong_round"),

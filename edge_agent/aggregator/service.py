@@ -3,6 +3,10 @@
 Everything that decides is pure (rounds.py, the strategy); everything that must survive a crash is in
 the store; this loop only moves messages. Updates are acknowledged to the broker (manual PUBACK) only
 after the store committed them, so a crash between receipt and commit makes the broker redeliver.
+
+With `[signing]` configured, round tasks and global models go out signed with the fleet key, and an update
+counts only if it is signed by a key enrolled for the device its topic names (keys.KeyRegistry, rescanned
+when the registry directory changes). The signature is checked before the envelope is parsed.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 from ..codec.chunking import ChunkError, Reassembler, parse_chunk
 from ..codec.envelope import EnvelopeError, Kind, decode_envelope
-from ..config import AggregatorConfig
+from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
+from ..config import AggregatorConfig, ConfigError
 from ..faults import crash_point
-from ..fleet import GlobalModel, RoundTask, encode_global, encode_task
+from ..fleet import GlobalModel, RoundTask, Signer, encode_global, encode_task
+from ..keys import KeyFileError, KeyRegistry, load_private_key
 from ..learning import rng
 from ..learning.head import HeadConfig
 from ..learning.strategies import ClientUpdate, ServerState, make_strategy
@@ -97,9 +103,28 @@ class AggregatorService:
         b = cfg.broker
         self.link: BrokerLink = link_factory(
             "edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username, password=b.secret(),
-            clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256)
+            clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256,
+            keepalive_s=b.keepalive_s, tls=b.tls.options())
         self.done = threading.Event()
         self.last_status: bytes | None = None
+        s = cfg.signing
+        self.sign_task: Signer | None = None
+        self.sign_model: Signer | None = None
+        self.registry: KeyRegistry | None = None  # None: signatures off (development)
+        self.update_context = context(Purpose.UPDATE, cfg.fleet_name)
+        self.require_signatures = bool(s.key) and s.required
+        if s.key and s.registry:
+            try:
+                fleet_key = load_private_key(s.key)
+                self.registry = KeyRegistry(s.registry)
+            except KeyFileError as exc:
+                raise ConfigError(f"[signing]: {exc}") from None
+            self.sign_task = signer(fleet_key, context(Purpose.TASK, cfg.fleet_name))
+            self.sign_model = signer(fleet_key, context(Purpose.MODEL, cfg.fleet_name))
+            log.info("signatures on: tasks and models signed with fleet key %s; updates %s, checked against %d "
+                     "enrolled device(s) in %s", key_id(fleet_key.public_key()),
+                     "must be signed" if s.required else "signed or (migration) unsigned", len(self.registry),
+                     s.registry)
 
     # --- publishing ----------------------------------------------------------------------------
     def model(self) -> GlobalModel:
@@ -115,7 +140,7 @@ class AggregatorService:
             return False
 
     def publish_model(self) -> None:
-        payload = encode_global(self.model())
+        payload = encode_global(self.model(), self.sign_model)
         if self._publish_retained(self.topics.model_current, payload):
             self.counters.bytes_out += len(payload)
 
@@ -128,7 +153,7 @@ class AggregatorService:
         # The broker drops the retained task at its deadline: a device that connects later finds no stale
         # round to train for (the next task replaces it anyway).
         expiry = max(1, math.ceil(self.state.deadline - self.clock()))
-        payload = encode_task(task)
+        payload = encode_task(task, self.sign_task)
         if self._publish_retained(self.topics.round_current, payload, expiry_s=expiry):
             self.counters.bytes_out += len(payload) * len(self.state.selected)
         log.info("round %d open: %d device(s) selected, deadline in %.0f s, training from version %d",
@@ -227,10 +252,31 @@ class AggregatorService:
         self.ingest(msg.payload, msg.topic, device)
         self.link.ack(msg)
 
+    def check_signature(self, payload: bytes, topic: str, device: str) -> bool:
+        """Is the update signed by a key enrolled for `device` (the one its topic names)? Rejects it if not."""
+        if self.registry is None:
+            return True
+        verdict = verify(payload, self.registry.keys_for(device), self.update_context)
+        if verdict.ok or (verdict.refusal is Refusal.UNSIGNED and not self.require_signatures):
+            return True
+        if verdict.refusal is Refusal.MALFORMED:
+            return True  # not an envelope at all: decode_envelope names what is wrong
+        refusal = verdict.refusal
+        assert refusal is not None
+        what = {Refusal.UNSIGNED: "unsigned, and this fleet requires signatures",
+                Refusal.UNKNOWN_SIGNER: f"device {device!r} is not enrolled (or was revoked) in "
+                                        f"{self.registry.directory}",
+                Refusal.WRONG_KEY: f"forged: not signed by the key enrolled for {device!r}",
+                Refusal.TAMPERED: "tampered: changed after it was signed"}[refusal]
+        self.reject(f"an update on {topic}: {what} ({verdict.detail})", refusal.value)
+        return False
+
     def ingest(self, payload: bytes, topic: str, device: str) -> None:
         if len(payload) > self.cfg.fleet.max_update_bytes:
             self.reject(f"an oversized update on {topic}: {len(payload)} bytes, the limit is "
                         f"{self.cfg.fleet.max_update_bytes} (fleet.max_update_bytes)", "oversized")
+            return
+        if not self.check_signature(payload, topic, device):
             return
         try:
             env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
@@ -327,10 +373,11 @@ class AggregatorService:
         else:
             self.link.ack(msg)
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect and subscribe; messages then arrive in `self.link.inbox`."""
+    def start(self, timeout: float | None = None) -> None:
+        """Connect (within `timeout`, default [broker] connect_timeout_s) and subscribe; messages then arrive in
+        `self.link.inbox`."""
         self.started = True
-        self.link.connect(timeout=timeout)
+        self.link.connect(timeout=self.cfg.broker.connect_timeout_s if timeout is None else timeout)
         self.link.subscribe(self.topics.update_filter, qos=1)
         self.link.subscribe(self.topics.presence_filter, qos=1)
         # QoS 0: telemetry is for the operator, never decides anything, and must not queue for an absent
@@ -348,6 +395,8 @@ class AggregatorService:
         for message_id in self.reassembler.expire(self.clock()):
             for held in self.held.pop(message_id, []):  # a message whose other chunks never came
                 self.link.ack(held)
+        if self.registry is not None:
+            self.registry.refresh()  # enrolment and revocation without a restart (a stat per file, once a second)
         self.presence_log.flush()
         self.maybe_close()
         self.maybe_open()

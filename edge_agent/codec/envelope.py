@@ -9,10 +9,11 @@ Layout (all integers little-endian)::
          5     1  kind, u8 (1 UPDATE, 2 GLOBAL)
          6     4  header length H, u32
         10     4  payload length P, u32
-        14     2  flags, u16 (0; reserved for later versions, e.g. a signature)
+        14     2  flags, u16: 0, or FLAG_SIGNED (0x0001); other bits are refused
         16    32  SHA-256 of bytes [0, 16) + header + payload
         48     H  header: JSON, UTF-8, sorted keys, compact separators
       48+H     P  payload: raw little-endian tensor bytes, laid out as the header's "tensors" say
+    48+H+P    64  only with FLAG_SIGNED: an Ed25519 signature of a context string + bytes [0, 48+H+P)
 
 Header keys: codec, device_id, meta, model_version, num_examples, round, strategy, tensors, update_id.
 "tensors" is a list of {dtype, encoding, name, nbytes, offset, shape}, as built by
@@ -22,7 +23,10 @@ Decoding checks, cheapest first, so a hostile sender costs little: size cap (bef
 prefix, lengths, digest, then the header's JSON and every field, then each tensor's byte range, and
 finally that no float tensor holds NaN or inf (a poisoned update must not reach aggregation). Every
 failure is an `EnvelopeError` whose message says which field, offset or tensor is wrong. The digest
-detects corruption in transit; it is not a signature (anyone can recompute it).
+detects corruption in transit; it is not a signature (anyone can recompute it). The optional signature
+trailer is made and checked by `codec.signing` (this module only frames it, and stays free of crypto):
+`decode_envelope` accepts a signed envelope without checking the signature, so whoever requires one
+checks it with `codec.signing` first.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,8 @@ VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 PREFIX = struct.Struct("<4sBBIIH")  # magic, version, kind, header length, payload length, flags
 DIGEST_SIZE = 32
+FLAG_SIGNED = 0x0001  # a SIGNATURE_SIZE-byte signature trailer follows the payload
+SIGNATURE_SIZE = 64  # Ed25519
 FIXED_SIZE = PREFIX.size + DIGEST_SIZE  # 48: bytes before the header
 AGGREGATOR_ID = "aggregator"
 CODECS = ("int8", "float32")
@@ -142,8 +148,11 @@ def _check_header(h: Mapping[str, object], kind: Kind, fail: type[ValueError]) -
             raise fail(f"meta[{k!r}] must be a string, integer, float or bool, not {type(v).__name__}")
 
 
-def encode_envelope(env: Envelope) -> bytes:
-    """Serialize `env`; raises ValueError for anything `decode_envelope` would refuse."""
+def encode_envelope(env: Envelope, *, sign: Callable[[bytes], bytes] | None = None) -> bytes:
+    """Serialize `env`; raises ValueError for anything `decode_envelope` would refuse.
+
+    With `sign` (see `codec.signing.signer`), the envelope is flagged FLAG_SIGNED and `sign(bytes before the
+    trailer)` is appended: the signature covers the prefix (flags included), digest, header and payload."""
     try:
         kind = Kind(env.kind)
     except ValueError:
@@ -164,8 +173,48 @@ def encode_envelope(env: Envelope) -> bytes:
     total = FIXED_SIZE + len(hbytes) + len(payload)
     if total >= MAX_U32:
         raise ValueError(f"envelope of {total} bytes does not fit the format's u32 lengths")
-    prefix = PREFIX.pack(MAGIC, VERSION, kind, len(hbytes), len(payload), 0)
-    return prefix + _digest(prefix, hbytes, payload) + hbytes + payload
+    prefix = PREFIX.pack(MAGIC, VERSION, kind, len(hbytes), len(payload), 0 if sign is None else FLAG_SIGNED)
+    body = prefix + _digest(prefix, hbytes, payload) + hbytes + payload
+    if sign is None:
+        return body
+    signature = sign(body)
+    if len(signature) != SIGNATURE_SIZE:
+        raise ValueError(f"the signer returned {len(signature)} bytes, a signature has {SIGNATURE_SIZE}")
+    return body + signature
+
+
+def signed_parts(data: bytes | bytearray | memoryview) -> tuple[memoryview, bytes | None]:
+    """(the bytes a signature covers, the signature) of an envelope, or (all of it, None) when it is not
+    signed. Only the fixed prefix is checked (magic, flags, lengths): cheap enough to run before anything
+    else on a hostile input; `decode_envelope` checks the rest."""
+    view = memoryview(data).cast("B")
+    if view.nbytes < FIXED_SIZE:
+        raise EnvelopeError(f"envelope truncated: {view.nbytes} bytes, expected at least {FIXED_SIZE}")
+    magic, _version, _kind, hlen, plen, flags = PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise EnvelopeError(f"not an envelope: magic {bytes(magic)!r} at offset 0, expected {MAGIC!r}")
+    if flags & ~FLAG_SIGNED:
+        raise EnvelopeError(f"flags 0x{flags:04x} at offset 14 are not supported (known: 0x{FLAG_SIGNED:04x} signed)")
+    if not flags & FLAG_SIGNED:
+        return view, None
+    end = FIXED_SIZE + hlen + plen
+    if view.nbytes != end + SIGNATURE_SIZE:
+        raise EnvelopeError(f"signed envelope of {view.nbytes} bytes: header length {hlen} + payload length {plen} "
+                            f"+ {FIXED_SIZE} + a {SIGNATURE_SIZE}-byte signature = {end + SIGNATURE_SIZE} expected")
+    return view[:end], bytes(view[end:])
+
+
+def digest_matches(body: bytes | bytearray | memoryview) -> bool:
+    """Does the SHA-256 at offset 16 match the rest of `body` (an envelope without its signature trailer)?
+    Tells a damaged envelope from an intact one signed with another key."""
+    view = memoryview(body).cast("B")
+    if view.nbytes < FIXED_SIZE:
+        return False
+    _magic, _version, _kind, hlen, plen, _flags = PREFIX.unpack_from(view)
+    if view.nbytes != FIXED_SIZE + hlen + plen:
+        return False
+    return _digest(view[:PREFIX.size], view[FIXED_SIZE:FIXED_SIZE + hlen], view[FIXED_SIZE + hlen:]) == bytes(
+        view[PREFIX.size:FIXED_SIZE])
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -226,18 +275,19 @@ def decode_envelope(data: bytes | bytearray | memoryview, *, max_bytes: int = 1 
         kind = Kind(kind_code)
     except ValueError:
         raise EnvelopeError(f"unknown kind {kind_code} at offset 5 (known: {_KINDS})") from None
-    if flags != 0:
+    if flags & ~FLAG_SIGNED:
         raise EnvelopeError(f"flags 0x{flags:04x} at offset 14 are not supported by format version {VERSION} "
-                            f"(must be 0)")
-    expected = FIXED_SIZE + hlen + plen
+                            f"(known: 0x{FLAG_SIGNED:04x} signed)")
+    trailer = SIGNATURE_SIZE if flags & FLAG_SIGNED else 0  # checked by codec.signing, not here
+    expected = FIXED_SIZE + hlen + plen + trailer
     if expected > size:
         raise EnvelopeError(f"envelope truncated: header length {hlen} + payload length {plen} + {FIXED_SIZE} "
-                            f"= {expected} bytes expected, {size} received")
+                            f"+ signature {trailer} = {expected} bytes expected, {size} received")
     if expected < size:
         raise EnvelopeError(f"envelope has {size - expected} trailing bytes: header length {hlen} + payload "
-                            f"length {plen} + {FIXED_SIZE} = {expected} bytes, {size} received")
+                            f"length {plen} + {FIXED_SIZE} + signature {trailer} = {expected} bytes, {size} received")
     view = memoryview(buf)
-    hbytes, payload = view[FIXED_SIZE:FIXED_SIZE + hlen], view[FIXED_SIZE + hlen:]
+    hbytes, payload = view[FIXED_SIZE:FIXED_SIZE + hlen], view[FIXED_SIZE + hlen:size - trailer]
     if _digest(view[:PREFIX.size], hbytes, payload) != buf[PREFIX.size:FIXED_SIZE]:
         raise EnvelopeError("envelope corrupted: the SHA-256 at offset 16 does not match its contents")
 

@@ -83,10 +83,11 @@ PACKAGES = ("edge_agent", "firmware_bridge")
 PURE = ("edge_agent.learning", "edge_agent.codec", "edge_agent.aggregator.rounds", "edge_agent.protocol",
         "edge_agent.fleet", "firmware_bridge.framing", "firmware_bridge.messages", "firmware_bridge.head_blob",
         "firmware_bridge.error_replies", "firmware_bridge.emulator.staging")
-# importlib: codec.digest picks the builtin sha256 module by name.
-PURE_MAY_IMPORT_EXTERNAL = {"__future__", "abc", "binascii", "collections", "dataclasses", "enum", "functools",
-                            "hashlib", "importlib", "itertools", "json", "math", "numpy", "re", "struct", "typing",
-                            "uuid",
+# importlib: codec.digest picks the builtin sha256 module by name. cryptography: codec.signing's Ed25519 sign and
+# verify, pure functions of bytes and keys (key files and the device registry are edge_agent.keys, outside the core).
+PURE_MAY_IMPORT_EXTERNAL = {"__future__", "abc", "binascii", "collections", "cryptography", "dataclasses", "enum",
+                            "functools", "hashlib", "importlib", "itertools", "json", "math", "numpy", "re", "struct",
+                            "typing", "uuid",
                             "zlib"}
 SERVICES = ("edge_agent.agent", "edge_agent.aggregator")
 SIMULATOR_AND_TOOLS = ("edge_agent.sim", "edge_agent.demo", "edge_agent.cli", "edge_agent.report")

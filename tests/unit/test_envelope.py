@@ -213,7 +213,8 @@ def _prefix_damage(offset: int, value: bytes) -> Callable[[bytes], bytes]:
     (lambda b: b"XXXX" + b[4:], "magic b'XXXX' at offset 0"),
     (_prefix_damage(4, b"\x09"), r"version 9 \(offset 4\) is not supported; this build reads version\(s\) 1"),
     (_prefix_damage(5, b"\x07"), "unknown kind 7 at offset 5"),
-    (_prefix_damage(14, b"\x01\x00"), "flags 0x0001"),
+    (_prefix_damage(14, b"\x02\x00"), "flags 0x0002"),  # 0x0001 is FLAG_SIGNED (codec.signing)
+    (_prefix_damage(14, b"\x01\x00"), "truncated"),  # flagged signed, but no signature trailer
     (lambda b: b + b"\0", "1 trailing bytes"),
     (_prefix_damage(6, struct.pack("<I", 2**32 - 1)), "truncated"),
     (lambda b: b[:-1] + bytes([b[-1] ^ 0x80]), "corrupted"),
