@@ -4,7 +4,12 @@ and the key. Unknown keys are errors: a typo must not silently fall back to a de
 Where a value comes from, strongest first: `--set section.key=value` on the command line, then an
 environment variable (`ENVIRONMENT`, for the few values operators change per device), then the file,
 then the default. Every source is type- and range-checked the same way; a problem names its source.
-Secrets never come from the command line or the environment: see `BrokerConfig.secret`."""
+Secrets never come from the command line or the environment: see `BrokerConfig.secret`.
+
+Paths in a file (`PATH_KEYS`: state, model, password, certificate, key and registry paths) may be relative:
+they are taken relative to the directory of the file that names them, whatever directory the service
+starts in; `~` is the home directory. A path given by `--set` or an environment variable is relative to
+the current directory, like any path on a command line."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ else:  # pragma: no cover
 
 from .learning.strategies import STRATEGIES
 from .learning.training import TrainingConfig
+from .messaging import TlsOptions
 from .protocol import check_name
 
 if TYPE_CHECKING:
@@ -54,13 +60,42 @@ EXIT_CONFIG = 78  # EX_CONFIG (sysexits.h): a service manager should not restart
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """`[broker.tls]`: TLS to the broker, mutual with a client certificate (SECURITY.md). Unset `ca_file`: plain
+    TCP, for a development broker on loopback only (the link then logs a warning)."""
+
+    ca_file: str | None = None  # the fleet CA (PEM): the broker's certificate must be signed by it
+    cert_file: str | None = None  # this client's certificate (PEM); its CN is the identity: the device id
+    key_file: str | None = None  # its private key (PEM, mode 0600), made on the device by `edge-fl enrol`
+    key_password_file: str | None = None  # the passphrase of an encrypted key_file
+    min_version: str = "1.2"  # oldest TLS version accepted: "1.2" or "1.3"
+    # The broker's name is always checked against its certificate; this key exists only to refuse `false`.
+    check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("[broker.tls] cert_file and key_file go together: set both (mutual TLS) or neither")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("[broker.tls] cert_file needs ca_file (the fleet CA that signed the broker's certificate)")
+
+    def options(self) -> TlsOptions | None:
+        """What the broker link takes, or None without `ca_file` (plain TCP)."""
+        if self.ca_file is None:
+            return None
+        return TlsOptions(self.ca_file, self.cert_file, self.key_file, self.key_password_file, self.min_version)
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
-    username: str | None = None
+    username: str | None = None  # with a client certificate the broker takes the certificate's CN instead
     password: str | None = None
     password_file: str | None = None  # preferred over `password` on a device: keep secrets out of the config
     max_payload_bytes: int = 256 * 1024 - 1024  # below mosquitto-dev.conf's max_packet_size
+    keepalive_s: int = 30  # MQTT keepalive: the broker declares this client gone after 1.5x this without traffic
+    connect_timeout_s: float = 30.0  # how long the first connection may take (TLS failures are reported at once)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def secret(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The MQTT password: the systemd credential `mqtt-password` (LoadCredential=) when the service
@@ -100,6 +135,8 @@ class DataConfig:
     more_ports: list[str] = field(default_factory=list)  # serial: further MCUs attached to this agent
     baudrate: int = 115200
     min_windows: int = 14  # serial: labelled windows needed before the device trains
+    # serial: embeddings of windows kept (64 bytes each on disk, 256 as training data); beyond it the oldest go
+    max_windows: int = 5000
     subject: int = 4
     regime: str = "natural"
     seed: int = 0
@@ -109,6 +146,34 @@ class DataConfig:
     dataset: str | None = None
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_windows < self.min_windows:
+            raise ValueError(f"max_windows ({self.max_windows}) must be at least min_windows ({self.min_windows})")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """`[backbone]`: the frozen feature extractor the agent runs (`backbone = "PATH"` alone is short for `model`)."""
+
+    model: str | None = None  # a .tflite file; default: the model shipped with edge-fl
+    # "auto": LiteRT if installed, else tflite-runtime; "litert" (= "ai-edge-litert") or "tflite-runtime" to choose
+    runtime: str = "auto"
+    num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class AgentSigningConfig:
+    """Ed25519 signatures (deploy/README.md, "Keys"). Unset `key`: the agent signs nothing and takes unsigned
+    tasks and models, which anyone who can publish on the broker can forge: development only."""
+
+    key: str | None = None  # this device's private key (PEM, mode 0600): signs its updates
+    fleet_keys: list[str] = field(default_factory=list)  # fleet public key(s) PEM; two during a fleet key rotation
+    required: bool = True  # refuse unsigned tasks and models (false only while a fleet moves to signatures)
+
+    def __post_init__(self) -> None:
+        if bool(self.key) != bool(self.fleet_keys):
+            raise ValueError("[signing] key and fleet_keys go together: set both (signatures on) or neither (off)")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -116,9 +181,10 @@ class AgentConfig:
     state_dir: str
     fleet: str = "default"
     rng_stream: int = 0  # this device's random stream; the demo sets it to the client's index in `simulate`
-    backbone: str | None = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    signing: AgentSigningConfig = field(default_factory=AgentSigningConfig)
 
 
 @dataclass(frozen=True)
@@ -129,6 +195,20 @@ class FleetConfig:
     min_clients: int = 1
     deadline_s: float = 60.0
     max_update_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class AggregatorSigningConfig:
+    """Ed25519 signatures (deploy/README.md, "Keys"). Unset `key`: tasks and models go out unsigned and any
+    update is taken, whoever published it: development only."""
+
+    key: str | None = None  # the fleet's private key (PEM, mode 0600): signs round tasks and global models
+    registry: str | None = None  # directory of enrolled devices' public keys, one <device id>.pub each
+    required: bool = True  # refuse unsigned updates (false only while a fleet moves to signatures)
+
+    def __post_init__(self) -> None:
+        if bool(self.key) != bool(self.registry):
+            raise ValueError("[signing] key and registry go together: set both (signatures on) or neither (off)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +223,7 @@ class AggregatorConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
+    signing: AggregatorSigningConfig = field(default_factory=AggregatorSigningConfig)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -177,9 +258,10 @@ def _describe(hint: Any) -> str:
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str],
-           origins: Mapping[str, str] | None = None, prefix: str = "") -> T | None:
+           origins: Mapping[str, str] | None = None, prefix: str = "", base: Path | None = None) -> T | None:
     """The config `cls` from a TOML table, or None; every problem found goes to `problems` (not only
-    the first). `origins` names where an overridden key came from ("environment variable ...")."""
+    the first). `origins` names where an overridden key came from ("environment variable ..."); a relative
+    path from the file is taken relative to `base`, the file's directory (`resolve_path`)."""
     origins = origins or {}
     known = {f.name: f for f in fields(cls)}
     for name in sorted(set(data) - set(known)):
@@ -196,11 +278,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str],
             continue
         value = data[name]
         sub = f.type if isinstance(f.type, type) else _NESTED.get(str(f.type))
+        if sub is BackboneConfig and isinstance(value, str):
+            value = {"model": value}  # `backbone = "PATH"`, the form before [backbone] had other keys
         if sub is not None and is_dataclass(sub):
             if not isinstance(value, dict):
                 problems.append(f"{where}: [{name}] must be a table, got {value!r}")
                 continue
-            value = _build(sub, value, f"{where} [{name}]", problems, origins, dotted + ".")
+            value = _build(sub, value, f"{where} [{name}]", problems, origins, dotted + ".", base)
             if value is None:
                 continue
         else:
@@ -215,6 +299,9 @@ def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str],
             if expected:
                 problems.append(f"{at} must be {expected}, got {value!r}")
                 continue
+            if (cls, name) in PATH_KEYS and base is not None and dotted not in origins:
+                value = [resolve_path(v, base) for v in value] if isinstance(value, list) \
+                    else resolve_path(value, base)
         kwargs[name] = value
     if len(problems) > before:
         return None
@@ -225,8 +312,25 @@ def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str],
         return None
 
 
-_NESTED: dict[str, type] = {"BrokerConfig": BrokerConfig, "DataConfig": DataConfig, "FleetConfig": FleetConfig,
-                            "TrainingConfig": TrainingConfig}
+_NESTED: dict[str, type] = {"BackboneConfig": BackboneConfig, "BrokerConfig": BrokerConfig, "DataConfig": DataConfig,
+                            "TlsConfig": TlsConfig,
+                            "FleetConfig": FleetConfig,
+                            "TrainingConfig": TrainingConfig, "AgentSigningConfig": AgentSigningConfig,
+                            "AggregatorSigningConfig": AggregatorSigningConfig}
+
+
+def resolve_path(value: str | None, base: Path) -> str | None:
+    """A path as a config file means it: `~` is the home directory, and a relative path is relative to the
+    directory of the file that names it, not to wherever the service happens to start (systemd: /)."""
+    if value is None or value == "":
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def config_dir(path: str | Path) -> Path:
+    """The directory relative paths in the config file `path` are taken from."""
+    return Path(path).absolute().parent
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -249,29 +353,31 @@ def load_toml(path: str | Path, cls: type[T], overrides: Sequence[Override] = ()
     """Load and check a config file; `overrides` (environment, then --set) are applied over it in order.
     Raises ConfigError listing every problem."""
     data = read_toml(path)
-    cfg, problems, _ = check_table(data, cls, str(path), overrides)
+    cfg, problems, _ = check_table(data, cls, str(path), overrides, base=config_dir(path))
     if problems or cfg is None:
         raise ConfigError.of(problems)
     return cfg
 
 
-def check_table(data: dict[str, Any], cls: type[T], where: str,
-                overrides: Sequence[Override] = ()) -> tuple[T | None, list[str], dict[str, Any]]:
-    """(the config or None, every problem, the table with the overrides applied)."""
+def check_table(data: dict[str, Any], cls: type[T], where: str, overrides: Sequence[Override] = (),
+                base: Path | None = None) -> tuple[T | None, list[str], dict[str, Any]]:
+    """(the config or None, every problem, the table with the overrides applied). With `base` (the file's
+    directory) relative paths of the file are made absolute from it; paths given by an override are left as
+    given (relative to the current directory, as on any command line)."""
     problems: list[str] = []
     origins: dict[str, str] = {}
     apply_overrides(cls, data, overrides, problems, origins)
-    return _build(cls, data, where, problems, origins), problems, data
+    return _build(cls, data, where, problems, origins, base=base), problems, data
 
 
-def check_toml(text: str, cls: type[T], where: str,
-               overrides: Sequence[Override] = ()) -> tuple[T | None, list[str], dict[str, Any]]:
+def check_toml(text: str, cls: type[T], where: str, overrides: Sequence[Override] = (),
+               base: Path | None = None) -> tuple[T | None, list[str], dict[str, Any]]:
     """`check_table` of TOML text (which may not have been written yet)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [f"{where}: not valid TOML ({exc})"], {}
-    return check_table(data, cls, where, overrides)
+    return check_table(data, cls, where, overrides, base)
 
 
 def load_config(path: str | Path, cls: type[T], sets: Sequence[Override] = (),
@@ -447,13 +553,31 @@ def _http_address(v: str | None) -> str | None:
     return "HOST:PORT, e.g. \"127.0.0.1:9465\" (or \":9465\" for loopback)"
 
 
+# Keys that name files or directories: relative to the config file's directory (`resolve_path`).
+PATH_KEYS: frozenset[tuple[type[Any], str]] = frozenset({
+    (AgentConfig, "state_dir"), (AggregatorConfig, "state"), (BackboneConfig, "model"),
+    (BrokerConfig, "password_file"), (TlsConfig, "ca_file"), (TlsConfig, "cert_file"), (TlsConfig, "key_file"),
+    (TlsConfig, "key_password_file"), (DataConfig, "dataset"), (DataConfig, "cache_dir"),
+    (AgentSigningConfig, "key"), (AgentSigningConfig, "fleet_keys"),
+    (AggregatorSigningConfig, "key"), (AggregatorSigningConfig, "registry"),
+})
+
 _CHECKS: dict[tuple[type[Any], str], Check] = {
     (AggregatorConfig, "http"): _http_address,
     (BrokerConfig, "port"): _between(1, 65535),
     (BrokerConfig, "max_payload_bytes"): _between(1024, 268_435_455),  # MQTT's largest packet
+    (BrokerConfig, "keepalive_s"): _between(5, 65535),  # MQTT's limit; under 5 s pings cost more than they tell
+    (BrokerConfig, "connect_timeout_s"): _positive,
+    (TlsConfig, "min_version"): _one_of("1.2", "1.3"),
+    (TlsConfig, "check_hostname"): lambda v: None if v else (
+        "true: the broker's certificate must always match the host connected to; set host to a name its "
+        "subjectAltName lists (scripts/fleet-ca broker NAME --ip ADDR) instead of turning the check off"),
     (DataConfig, "source"): _one_of("watch-dataset", "serial"),
     (DataConfig, "baudrate"): _at_least(1),
     (DataConfig, "min_windows"): _at_least(1),
+    (DataConfig, "max_windows"): _at_least(1),
+    (BackboneConfig, "runtime"): _one_of("auto", "litert", "ai-edge-litert", "tflite-runtime"),
+    (BackboneConfig, "num_threads"): _between(1, 64),
     (DataConfig, "subject"): _at_least(1),
     (DataConfig, "seed"): _at_least(0),
     (DataConfig, "shots"): _at_least(0),

@@ -12,7 +12,7 @@ import socket
 import stat
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ from .config import (
     ConfigError,
     Override,
     check_toml,
+    config_dir,
     env_overrides,
     parse_set,
     read_toml,
+    resolve_path,
     secret_source,
 )
 
@@ -62,8 +64,8 @@ def default_device_id() -> str:
     return name or "device"
 
 
-def split_host_port(text: str, default_port: int = 1883) -> tuple[str, int]:
-    """'host', 'host:port' or '[v6addr]:port'."""
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """'host', 'host:port' or '[v6addr]:port', as (host, port or None when not given): argparse's type of --broker."""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -72,12 +74,64 @@ def split_host_port(text: str, default_port: int = 1883) -> tuple[str, int]:
     else:
         host, port_text = text, ""
     try:
-        port = int(port_text) if port_text else default_port
+        port = int(port_text) if port_text else None
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST or HOST:PORT, got {text!r}") from None
-    if not host or not 1 <= port <= 65535:
+    if not host or not 1 <= (port or 1) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST or HOST:PORT (port 1-65535), got {text!r}")
     return host, port
+
+
+# --- the systemd units and their credentials ----------------------------------------------------------
+
+UNITS = {"agent": "edge-fl-agent.service", "aggregator": "edge-fl-aggregator.service"}
+TLS_KEY, SIGNING_KEY = "tls-key", "signing-key"  # the credential names the units load (LoadCredential=)
+SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
+_CREDENTIALS = re.compile(r"^/run/credentials/(?P<unit>[^/]+)/(?P<name>[^/]+)$")
+
+
+def credential_path(kind: str, name: str) -> str:
+    """Where systemd puts the credential `name` of the unit of `kind`: what a config names for it."""
+    return f"/run/credentials/{UNITS[kind]}/{name}"
+
+
+def unit_files(unit_file: Path) -> list[Path]:
+    """A unit and its drop-ins (UNIT.d/*.conf), in the order systemd applies them."""
+    return [unit_file, *sorted(unit_file.with_name(unit_file.name + ".d").glob("*.conf"), key=lambda p: p.name)]
+
+
+def unit_credentials(files: Sequence[Path]) -> dict[str, str]:
+    """{credential name: source file} that a unit's files (`unit_files`) load with LoadCredential=; an empty
+    `LoadCredential=` drops those before it, as in systemd."""
+    found: dict[str, str] = {}
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, eq, value = line.strip().partition("=")
+            if not eq or key.strip() != "LoadCredential":
+                continue
+            name, _, source = value.strip().partition(":")
+            if not name:
+                found.clear()
+            else:
+                found[name] = source or name
+    return found
+
+
+def service_credentials(kind: str, password_auth: bool = False) -> tuple[dict[str, str], str]:
+    """What the unit of `kind` loads, and which unit that is: as installed in /etc/systemd/system (with its
+    drop-ins), else the template edge-fl ships (deploy/), with its password.conf drop-in for `password_auth`."""
+    installed = SYSTEMD_UNIT_DIR / UNITS[kind]
+    if installed.is_file():
+        return unit_credentials(unit_files(installed)), str(installed)
+    from .resources import deploy_file
+
+    template = deploy_file(UNITS[kind])
+    files = [template, *([deploy_file(f"{UNITS[kind]}.d/password.conf")] if password_auth else [])]
+    return unit_credentials(files), f"{UNITS[kind]} as shipped"
 
 
 # --- rendering ----------------------------------------------------------------------------------------
@@ -86,38 +140,90 @@ def _q(value: str) -> str:
     return json.dumps(value)  # a JSON string is a TOML basic string
 
 
+PASSWORD_AUTH_WARNING = ("password authentication over plain TCP: for a development broker on loopback or a "
+                         "trusted lab network only, NOT for untrusted networks (anyone on the path reads the "
+                         "password and every message); production is mutual TLS (deploy/README.md, SECURITY.md)")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a config proves who it is: mutual TLS (production) or a password (development), and its signing keys.
+
+    Key paths are what the config names: a systemd credential (/run/credentials/UNIT/NAME) or the file itself."""
+
+    password_auth: bool = False
+    ca_file: str = "/etc/edge-fl/tls/ca.crt"
+    cert_file: str = ""
+    key_file: str = ""
+    key_source: str = ""  # where a credential's key comes from, for the comment (the unit's LoadCredential=)
+    signing_key: str = ""
+    signing_source: str = ""
+    password_file: str | None = None
+
+
+def _tls_lines(sec: Security, identity: str) -> list[str]:
+    if sec.password_auth:
+        return [f"# WARNING: {PASSWORD_AUTH_WARNING}."]
+    source = f"   # the unit's LoadCredential={TLS_KEY}:{sec.key_source}" if sec.key_source else ""
+    return [
+        "",
+        f"# Mutual TLS (SECURITY.md): the certificate's CN, {identity!r}, is this client's identity for the broker",
+        "# and its ACL. No password: the broker takes the certificate's CN as the MQTT user.",
+        "[broker.tls]",
+        f"ca_file = {_q(sec.ca_file)}",
+        f"cert_file = {_q(sec.cert_file)}",
+        f"key_file = {_q(sec.key_file)}{source}",
+        '# min_version = "1.2"                # or "1.3"',
+    ]
+
+
+def _password_lines(sec: Security, username: str, default_file: str) -> list[str]:
+    if not sec.password_auth:
+        return []
+    return [
+        f"username = {_q(username)}",
+        f"# No password in this file. Under systemd it is the credential {CREDENTIAL!r} (the unit's drop-in",
+        "# password.conf, which wins over password_file); elsewhere the file below (mode 0600).",
+        (f"password_file = {_q(sec.password_file)}" if sec.password_file
+         else f"# password_file = {_q(default_file)}"),
+    ]
+
+
+def _signing_comment(sec: Security) -> str:
+    return f"   # the unit's LoadCredential={SIGNING_KEY}:{sec.signing_source}" if sec.signing_source else ""
+
+
 @dataclass(frozen=True)
 class AgentInit:
     device_id: str
     broker_host: str
-    broker_port: int = 1883
+    broker_port: int = 8883
     fleet: str = "default"
-    username: str | None = None  # default: the device id (the production ACL's %u is the device)
+    username: str | None = None  # password auth: default the device id (the ACL's %u is the device)
     state_dir: str = "/var/lib/edge-fl"
     source: str = "serial"
     serial_ports: list[str] = field(default_factory=lambda: ["/dev/ttyACM0"])
     subject: int = 4
-    password_file: str | None = None
+    security: Security = field(default_factory=Security)
+    fleet_keys: list[str] = field(default_factory=lambda: ["/etc/edge-fl/fleet.pub"])
 
 
 def render_agent(a: AgentInit) -> str:
+    sec = a.security
     lines = [
         "# edge-fl device agent (written by `edge-fl init agent`; check it with `edge-fl check-config FILE`).",
-        "# Unknown keys are errors. Per device, without editing this file: environment variables",
-        "# (EDGEFL_DEVICE_ID, EDGEFL_BROKER_HOST, ...) or `edge-fl agent --set section.key=value`.",
+        "# Unknown keys are errors. Relative paths are relative to this file's directory. Per device, without",
+        "# editing this file: environment variables (EDGEFL_DEVICE_ID, ...) or `edge-fl agent --set KEY=VALUE`.",
         f"device_id = {_q(a.device_id):<25} # letters, digits . _ - : an MQTT topic level and the client id",
         f"fleet = {_q(a.fleet):<29} # must match the aggregator's fleet_name",
         f"state_dir = {_q(a.state_dir):<25} # head, personal tensors, round log, outbox (SQLite)",
-        '# backbone = "/path/to/backbone.tflite"   # default: the model shipped with edge-fl',
+        '# [backbone] model = "/path/to/backbone.tflite"   # default: the model shipped with edge-fl',
         "",
         "[broker]",
         f"host = {_q(a.broker_host)}",
         f"port = {a.broker_port}",
-        f"username = {_q(a.username or a.device_id)}",
-        f"# No password in this file. Under systemd it is the credential {CREDENTIAL!r} (LoadCredential= in",
-        "# the unit, which wins over password_file); elsewhere the file below (mode 0600).",
-        (f"password_file = {_q(a.password_file)}" if a.password_file
-         else '# password_file = "/etc/edge-fl/mqtt-password"'),
+        *_password_lines(sec, a.username or a.device_id, "/etc/edge-fl/mqtt-password"),
+        *_tls_lines(sec, a.device_id),
         "",
         "[data]",
     ]
@@ -135,6 +241,14 @@ def render_agent(a: AgentInit) -> str:
             'source = "watch-dataset"           # the demo data: one subject of the bundled recordings',
             f"subject = {a.subject:<26} # a federated subject: 4-9",
         ]
+    lines += [
+        "",
+        "# Signatures (deploy/README.md, \"Keys\"): this device signs its updates with its own key and takes round",
+        "# tasks and global models only when signed by the fleet key.",
+        "[signing]",
+        f"key = {_q(sec.signing_key)}{_signing_comment(sec)}",
+        f"fleet_keys = [{', '.join(_q(k) for k in a.fleet_keys)}]",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +256,7 @@ def render_agent(a: AgentInit) -> str:
 class AggregatorInit:
     state: str
     broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
+    broker_port: int = 8883
     fleet: str = "default"
     username: str = "aggregator"
     expected_clients: int = 1
@@ -150,25 +264,26 @@ class AggregatorInit:
     deadline_s: float = 120.0
     strategy: str = "ditto"
     rounds: int = 30
-    password_file: str | None = None
+    security: Security = field(default_factory=Security)
+    registry: str = "/etc/edge-fl/devices"
 
 
 def render_aggregator(a: AggregatorInit) -> str:
+    sec = a.security
     lines = [
         "# edge-fl aggregator (written by `edge-fl init aggregator`; check it with `edge-fl check-config FILE`).",
-        "# What is trained lives in [train] and reaches every device with each round task.",
+        "# What is trained lives in [train] and reaches every device with each round task. Relative paths are",
+        "# relative to this file's directory.",
         f"state = {_q(a.state)}   # SQLite (WAL): rounds, accepted updates, global versions",
         f"fleet_name = {_q(a.fleet)}",
         "embedding_dim = 64                 # the backbone's embedding width",
         "num_classes = 7",
         "",
         "[broker]",
-        f"host = {_q(a.broker_host)}",
+        f"host = {_q(a.broker_host)}" + ("" if sec.password_auth else "   # a name the broker certificate lists"),
         f"port = {a.broker_port}",
-        f"username = {_q(a.username)}",
-        f"# No password in this file: the credential {CREDENTIAL!r} under systemd, else this file (mode 0600).",
-        (f"password_file = {_q(a.password_file)}" if a.password_file
-         else '# password_file = "/etc/edge-fl/aggregator-password"'),
+        *_password_lines(sec, a.username, "/etc/edge-fl/aggregator-password"),
+        *_tls_lines(sec, "aggregator"),
         "",
         "[fleet]",
         f"expected_clients = {a.expected_clients:<14} # round 1 opens when this many devices are online",
@@ -179,6 +294,12 @@ def render_aggregator(a: AggregatorInit) -> str:
         f"strategy = {_q(a.strategy)}",
         f"rounds = {a.rounds}",
         "fraction = 1.0                     # share of online devices selected per round",
+        "",
+        "# Signatures (deploy/README.md, \"Keys\"): tasks and models are signed with the fleet key; an update counts",
+        "# only if signed by a key enrolled for its device (`edge-fl keys register`; rescanned on change, SIGHUP).",
+        "[signing]",
+        f"key = {_q(sec.signing_key)}{_signing_comment(sec)}",
+        f"registry = {_q(a.registry)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -210,36 +331,75 @@ def _read_password(stream: Any) -> str:
     return password
 
 
+def _security(kind: str, args: argparse.Namespace, conf_dir: Path, identity: str) -> tuple[Security, list[str]]:
+    """The [broker.tls] and [signing] paths init writes, and notes for the operator about them."""
+    systemd: bool = _is_root() if args.systemd is None else args.systemd
+    notes: list[str] = []
+    tls_dir: Path = (args.tls_dir or conf_dir / "tls").absolute()
+    default_signing = conf_dir / ("device.key" if kind == "agent" else "fleet.key")
+    signing_file: Path = (args.signing_key or default_signing).absolute()
+    key_file, signing_key = str(tls_dir / f"{identity}.key"), str(signing_file)
+    key_source = signing_source = ""
+    if systemd:  # the service runs as a dynamic user: it gets root-only keys as credentials
+        creds, unit = service_credentials(kind, args.password_auth)
+        wanted = {SIGNING_KEY: signing_key} if args.password_auth else {TLS_KEY: key_file, SIGNING_KEY: signing_key}
+        for name, own in wanted.items():
+            source = creds.get(name)
+            if source is None:
+                raise InitError(f"{unit} loads no credential {name!r}: add LoadCredential={name}:{own} to it")
+            if name == TLS_KEY:
+                key_file, key_source = credential_path(kind, name), source
+            else:
+                signing_key, signing_source = credential_path(kind, name), source
+            if not Path(source).exists():
+                notes.append(f"the unit takes the {name} credential from {source}, which does not exist yet"
+                             + (f": ln -s {Path(own).name} {source}" if Path(own).exists() and name == TLS_KEY
+                                else ""))
+    return Security(password_auth=args.password_auth, ca_file=str(tls_dir / "ca.crt"),
+                    cert_file=str(tls_dir / f"{identity}.crt"), key_file=key_file, key_source=key_source,
+                    signing_key=signing_key, signing_source=signing_source), notes
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     kind: str = args.kind
     out: Path = args.output or default_config_dir() / f"{kind}.toml"
+    conf_dir = (default_config_dir() if str(out) == "-" else out.parent).absolute()
     password_file: Path | None = args.password_file
+    if (args.password_stdin or password_file is not None) and not args.password_auth:
+        args.parser.error("--password-stdin and --password-file go with --password-auth (a development broker); "
+                          "a production broker takes the device's certificate instead")
     if args.password_stdin and password_file is None:
-        password_file = out.parent / ("mqtt-password" if kind == "agent" else "aggregator-password")
+        password_file = conf_dir / ("mqtt-password" if kind == "agent" else "aggregator-password")
     if password_file is not None:
         password_file = password_file.absolute()  # the service does not run in this directory
+    host, port = args.broker
+    port = port or (1883 if args.password_auth else 8883)
+    identity = args.device_id if kind == "agent" else "aggregator"
+    security, notes = _security(kind, args, conf_dir, identity)
+    security = replace(security, password_file=str(password_file) if password_file else None)
     if kind == "agent":
-        host, port = args.broker
         source = "watch-dataset" if args.subject is not None else "serial"
+        fleet_keys = [str(k.absolute()) for k in args.fleet_key] or [str(conf_dir / "fleet.pub")]
         text = render_agent(AgentInit(
             device_id=args.device_id, broker_host=host, broker_port=port, fleet=args.fleet, username=args.username,
             state_dir=str(args.state_dir or default_state_dir("edge-fl")), source=source,
-            serial_ports=args.serial_port or ["/dev/ttyACM0"], subject=args.subject or 4,
-            password_file=str(password_file) if password_file else None))
+            serial_ports=args.serial_port or ["/dev/ttyACM0"], subject=args.subject or 4, security=security,
+            fleet_keys=fleet_keys))
         cls: type[Any] = AgentConfig
     else:
-        host, port = args.broker
         state = args.state or default_state_dir("edge-fl-aggregator") / "aggregator.db"
         text = render_aggregator(AggregatorInit(
             state=str(state), broker_host=host, broker_port=port, fleet=args.fleet, username=args.username,
             expected_clients=args.expected_clients, min_clients=min(args.min_clients, args.expected_clients),
-            rounds=args.rounds, strategy=args.strategy,
-            password_file=str(password_file) if password_file else None))
+            rounds=args.rounds, strategy=args.strategy, security=security,
+            registry=str((args.registry or conf_dir / "devices").absolute())))
         cls = AggregatorConfig
     # What we write must load: check the text before it replaces anything.
-    _, problems, _ = check_toml(text, cls, where=f"{out} (as it would be written)")
+    _, problems, _ = check_toml(text, cls, where=f"{out} (as it would be written)", base=conf_dir)
     if problems:
         raise ConfigError.of(problems)
+    if args.password_auth:
+        print(f"WARNING: {PASSWORD_AUTH_WARNING}", file=sys.stderr)
     if str(out) == "-":
         sys.stdout.write(text)
         return 0
@@ -249,9 +409,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if password is not None and password_file is not None:
         write_file(password_file, password + "\n", mode=0o600, force=args.force)
         print(f"wrote the broker password to {password_file} (mode 0600)")
-    elif password_file is None:
+    elif args.password_auth and password_file is None:
         print(f"no password file named: under systemd put the password in the credential {CREDENTIAL!r} "
-              f"(see deploy/README.md), or rerun with --password-stdin")
+              f"(deploy/README.md), or rerun with --password-stdin")
+    for note in notes:
+        print(f"note: {note}")
     print(f"check it with: edge-fl check-config {out}")
     return 0
 
@@ -278,6 +440,7 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: str = ""
+    merged: dict[str, Any] = field(default_factory=dict)  # the table checked, overrides applied
 
 
 def _check_secret(broker: Mapping[str, Any], where: str, environ: Mapping[str, str], report: CheckReport) -> None:
@@ -308,6 +471,142 @@ def _check_secret(broker: Mapping[str, Any], where: str, environ: Mapping[str, s
                                f"chmod 600 {path}")
 
 
+def _get(table: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        table = table.get(key) if isinstance(table, Mapping) else None  # type: ignore[assignment]
+    return table
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Can a user who is neither owner nor group (a DynamicUser service) read `path` and reach it?"""
+    try:
+        wanted = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0)
+        if path.stat().st_mode & wanted != wanted:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.absolute().parents)
+    except OSError:
+        return False
+
+
+def _content_problem(path: Path, what: str, identity: str | None) -> str | None:
+    """What is wrong with the content of a key or certificate file, or None."""
+    from . import keys
+
+    try:
+        if what == "signing-key":
+            keys.load_private_key(path)
+        elif what == "public-key":
+            keys.load_public_keys(path)
+        elif what == "private-key":
+            if b"PRIVATE KEY" not in path.read_bytes():
+                return "is not a PEM private key"
+        elif what in ("ca", "cert"):
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = str(names[0].value) if names else ""
+            if what == "cert" and identity is not None and cn != identity:
+                return (f"is the certificate of {cn!r}, not of {identity!r}: the broker takes its CN as the identity "
+                        "(enrol this device under its device_id, or fix device_id)")
+    except (ValueError, OSError) as exc:
+        text = str(exc)
+        return text[text.find(":") + 2:] if text.startswith(("private key", "public key")) else f"does not load ({exc})"
+    return None
+
+
+def _check_file(report: CheckReport, at: str, value: str, what: str, kind: str, base: Path,
+                environ: Mapping[str, str], service: bool, identity: str | None) -> None:
+    """One path of a config: there, readable by whoever reads it (the service or its credential loader), and
+    holding what it should. `what`: file, dir, ca, cert, private-key, signing-key, public-key."""
+    resolved = resolve_path(value, base) or value
+    private = what in ("private-key", "signing-key")
+    target, label, read_by_root = Path(resolved), f"{at}: {resolved}", False
+    credential = _CREDENTIALS.match(resolved)
+    if credential:
+        unit, name = credential["unit"], credential["name"]
+        here = environ.get("CREDENTIALS_DIRECTORY")
+        if here and Path(here) == Path(resolved).parent:  # running inside the unit: the copy itself
+            target = Path(resolved)
+        else:
+            unit_kind = next((k for k, u in UNITS.items() if u == unit), kind)
+            password_auth = not _get(report.merged, "broker", "tls", "ca_file")
+            creds, described = service_credentials(unit_kind, password_auth)
+            source = creds.get(name)
+            if source is None:
+                report.problems.append(f"{label} is the credential {name!r} of {unit}, which {described} does not "
+                                       f"load: add LoadCredential={name}:FILE to the unit (systemctl edit {unit}), "
+                                       "or name the file itself")
+                return
+            target, label, read_by_root = Path(source), f"{at}: credential {name!r} from {source}", True
+    if not target.exists():
+        report.problems.append(f"{label} does not exist; create it or fix the path")
+        return
+    if what == "dir" and not target.is_dir():
+        report.problems.append(f"{label} is not a directory")
+        return
+    if not os.access(target, os.R_OK):
+        if read_by_root and not _is_root():
+            report.warnings.append(f"{label}: cannot check it as this user (systemd reads it as root); run "
+                                   "check-config as root")
+        else:
+            report.problems.append(f"{label} is not readable by this user; fix its owner or mode")
+        return
+    if private and target.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        report.problems.append(f"{label} is a private key readable by others (mode "
+                               f"{stat.S_IMODE(target.stat().st_mode):04o}): chmod 600 {target}")
+    elif service and not read_by_root and not _readable_by_others(target):
+        report.problems.append(f"{label} is not readable by the service's dynamic user (mode "
+                               f"{stat.S_IMODE(target.stat().st_mode):04o}, or a directory on the way without o+x): "
+                               f"chmod o+r{'x' if target.is_dir() else ''} it")
+    if what == "dir":
+        if not any(target.glob("*.pub")):
+            report.warnings.append(f"{label}: no device enrolled yet (edge-fl keys register DEVICE FILE.pub "
+                                   f"--registry {target})")
+        return
+    problem = _content_problem(target, what, identity)
+    if problem:
+        report.problems.append(f"{label} {problem}")
+
+
+def _check_paths(report: CheckReport, kind: str, where: str, base: Path, environ: Mapping[str, str]) -> None:
+    """Every file a config names, found from the table: even when other keys are wrong."""
+    merged = report.merged
+    paths: list[tuple[str, Any, str]] = []  # (where/section key, value, what)
+    tls = _get(merged, "broker", "tls")
+    tls = tls if isinstance(tls, Mapping) else {}
+    paths += [(f"{where} [broker.tls] {key}", tls.get(key), what) for key, what in
+              (("ca_file", "ca"), ("cert_file", "cert"), ("key_file", "private-key"), ("key_password_file", "file"))]
+    signing = merged.get("signing")
+    signing = signing if isinstance(signing, Mapping) else {}
+    paths.append((f"{where} [signing] key", signing.get("key"), "signing-key"))
+    if kind == "agent":
+        backbone = merged.get("backbone")
+        if isinstance(backbone, str):
+            paths.append((f"{where} backbone", backbone, "file"))
+        else:
+            paths.append((f"{where} [backbone] model", _get(merged, "backbone", "model"), "file"))
+        paths.append((f"{where} [data] dataset", _get(merged, "data", "dataset"), "file"))
+        fleet_keys = signing.get("fleet_keys")
+        for i, key in enumerate(fleet_keys if isinstance(fleet_keys, list) else []):
+            paths.append((f"{where} [signing] fleet_keys[{i}]", key, "public-key"))
+        identity = merged.get("device_id") if isinstance(merged.get("device_id"), str) else None
+    else:
+        paths.append((f"{where} [signing] registry", signing.get("registry"), "dir"))
+        identity = "aggregator"
+    values = [v for _, v, _ in paths if isinstance(v, str)]
+    service = any(_CREDENTIALS.match(resolve_path(v, base) or "") for v in values)
+    for at, value, what in paths:
+        if isinstance(value, str) and value:
+            _check_file(report, at, value, what, kind, base, environ, service, identity)
+    if not tls.get("ca_file"):
+        report.warnings.append(f"{where} [broker]: no [broker.tls]: {PASSWORD_AUTH_WARNING}")
+    if not signing.get("key"):
+        report.warnings.append(f"{where}: no [signing] key: signatures are off, and whoever can publish on the "
+                               "broker can forge messages (deploy/README.md, \"Keys\")")
+
+
 def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[Override] = (),
                  environ: Mapping[str, str] = os.environ) -> CheckReport:
     """Every problem in an agent or aggregator config, and what would run if there is none."""
@@ -322,20 +621,23 @@ def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[
         report.problems.append(f"{path}: cannot tell an agent config (device_id, state_dir, [data]) from an "
                                "aggregator config (state, fleet_name, [fleet], [train]); pass --kind")
         return report
+    base = config_dir(path)
     cfg, problems, merged = check_toml(Path(path).read_text(), KINDS[report.kind], where=str(path),
-                                       overrides=overrides)
+                                       overrides=overrides, base=base)
     report.problems += problems
+    report.merged = merged
     broker = merged.get("broker")
-    _check_secret(broker if isinstance(broker, dict) else {}, str(path), environ, report)
+    broker = dict(broker) if isinstance(broker, dict) else {}
+    if isinstance(broker.get("password_file"), str):
+        broker["password_file"] = resolve_path(broker["password_file"], base)
+    _check_secret(broker, str(path), environ, report)
     if report.kind == "agent":  # from the table: found even when other keys are wrong
         data_table = merged.get("data")
         data_table = data_table if isinstance(data_table, dict) else {}
         if data_table.get("source") == "serial" and not data_table.get("port"):
             report.problems.append(f"{path} [data]: port is required when source = 'serial' "
                                    "(a pyserial URL such as /dev/ttyACM0)")
-        backbone = merged.get("backbone")
-        if isinstance(backbone, str) and not Path(backbone).is_file():
-            report.problems.append(f"{path}: backbone {backbone!r} is not a file")
+    _check_paths(report, report.kind, str(path), base, environ)
     if isinstance(cfg, AgentConfig):
         data = f"serial {', '.join([cfg.data.port or '?', *cfg.data.more_ports])}" if cfg.data.source == "serial" \
             else f"bundled recordings of subject {cfg.data.subject}"
@@ -391,16 +693,21 @@ def add_set_option(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub: Any) -> None:
     """`edge-fl init agent|aggregator` and `edge-fl check-config`."""
     init = sub.add_parser("init", help="write a first config for an agent or the aggregator",
-                          description="Write a working config. No secret goes into it: the broker password goes "
-                                      "to its own file (--password-stdin, mode 0600) or a systemd credential.")
+                          description="Write a working config: mutual TLS to the broker and signed messages (the "
+                                      "production setup, deploy/README.md), or with --password-auth a password "
+                                      "for a development broker. No secret goes into it.")
     kinds = init.add_subparsers(dest="kind", required=True, metavar="KIND")
-    agent = kinds.add_parser("agent", help="a device agent's config")
+    agent = kinds.add_parser("agent", help="a device agent's config",
+                             description="Write a device agent's config. Production (the default): [broker.tls] "
+                                         "with TLS_DIR/ca.crt, TLS_DIR/DEVICE_ID.crt and the device's TLS key "
+                                         "(`edge-fl enrol`), [signing] with its signing key (`edge-fl keys new`) "
+                                         "and the fleet's public key.")
     agent.add_argument("--broker", type=split_host_port, required=True, metavar="HOST[:PORT]",
-                       help="the fleet's MQTT broker (port default: 1883)")
+                       help="the fleet's MQTT broker (port default: 8883, with --password-auth 1883)")
     agent.add_argument("--device-id", default=default_device_id(),
-                       help="this device's id (default: the host name, here %(default)s)")
+                       help="this device's id, the CN of its certificate (default: the host name, here %(default)s)")
     agent.add_argument("--fleet", default="default", help="the aggregator's fleet_name (default: default)")
-    agent.add_argument("--username", help="MQTT user (default: the device id, as the production ACL expects)")
+    agent.add_argument("--username", help="--password-auth: MQTT user (default: the device id, as the ACL expects)")
     agent.add_argument("--state-dir", type=Path,
                        help="agent state (default: /var/lib/edge-fl as root, else ~/.local/state/edge-fl)")
     source = agent.add_mutually_exclusive_group()
@@ -408,11 +715,21 @@ def add_parsers(sub: Any) -> None:
                         help="an MCU's serial port (repeatable; default /dev/ttyACM0)")
     source.add_argument("--subject", type=int,
                         help="use the bundled recordings of this subject (4-9) instead of a serial MCU: the demo data")
-    aggregator = kinds.add_parser("aggregator", help="the aggregator's config")
-    aggregator.add_argument("--broker", type=split_host_port, default=("127.0.0.1", 1883), metavar="HOST[:PORT]",
-                            help="the fleet's MQTT broker (default: 127.0.0.1:1883)")
+    agent.add_argument("--signing-key", type=Path, metavar="FILE",
+                       help="this device's signing key (default: device.key beside the config)")
+    agent.add_argument("--fleet-key", type=Path, action="append", default=[], metavar="FILE",
+                       help="the fleet's public key (repeatable during a rotation; default: fleet.pub beside the "
+                            "config)")
+    aggregator = kinds.add_parser("aggregator", help="the aggregator's config",
+                                  description="Write the aggregator's config. Production (the default): "
+                                              "[broker.tls] with TLS_DIR/ca.crt, TLS_DIR/aggregator.crt and .key "
+                                              "(`scripts/fleet-ca client aggregator`), [signing] with the fleet key "
+                                              "and the device key registry.")
+    aggregator.add_argument("--broker", type=split_host_port, default=("127.0.0.1", None), metavar="HOST[:PORT]",
+                            help="the fleet's MQTT broker (default: 127.0.0.1, port 8883, with --password-auth 1883)")
     aggregator.add_argument("--fleet", default="default", help="fleet name, the agents' fleet (default: default)")
-    aggregator.add_argument("--username", default="aggregator", help="MQTT user (default: aggregator)")
+    aggregator.add_argument("--username", default="aggregator",
+                            help="--password-auth: MQTT user (default: aggregator)")
     aggregator.add_argument("--state", type=Path, help="SQLite file (default: /var/lib/edge-fl-aggregator/"
                                                         "aggregator.db as root, else under ~/.local/state)")
     aggregator.add_argument("--expected-clients", type=int, default=1,
@@ -421,16 +738,29 @@ def add_parsers(sub: Any) -> None:
                             help="fewest updates for a round to count (default: 1)")
     aggregator.add_argument("--rounds", type=int, default=30, help="federated rounds (default: 30)")
     aggregator.add_argument("--strategy", default="ditto", help="see `edge-fl simulate --help` (default: ditto)")
+    aggregator.add_argument("--signing-key", type=Path, metavar="FILE",
+                            help="the fleet's signing key (default: fleet.key beside the config)")
+    aggregator.add_argument("--registry", type=Path, metavar="DIR",
+                            help="enrolled devices' public keys (default: devices/ beside the config)")
     for p in (agent, aggregator):
         p.add_argument("-o", "--output", type=Path,
                        help="where to write (default: /etc/edge-fl/KIND.toml as root, else ~/.config/edge-fl/; "
                             "'-' prints it)")
-        p.add_argument("--password-file", type=Path, help="the file holding the broker password (named in the config)")
+        p.add_argument("--tls-dir", type=Path, metavar="DIR",
+                       help="where ca.crt, the certificate and (without systemd) the TLS key are (default: tls/ "
+                            "beside the config)")
+        p.add_argument("--systemd", action=argparse.BooleanOptionalAction, default=None,
+                       help="name the private keys as the systemd unit's credentials (/run/credentials/UNIT/...) "
+                            "rather than as files (default: as root yes, else no)")
+        p.add_argument("--password-auth", action="store_true",
+                       help="a development broker that takes a password (no TLS): NOT for untrusted networks")
+        p.add_argument("--password-file", type=Path,
+                       help="--password-auth: the file holding the broker password (named in the config)")
         p.add_argument("--password-stdin", action="store_true",
-                       help="read the password from standard input and write it to --password-file "
-                            "(default: beside the config) with mode 0600")
+                       help="--password-auth: read the password from standard input and write it to "
+                            "--password-file (default: beside the config) with mode 0600")
         p.add_argument("--force", action="store_true", help="replace existing files")
-        p.set_defaults(func=cmd_init)
+        p.set_defaults(func=cmd_init, parser=p)
 
     check = sub.add_parser("check-config", help="check an agent or aggregator config and name every problem",
                            description="Load a config as `edge-fl agent` or `edge-fl aggregator` would and print "

@@ -97,7 +97,7 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
         load_toml(path, AgentConfig)
     problems = info.value.problems
     assert problems == [
-        f"{path}: unknown key 'colour'; known: backbone, broker, data, device_id, fleet, rng_stream, state_dir",
+        f"{path}: unknown key 'colour'; known: backbone, broker, data, device_id, fleet, rng_stream, signing, state_dir",
         f"{path}: device_id must be 1-64 letters, digits, '.', '_' or '-' (it becomes an MQTT topic level), "
         "got 'pi 7'",
         f"{path} [broker]: port must be between 1 and 65535, got 70000",

@@ -12,19 +12,34 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edge_agent.config import CREDENTIAL, EXIT_CONFIG
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from edge_agent.cli import main
+from edge_agent.config import CREDENTIAL, EXIT_CONFIG, read_toml
+from edge_agent.config_tools import unit_credentials, unit_files
 
 from ..conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 UNITS = {
-    "edge-fl-agent.service": ("agent", "/etc/edge-fl/agent.toml", "/etc/edge-fl/mqtt-password", "edge-fl"),
-    "edge-fl-aggregator.service": ("aggregator", "/etc/edge-fl/aggregator.toml", "/etc/edge-fl/aggregator-password",
-                                   "edge-fl-aggregator"),
+    "edge-fl-agent.service": ("agent", "/etc/edge-fl/agent.toml", "edge-fl"),
+    "edge-fl-aggregator.service": ("aggregator", "/etc/edge-fl/aggregator.toml", "edge-fl-aggregator"),
 }
+# What each unit hands over as credentials (LoadCredential=): production, and with its password.conf drop-in.
+CREDENTIALS = {
+    "edge-fl-agent.service": {"tls-key": "/etc/edge-fl/tls/device.key", "signing-key": "/etc/edge-fl/device.key"},
+    "edge-fl-aggregator.service": {"tls-key": "/etc/edge-fl/tls/aggregator.key",
+                                   "signing-key": "/etc/edge-fl/fleet.key"},
+}
+PASSWORDS = {"edge-fl-agent.service": "/etc/edge-fl/mqtt-password",
+             "edge-fl-aggregator.service": "/etc/edge-fl/aggregator-password"}
 INSTALLED_BINARY = "/opt/edge-fl/bin/edge-fl"  # the venv deploy/README.md creates
 MAX_EXPOSURE = 2.5
 
@@ -44,20 +59,59 @@ def _directives(unit: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_the_unit_starts_what_the_install_guide_installs(name: str) -> None:
-    command, config, password, state = UNITS[name]
+    command, config, state = UNITS[name]
     d = _directives(DEPLOY / name)
     assert d["ExecStart"] == [f"{INSTALLED_BINARY} {command} --config {config}"]
-    assert d["LoadCredential"] == [f"{CREDENTIAL}:{password}"]
+    assert d["LoadCredential"] == [f"{k}:{v}" for k, v in CREDENTIALS[name].items()]
     assert d["RestartPreventExitStatus"] == [str(EXIT_CONFIG)] and d["Restart"] == ["on-failure"]
     assert d["StateDirectory"] == [state] and d["DynamicUser"] == ["yes"]
     assert d["MemoryDenyWriteExecute"] == ["yes"] and d["CapabilityBoundingSet"] == [""]
     assert d["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     guide = (DEPLOY / "README.md").read_text()
-    for step in ("python3 -m venv /opt/edge-fl", f"edge-fl init {command}", config, password,
-                 name):
+    for step in ("python3 -m venv /opt/edge-fl", f"edge-fl init {command}", config, name,
+                 f"{name}.d/password.conf", PASSWORDS[name], *CREDENTIALS[name].values()):
         assert step in guide, f"deploy/README.md does not mention {step!r}, which {name} relies on"
     example = (DEPLOY / f"{command}.example.toml").read_text()
     assert f'"/var/lib/{state}' in example  # the example's state path is inside the unit's StateDirectory
+
+
+def test_the_aggregator_reloads_its_registry_on_systemctl_reload() -> None:
+    # cli.py turns SIGHUP into a rescan of the device key registry ([signing] registry).
+    assert _directives(DEPLOY / "edge-fl-aggregator.service")["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert "signal.SIGHUP" in (ROOT / "edge_agent" / "cli.py").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_the_credentials_loaded_are_the_paths_the_configs_name(name: str, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The units, their password drop-ins, the example configs and `edge-fl init` agree on every credential."""
+    command = UNITS[name][0]
+    loaded = unit_credentials(unit_files(DEPLOY / name)[:1])
+    assert loaded == CREDENTIALS[name]
+    with_password = unit_credentials([DEPLOY / name, DEPLOY / f"{name}.d" / "password.conf"])
+    assert with_password == {"signing-key": CREDENTIALS[name]["signing-key"], CREDENTIAL: PASSWORDS[name]}
+    own = {"tls-key": ("broker", "tls", "key_file"), "signing-key": ("signing", "key")}
+
+    def at(table: dict[str, Any], keys: tuple[str, ...]) -> Any:
+        for k in keys:
+            table = table[k]
+        return table
+
+    example = read_toml(DEPLOY / f"{command}.example.toml")
+    monkeypatch.setattr("edge_agent.config_tools.default_config_dir", lambda: Path("/etc/edge-fl"))
+    monkeypatch.setattr("edge_agent.config_tools.SYSTEMD_UNIT_DIR", Path("/nonexistent"))  # the shipped units
+    written = {}
+    for mode in ("--systemd", "--no-systemd"):
+        extra = ["--broker", "b.lan", "--device-id", "pi-7"] if command == "agent" else []
+        assert main(["init", command, *extra, mode, "-o", "-"]) == 0
+        written[mode] = tomllib.loads(capsys.readouterr().out)
+    for credential, keys in own.items():
+        assert at(example, keys) == at(written["--systemd"], keys) == f"/run/credentials/{name}/{credential}"
+        source = Path(at(written["--no-systemd"], keys))  # the file init names when there is no systemd
+        if credential == "tls-key" and command == "agent":
+            source = source.with_name("device.key")  # enrol writes pi-7.key; the guide links it as device.key
+        assert str(source) == loaded[credential]
+    assert written["--systemd"]["broker"]["tls"]["ca_file"] == example["broker"]["tls"]["ca_file"]
 
 
 def test_the_agent_reaches_only_serial_devices() -> None:
@@ -74,6 +128,7 @@ def test_systemd_accepts_the_unit(name: str, tmp_path: Path) -> None:
     text = (DEPLOY / name).read_text()
     assert text.count(f"ExecStart={INSTALLED_BINARY} ") == 1
     (tmp_path / name).write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={sys.executable} "))
+    shutil.copytree(DEPLOY / f"{name}.d", tmp_path / f"{name}.d")  # verify reads the drop-in beside it too
     p = subprocess.run([ANALYZE or "", "verify", "--man=no", str(tmp_path / name)], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path)
     # verify exits 0 on unknown keys and unparsable values, only warning about them: any output is a failure.
