@@ -25,12 +25,25 @@ A second, in-process part times the aggregator's ingest steps alone, on the same
 filesystem, by calling the product functions the service calls (decode_envelope, rounds.judge,
 strategy.add_update, AggregatorStore.accept) with SQLite synchronous=FULL (the product setting) and, for
 comparison only, NORMAL and OFF (set on the benchmark's own store connection; product code unchanged).
+With --signed, every simulated device gets its own Ed25519 key, enrolled in the aggregator's registry, and
+signs its updates (signed before timing, as a device signs when it trains); the aggregator runs with
+[signing] required, so its ingest includes the signature check. bench/signing_cost.py runs both and reports
+the ratio.
+
+With --tls, the broker runs the production setup instead of the dev config: broker_config/mosquitto-prod.conf
+and acl.example (certificates from a throwaway fleet CA, `edge_agent.demo_pki`, as `edge-fl demo` makes them),
+and every connection (aggregator, monitor, publishers) is mutual TLS with its own certificate. The publishers,
+which speak for many simulated devices, are the one addition to the shipped ACL: identities `bench-pub-<i>`
+allowed to write every update and presence topic. bench/security_cost.py runs plain+unsigned against
+--tls --signed.
+
 Not a test: nothing is asserted except that every round completed with N accepted updates.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -194,7 +207,25 @@ def selected_meta_chars(devices: list[str]) -> dict[str, int]:
     return {"chars": len(",".join(devices)), "limit": MAX_META_STR}
 
 
-def build_updates(task: Any, devices: list[str], rounds: int, seed: int) -> tuple[dict[int, list[bytes]], dict[str, Any]]:
+def enrol_devices(workdir: Path, devices: list[str], fleet_name: str) -> tuple[str, dict[str, Any]]:
+    """A fleet key and one key per device, every device enrolled: ([signing] TOML, device -> its update signer)."""
+    from edge_agent.codec.signing import Purpose, context, signer
+    from edge_agent.keys import new_private_key, public_pem, write_private_key
+
+    keys_dir, registry = workdir / "keys", workdir / "keys" / "devices"
+    registry.mkdir(parents=True)
+    write_private_key(new_private_key(), keys_dir / "fleet.key")
+    ctx = context(Purpose.UPDATE, fleet_name)
+    signers = {}
+    for dev in devices:
+        key = new_private_key()
+        (registry / f"{dev}.pub").write_bytes(public_pem(key.public_key()))  # what `edge-fl keys register` writes
+        signers[dev] = signer(key, ctx)
+    return f'\n[signing]\nkey = "{keys_dir / "fleet.key"}"\nregistry = "{registry}"\nrequired = true\n', signers
+
+
+def build_updates(task: Any, devices: list[str], rounds: int, seed: int,
+                  signers: dict[str, Any] | None = None) -> tuple[dict[int, list[bytes]], dict[str, Any]]:
     """Envelopes for rounds 1..rounds: round r trains from version task.model_version + r - 1 (every round succeeds)."""
     import numpy as np
 
@@ -215,7 +246,7 @@ def build_updates(task: Any, devices: list[str], rounds: int, seed: int) -> tupl
             envs.append(encode_envelope(Envelope(
                 kind=Kind.UPDATE, device_id=dev, round=task.round + r - 1, model_version=task.model_version + r - 1,
                 strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=int(rng.integers(50, 500)),
-                tensors=tensors, codec="int8")))
+                tensors=tensors, codec="int8"), sign=None if signers is None else signers[dev]))
         out[task.round + r - 1] = envs
     sizes = [len(e) for envs in out.values() for e in envs]
     info = {"strategy": strategy.name, "tensors": {k: list(s) for k, s in shapes.items()},
@@ -291,6 +322,18 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
     topics = Topics(fleet_name)
     users = {"aggregator": secrets.token_hex(12), "device": secrets.token_hex(12)}
     conf, conf_note = broker_config(workdir, args.max_queued_messages)
+    pki = None
+    publishers = [f"bench-pub-{i}" for i in range(min(args.links, n))]
+    if args.tls:
+        from edge_agent.demo_pki import make_demo_pki
+
+        if args.max_queued_messages is not None:
+            raise SystemExit("--tls runs mosquitto-prod.conf as shipped: drop --max-queued-messages")
+        grants = "".join(f"\nuser {p}\ntopic write edgefl/+/update/#\ntopic write edgefl/+/presence/#\n"
+                         for p in publishers)
+        pki = make_demo_pki(workdir / "pki", [], extra_clients=tuple(publishers),
+                            extra_acl="\n# --- aggregator_throughput.py's publishers ---" + grants)
+        users, conf, conf_note = {}, pki.broker_config, "mosquitto-prod.conf + acl.example (mutual TLS)"
     broker = LocalBroker(workdir / "broker", users=users, config=conf)
     fleet = Fleet(workdir)
     links: list[Any] = []
@@ -304,20 +347,31 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
         broker.start()
         assert broker.pid is not None
         cfg_path = write_aggregator_config(
-            workdir, broker.host, broker.port, "aggregator", users["aggregator"], fleet=fleet_name, clients=n,
+            workdir, broker.host, broker.port, None if pki else "aggregator", users.get("aggregator"),
+            fleet=fleet_name, clients=n,
             train=TrainingConfig(strategy=STRATEGY, rounds=total_rounds, seed=args.seed, fraction=1.0),
-            deadline_s=args.deadline_s, min_clients=n)
+            deadline_s=args.deadline_s, min_clients=n, tls=pki.tls("aggregator") if pki else None)
+        signers = None
+        if args.signed:
+            signing_toml, signers = enrol_devices(workdir, device_ids(n), fleet_name)
+            cfg_path.write_text(cfg_path.read_text() + signing_toml)
         agg_cfg = load_toml(cfg_path, AggregatorConfig)
+        assert bool(agg_cfg.signing.key) == args.signed
         assert agg_cfg.train.fraction == 1.0 and agg_cfg.fleet.min_clients == n == agg_cfg.fleet.expected_clients
 
-        monitor = MqttLink(f"tp-monitor-{n}", broker.host, broker.port, username="device",
-                           password=users["device"], clean_start=True)
+        def login(name: str) -> dict[str, Any]:
+            if pki is not None:
+                return {"tls": pki.tls(name)}
+            return {"username": "device", "password": users["device"]}
+
+        monitor = MqttLink(f"tp-monitor-{n}", broker.host, broker.port, clean_start=True,
+                           **login("demo-monitor"))
         monitor.connect(timeout=10)
         monitor.subscribe(topics.status, qos=1)
         monitor.subscribe(topics.round_current, qos=1)
         for i in range(min(args.links, n)):
-            link = MqttLink(f"tp-pub-{n}-{i}", broker.host, broker.port, username="device",
-                            password=users["device"], clean_start=True)
+            link = MqttLink(f"tp-pub-{n}-{i}", broker.host, broker.port, clean_start=True,
+                            **login(publishers[i]))
             link.connect(timeout=10)
             links.append(link)
 
@@ -342,7 +396,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
             selected = devices if listed is None else list(listed)  # None: every online device
             if len(selected) != n:
                 raise RuntimeError(f"round 1 selected {len(selected)} device(s), expected {n}")
-            updates, update_info = build_updates(task, devices, total_rounds, args.seed)
+            updates, update_info = build_updates(task, devices, total_rounds, args.seed, signers)
 
             rows = []
             for r in range(1, total_rounds + 1):
@@ -383,6 +437,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path, *, nodelay: bool = Fa
         db_path = Path(agg_cfg.state)
         return {
             "devices": n, "configuration": "diagnostic: aggregator with TCP_NODELAY" if nodelay else "product",
+            "signed": bool(args.signed),
             "links": len(links), "broker_config": conf_note,
             "updates_per_s": benchlib.summarize([x["updates_per_s"] for x in measured]),
             "round_s": benchlib.summarize([x["round_s"] for x in measured]),
@@ -430,6 +485,8 @@ def micro_ingest(n: int, root: Path, seed: int) -> dict[str, Any]:
     server = strategy.init_server(np.random.default_rng([seed, 0]))
     devices = device_ids(n)
     task = decode_envelope(encode_global(GlobalModel(0, train, head, server.params)))
+    # A global model says round 0; the updates go to round 1, the one opened below on its version.
+    task = dataclasses.replace(task, round=1)
     envelopes = build_updates(task, devices, 1, seed)[0][1]
     expected = strategy.upload_shapes(server)
     out: dict[str, Any] = {"updates": n}
@@ -584,6 +641,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=600.0, help="round deadline (rounds close on all N updates)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="bound on every wait")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--signed", action="store_true",
+                   help="devices sign their updates (Ed25519) and the aggregator requires and checks signatures")
+    p.add_argument("--tls", action="store_true",
+                   help="the broker runs mosquitto-prod.conf + acl.example; every connection is mutual TLS")
     p.add_argument("--keep", action="store_true", help="keep the work directory (aggregator and broker logs)")
     return p.parse_args(argv)
 
@@ -618,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render(results, micro, args, env, extra)
     doc = {"benchmark": NAME, "description": __doc__, "environment": env, "versions": extra,
            "config": vars(args), "results": results, "in_process_ingest": micro}
-    paths = benchlib.write_results(NAME, doc, markdown)
+    paths = benchlib.write_results(NAME + ("_tls" if args.tls else "") + ("_signed" if args.signed else ""), doc,
+                                   markdown)
     print(markdown)
     print(f"results: {paths[0]} and {paths[1]} ({extra['wall_s']:.0f} s)")
     return 0

@@ -127,6 +127,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from .config import AgentConfig, load_config
 
     cfg = load_config(args.config, AgentConfig, args.set)
+    if not cfg.signing.key:
+        log.warning("signatures are OFF ([signing] unset): whoever can publish on the broker can forge round tasks "
+                    "and models for this device; see deploy/README.md, 'Keys'")
     AgentService(cfg).run(_stop_on_signals())
     return 0
 
@@ -142,8 +145,23 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, http=args.http or None)
+    if not cfg.signing.key:
+        log.warning("signatures are OFF ([signing] unset): whoever can publish on the broker can forge any device's "
+                    "updates; see deploy/README.md, 'Keys'")
     service = AggregatorService(cfg)
     stop = _stop_on_signals()
+    import signal
+
+    registry = service.registry
+
+    def reload(*_: object) -> None:
+        # `systemctl reload` sends SIGHUP: it must never stop the aggregator, whatever it is configured with.
+        if registry is not None:
+            registry.request_reload()  # rescan the device key registry
+        else:
+            log.info("SIGHUP: nothing to reload (no [signing] registry configured)")
+
+    signal.signal(signal.SIGHUP, reload)
     if args.exit_when_done:
         threading.Thread(target=lambda: (service.done.wait(), stop.set()), daemon=True).start()
     service.run(stop)
@@ -205,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         password = args.password_file.read_text().strip()
     cfg = DemoConfig(train=train, partition=partition, broker=args.broker, username=args.username,
                      password=password, timeout_s=args.timeout, workdir=args.workdir, agents=args.agents,
-                     keep_logs=args.keep_logs)
+                     keep_logs=args.keep_logs, plain=args.plain)
     t0 = time.perf_counter()
     try:
         result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
@@ -304,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="backbone output to use as embedding: signature key, tensor name or index")
     sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
     sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
-    sim.add_argument("--reference-kernels", action="store_true",
+    sim.add_argument("--reference-kernels", action="store_true", default=None,
                      help="no XNNPACK delegate: bit-identical embeddings across LiteRT and tflite-runtime")
     sim.add_argument("--window", type=float, default=2.0, help="window length in seconds")
     sim.add_argument("--stride", type=float, default=0.5, help="window stride in seconds")
@@ -344,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--agents", type=_demo_agents, default=len(CLIENT_SUBJECTS),
                       help=f"agent processes; beyond {len(CLIENT_SUBJECTS)} they share the subjects' recordings, "
                            "each with its own device id")
-    demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private one")
+    demo.add_argument("--plain", action="store_true",
+                      help="the development setup: password logins over plain MQTT, no signatures (default: the "
+                           "private broker runs mutual TLS and every update, task and model is signed)")
+    demo.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of a private one (with "
+                                                            "password logins: implies --plain)")
     demo.add_argument("--username", help="with --broker: the MQTT user of every process")
     demo.add_argument("--password", help="with --broker: its password (visible to ps; prefer --password-file)")
     demo.add_argument("--password-file", type=Path, metavar="FILE", help="with --broker: read the password here")
@@ -395,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bridge", help="live view of a microcontroller on a serial link (edge-fl bridge --help)")
     add_config_parsers(sub)  # init agent|aggregator, check-config
+    from .keys_cli import add_parsers as add_keys_parsers
+
+    add_keys_parsers(sub)  # keys new|public|register|revoke|list
+    from .enrol import add_parser as add_enrol_parser
+
+    add_enrol_parser(sub)  # enrol DEVICE_ID: TLS key and CSR
     return parser
 
 

@@ -18,9 +18,17 @@ No process outlives the demo, whatever ends it:
   system, Termux included. The private broker has `setpriv --pdeathsig` (edge_agent/broker.py).
 Children run in their own session, so a terminal's Ctrl-C or hang-up reaches only the demo, which stops them.
 
-Secrets never reach the work directory (configs, logs), the results or the screen: passwords go to files in a
-separate private directory (mode 0700) that the configs name as `password_file`; it is deleted as soon as every
-process has logged in (the first round closed) and in any case on the way out.
+Secure by default: with its private broker the demo runs the production setup (SECURITY.md), mutual TLS against
+broker_config/mosquitto-prod.conf and acl.example, one certificate per process, and Ed25519 signatures required
+on every update, task and model. The throwaway fleet CA and keys (edge_agent/demo_pki.py) live in `pki/` of the
+work directory (mode 0700), kept or removed with the logs. It costs well under a second and gives the same
+accuracies as `--plain`. `--plain` (and `--broker`, whose users have passwords) is the development setup:
+password logins over plain MQTT, no signatures; the demo says so loudly.
+
+Secrets never reach the configs, the logs, the results or the screen: private keys stay in files of `pki/`
+(mode 0600); passwords go to files in a separate private directory (mode 0700) that the configs name as
+`password_file`; it is deleted as soon as every process has logged in (the first round closed) and in any case on
+the way out.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import numpy as np
 from .data.partition import CLIENT_SUBJECTS, PartitionConfig
 from .learning.metrics import summarize
 from .learning.training import TrainingConfig
+from .messaging import TlsOptions
 from .protocol import Topics
 
 log = logging.getLogger("edge_fl.demo")
@@ -73,6 +82,13 @@ class DemoConfig:
     fleet: str = "demo"
     agents: int = len(CLIENT_SUBJECTS)
     keep_logs: bool = False  # keep the temporary work directory after a successful run too
+    plain: bool = False  # passwords over plain MQTT and no signatures (always so with `broker`): development only
+
+
+#: What `--plain` prints (to stdout, with the table, where nobody can miss it).
+PLAIN_WARNING = ("WARNING: plain demo: password logins over UNENCRYPTED MQTT and NO signatures; anyone who can reach "
+                 "the broker can read and forge updates, tasks and models. Development on loopback only; without "
+                 "--plain and --broker the demo runs mutual TLS with signatures (SECURITY.md)")
 
 
 class Interrupted(BaseException):
@@ -154,17 +170,26 @@ def _path_or_none(p: Path | None) -> str | None:
     return None if p is None else str(p)
 
 
+def _tls_section(tls: TlsOptions | None) -> dict[str, dict[str, Any]]:
+    return {} if tls is None else {"broker.tls": {"ca_file": tls.ca_file, "cert_file": tls.cert_file,
+                                                  "key_file": tls.key_file}}
+
+
 def write_aggregator_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
                             fleet: str, clients: int, train: TrainingConfig, deadline_s: float, min_clients: int = 1,
-                            max_update_bytes: int | None = None, password_file: Path | None = None) -> Path:
-    """The aggregator's TOML. Give `password_file` (and no `password`) to keep the secret out of the file."""
+                            max_update_bytes: int | None = None, password_file: Path | None = None,
+                            tls: TlsOptions | None = None, signing: dict[str, str] | None = None) -> Path:
+    """The aggregator's TOML. Give `password_file` (and no `password`) to keep the secret out of the file;
+    `tls` for [broker.tls], `signing` for [signing] (key, registry)."""
     path = workdir / "aggregator.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
                     "password_file": _path_or_none(password_file)},
+         **_tls_section(tls),
          "fleet": {"expected_clients": clients, "min_clients": min_clients, "deadline_s": deadline_s,
                    "max_update_bytes": max_update_bytes},
-         "train": asdict(train)},
+         "train": asdict(train),
+         **({"signing": signing} if signing else {})},
         {"state": str(workdir / "aggregator.db"), "fleet_name": fleet}))
     return path
 
@@ -172,16 +197,20 @@ def write_aggregator_config(workdir: Path, host: str, port: int, username: str |
 def write_agent_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
                        fleet: str, subject: int, rng_stream: int, partition: PartitionConfig,
                        max_payload_bytes: int | None = None, device_id: str | None = None,
-                       password_file: Path | None = None) -> Path:
-    """An agent's TOML (device id `subject-NN` unless given) on `subject`'s recordings."""
+                       password_file: Path | None = None, tls: TlsOptions | None = None,
+                       signing: dict[str, Any] | None = None) -> Path:
+    """An agent's TOML (device id `subject-NN` unless given) on `subject`'s recordings; `tls` for [broker.tls],
+    `signing` for [signing] (key, fleet_keys)."""
     device = device_id or f"subject-{subject:02d}"
     path = workdir / f"{device}.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
                     "password_file": _path_or_none(password_file), "max_payload_bytes": max_payload_bytes},
+         **_tls_section(tls),
          "data": {"subject": subject, "regime": partition.regime, "seed": partition.seed,
                   "shots": partition.shots, "classes_per_client": partition.classes_per_client,
-                  "alpha": partition.alpha}},
+                  "alpha": partition.alpha},
+         **({"signing": signing} if signing else {})},
         {"device_id": device, "state_dir": str(workdir / device), "fleet": fleet, "rng_stream": rng_stream}))
     return path
 
@@ -290,21 +319,36 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
     temporary work directory is kept, and its path printed, unless the run succeeded (and `keep_logs` is off).
     """
     from .broker import LocalBroker
+    from .demo_pki import AGGREGATOR, MONITOR, DemoPki, make_demo_pki
     from .transport import Message, MqttLink
 
     clients = agent_ids(cfg.agents)
+    secure = not (cfg.plain or cfg.broker)
     owned = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-")) if cfg.workdir is None else Path(cfg.workdir)
+    # Paths inside a config are read relative to the config's own directory: write them absolute.
+    workdir = workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     secrets_dir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-secrets-"))  # mode 0700, outside the work directory
     stop_signals = _StopSignals()
     broker: LocalBroker | None = None
     fleet = Fleet(workdir)
     monitor: MqttLink | None = None
+    pki: DemoPki | None = None
     finished = False
     try:
         stop_signals.raising()
-        if cfg.broker:
+        if secure:
+            pki = make_demo_pki(workdir / "pki", [device for device, _ in clients])
+            users: dict[str, str] = {}  # no password file entries: a certificate is the only way in
+            broker = LocalBroker(workdir / "broker", users=users, config=pki.broker_config)
+            broker.start()
+            host, port = broker.host, broker.port
+            user_names: dict[str, str | None] = {}
+            printer(f"broker: private Mosquitto on {host}:{port} (config from {pki.broker_config})")
+            printer("security: mutual TLS, one certificate per process (throwaway fleet CA in "
+                    f"{pki.directory}), Ed25519 signatures required on every update, task and model")
+        elif cfg.broker:
             host, _, port_s = cfg.broker.rpartition(":")
             if not port_s.isdigit():
                 raise ValueError(f"--broker {cfg.broker!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
@@ -318,21 +362,30 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
             host, port = broker.host, broker.port
             user_names = {n: n for n in users}
             printer(f"broker: private Mosquitto on {host}:{port} (config from {broker.config})")
+        if not secure:
+            printer(PLAIN_WARNING)
         secret_files = {n: _write_secret(secrets_dir, f"{n}.pass", pw) if pw else None for n, pw in users.items()}
         topics = Topics(cfg.fleet)
-        monitor = MqttLink(f"edge-fl-demo-monitor-{os.getpid()}", host, port, username=user_names["monitor"],
-                           password=users["monitor"] or None, clean_start=True)
+        monitor = MqttLink(MONITOR if pki else f"edge-fl-demo-monitor-{os.getpid()}", host, port,
+                           username=user_names.get("monitor"), password=users.get("monitor") or None,
+                           clean_start=True, tls=pki.tls(MONITOR) if pki else None)
         monitor.connect(timeout=10)
         monitor.subscribe(topics.telemetry_filter, qos=1)
         monitor.subscribe(topics.status, qos=1)
-        agg = write_aggregator_config(workdir, host, port, user_names["aggregator"], None, fleet=cfg.fleet,
+        agg = write_aggregator_config(workdir, host, port, user_names.get("aggregator"), None, fleet=cfg.fleet,
                                       clients=len(clients), train=cfg.train, deadline_s=cfg.deadline_s,
-                                      password_file=secret_files["aggregator"])
+                                      password_file=secret_files.get("aggregator"),
+                                      tls=pki.tls(AGGREGATOR) if pki else None,
+                                      signing={"key": str(pki.fleet_key), "registry": str(pki.registry)}
+                                      if pki else None)
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
         for i, (device, subject) in enumerate(clients):
-            path = write_agent_config(workdir, host, port, user_names["device"], None, fleet=cfg.fleet,
+            path = write_agent_config(workdir, host, port, user_names.get("device"), None, fleet=cfg.fleet,
                                       subject=subject, rng_stream=i, partition=cfg.partition, device_id=device,
-                                      password_file=secret_files["device"])
+                                      password_file=secret_files.get("device"),
+                                      tls=pki.tls(device) if pki else None,
+                                      signing={"key": str(pki.device_key(device)), "fleet_keys": [str(pki.fleet_pub)]}
+                                      if pki else None)
             fleet.spawn(device, "agent", "--config", str(path))
         # Who to look for if something is left behind (the tests do).
         (workdir / "pids.json").write_text(json.dumps(
@@ -388,7 +441,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         last = rows[-1]
         config = {k: v for k, v in asdict(cfg).items() if k != "password"}
         result = {
-            "config": {**config, "workdir": str(workdir)},
+            "config": {**config, "workdir": str(workdir),
+                       "security": "mutual TLS, signed" if secure else "plain, unsigned"},
             "rounds": rows,
             "summary": {"mean_acc": last["mean_acc"], "p10_acc": last["p10_acc"], "worst_acc": last["worst_acc"],
                         "global_acc": last["global_acc"],

@@ -256,7 +256,10 @@ def test_demo_with_an_unreachable_broker_fails_with_one_clear_line(tmp_path: Pat
     p = subprocess.run([*DEMO, "--rounds", "1", "--broker", f"127.0.0.1:{port}", "--workdir", str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 1
-    assert p.stderr.startswith("edge-fl: error:") and f"127.0.0.1:{port}" in p.stderr, p.stderr
+    # One error line, last (before it, the transport's warning that --broker's logins cross plain TCP).
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and p.stderr.splitlines()[-1] == errors[0], p.stderr
+    assert errors[0].startswith("edge-fl: error:") and f"127.0.0.1:{port}" in errors[0], p.stderr
     assert "Traceback" not in p.stderr
     assert f"logs kept in {tmp_path}" in p.stdout
 
@@ -278,3 +281,66 @@ def test_credentials_without_a_broker_are_a_usage_error(capsys: pytest.CaptureFi
     assert main(["demo", "--password", "secret"]) == 2
     err = capsys.readouterr().err
     assert "--broker" in err and "secret" not in err, err
+
+
+def test_secure_demo_runs_mutual_tls_with_signatures_and_matches_the_plain_one(tmp_path: Path) -> None:
+    """The default demo: the production broker config, a certificate per process, signatures required; the
+    same accuracies as `--plain` with the same seeds; no private key outside the demo's private pki/ directory."""
+    _require_mosquitto()
+    from edge_agent.transport import MqttLink, TlsError, TlsOptions
+
+    args = ["--agents", "3", "--rounds", "4", "--seed", "2", "--keep-logs"]
+    secure_out, plain_out = tmp_path / "secure.json", tmp_path / "plain.json"
+    (tmp_path / "secure").mkdir()
+    (tmp_path / "plain").mkdir()
+    demo = DemoProcess([*args, "--out", str(secure_out)], tmp_path / "secure")
+    try:
+        port = int(demo.wait_for_line("broker: ").split(" on ")[1].split()[0].rsplit(":", 1)[1])
+        logs = _logs_dir(demo.wait_for_line("started the aggregator"))
+        # While the fleet runs: a client with the fleet CA but no certificate of its own gets nowhere.
+        link = MqttLink("intruder", "127.0.0.1", port, tls=TlsOptions(str(logs / "pki" / "ca.crt")))
+        try:
+            with pytest.raises(TlsError) as refused:
+                link.connect(timeout=10)
+        finally:
+            link.close()
+        assert refused.value.alert == "certificate required", refused.value
+        code, stdout, stderr = demo.finish(timeout=120)
+    finally:
+        demo.kill()
+    assert code == 0, stdout + stderr
+    assert "security: mutual TLS" in stdout and "WARNING" not in stdout, stdout
+    broker_conf = (logs / "broker" / "mosquitto.conf").read_text().splitlines()
+    assert {"require_certificate true", "use_identity_as_username true", "use_username_as_clientid true",
+            "allow_anonymous false"} <= set(broker_conf), broker_conf
+    # Every process logged in as its certificate's CN (there are no passwords to log in with).
+    broker_log = (logs / "broker" / "mosquitto.log").read_text()
+    for who in ("aggregator", "demo-monitor", "subject-04", "subject-05", "subject-06"):
+        assert f" as {who} (p5, " in broker_log and f"u'{who}'" in broker_log, who
+    assert "updates must be signed" in (logs / "aggregator.log").read_text()
+    assert "tasks and models must be signed" in (logs / "subject-04.log").read_text()
+    # Private keys only in pki/ (mode 0700), each file mode 0600; none in a config, log, result or output.
+    pki = logs / "pki"
+    assert pki.stat().st_mode & 0o777 == 0o700
+    files = [p for p in logs.rglob("*") if p.is_file()] + [secure_out]
+    holding = [p for p in files if b"PRIVATE KEY" in p.read_bytes()]
+    assert len(holding) >= 2 + 3 + 2 * 3 and all(p.is_relative_to(pki) and p.stat().st_mode & 0o077 == 0
+                                                  for p in holding), holding
+    assert "PRIVATE KEY" not in stdout + stderr
+
+    plain = DemoProcess([*args, "--plain", "--out", str(plain_out)], tmp_path / "plain")
+    code, plain_stdout, plain_stderr = plain.finish(timeout=120)
+    assert code == 0, plain_stdout + plain_stderr
+    assert "WARNING: plain demo" in plain_stdout and "UNENCRYPTED" in plain_stdout
+    secure_doc, plain_doc = json.loads(secure_out.read_text()), json.loads(plain_out.read_text())
+    assert secure_doc["config"]["security"] == "mutual TLS, signed"
+    assert plain_doc["config"]["security"] == "plain, unsigned"
+    assert [r["round"] for r in secure_doc["rounds"]] == [1, 2, 3, 4]
+    for s_round, p_round in zip(secure_doc["rounds"], plain_doc["rounds"], strict=True):
+        assert s_round["clients_reporting"] == p_round["clients_reporting"] == 3 and s_round["rejected"] == 0
+        assert s_round["client_acc"].keys() == p_round["client_acc"].keys()
+        for device, acc in p_round["client_acc"].items():
+            # The same training; only the order the aggregator sums updates in can move a last float bit.
+            assert abs(s_round["client_acc"][device] - acc) <= 1e-6, (s_round["round"], device)
+    # Signatures make updates bigger on the wire (64 bytes each plus a flag), nothing else changes.
+    assert secure_doc["rounds"][0]["uplink_bytes"] > plain_doc["rounds"][0]["uplink_bytes"]
