@@ -12,20 +12,31 @@ With `[signing]` configured, updates are signed with the device's key, and a tas
 signed with one of the fleet keys the device was enrolled with. Whatever the signatures, a task or model
 older than the newest one accepted (round or version, kept in the store across restarts) is refused as a
 rollback.
+
+A signature says who sent a model, not that it is sane: the fleet key is an insider. Every global model and
+task is checked (learning/validate.py: shapes the strategy expects, finite, within the magnitude bound the
+task announces) before it is used or raises the high-water mark, and so is what a training step produced
+before it is committed. A refusal is logged, counted (`refusals`) and reported in telemetry; the device keeps
+its last good state. Nothing a message holds may end the process: under systemd a crash on a retained
+message is a crash loop, and a crash loop on every device is a fleet outage.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
+import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..codec.chunking import split_message
@@ -44,9 +55,11 @@ from ..learning.strategies import (
     ClientData,
     ClientDataError,
     ClientState,
+    ClientUpdate,
     Strategy,
     check_client_data,
 )
+from ..learning.validate import check_head_config, effective_bound, expected_shapes, head_problem
 from ..messaging import (
     NO_MATCHING_SUBSCRIBERS,
     BrokerLink,
@@ -62,6 +75,9 @@ from .sources import DataSource, open_source
 from .store import AgentStore, OutboxItem
 
 log = logging.getLogger("edge_fl.agent")
+# Refusals reported to the aggregator: each (kind, version, round) once, and at most this many a minute, so a
+# flood of bad messages costs the device a log line each, not a publish each.
+REFUSAL_REPORTS_PER_MINUTE = 10
 
 
 def _message_id(update_id: str) -> bytes:
@@ -86,6 +102,9 @@ class AgentService:
             will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
             max_payload_bytes=b.max_payload_bytes, keepalive_s=b.keepalive_s, tls=b.tls.options())
         self.lost_at: float | None = None  # monotonic time the broker connection was lost (for the reconnect log)
+        self.refusals: Counter[str] = Counter()  # refused models, tasks, diverged trainings, messages that raised
+        self._reported: deque[tuple[str, int, int]] = deque(maxlen=64)
+        self._report_times: deque[float] = deque(maxlen=REFUSAL_REPORTS_PER_MINUTE)
         s = cfg.signing
         self.sign_update: Signer | None = None
         self.fleet_keys: list[Ed25519PublicKey] = []  # current first; the next one during a fleet key rotation
@@ -105,6 +124,11 @@ class AgentService:
     # --- decisions ------------------------------------------------------------------------------
     def _state(self, model: GlobalModel, strategy: Strategy) -> ClientState:
         state = self.store.client_state()
+        problem = None if state is None else head_problem(state.personal, None, max_abs=effective_bound(model.max_abs),
+                                                          what="the stored personal head")
+        if problem is not None:  # written before this device checked its training: start it afresh
+            log.error("%s; starting the personal head afresh", problem)
+            state = None
         if state is None:
             state = strategy.init_client(rng.client_init(model.training.seed, self.cfg.rng_stream))
             self.store.save_initial_state(state)
@@ -151,6 +175,43 @@ class AgentService:
         self.store.record_evaluation(version, text)
         self._send_telemetry(text)
 
+    def model_problem(self, model: GlobalModel) -> str | None:
+        """Why this device must not use `model` (the global model of a task or of model/current), or None."""
+        what = f"global model version {model.version}"
+        try:
+            check_head_config(model.head, what=what)
+            shapes = expected_shapes(model.head, model.strategy().shared_keys)
+        except ValueError as exc:  # InvalidHeadError, or a strategy this head cannot run
+            return str(exc)
+        return head_problem(model.params, shapes, max_abs=effective_bound(model.max_abs), what=what)
+
+    @staticmethod
+    def training_problem(model: GlobalModel, state: ClientState, update: ClientUpdate | None) -> str | None:
+        """Why what a training step produced must not be committed (it diverged), or None."""
+        bound = effective_bound(model.max_abs)
+        problem = head_problem(state.personal, None, max_abs=bound, what="the new personal head")
+        if problem is None and update is not None:
+            head = {k: v for k, v in update.tensors.items() if k in model.head.shapes}
+            stats = {k: v for k, v in update.tensors.items() if k not in model.head.shapes}  # sums: finite only
+            problem = (head_problem(head, None, max_abs=bound, what="the update")
+                       or head_problem(stats, None, max_abs=math.inf, what="the update"))
+        return problem
+
+    def refuse(self, kind: str, version: int, round_no: int, reason: str) -> None:
+        """Log and count a refusal (kind: model, task, training, error) and report it in telemetry."""
+        self.refusals[kind] += 1
+        log.error("refused %s (round %d, model version %d): %s; this device keeps its last good state",
+                  {"training": "the result of training"}.get(kind, f"a {kind}"), round_no, version, reason)
+        key = (kind, version, round_no)
+        now = time.monotonic()
+        if key in self._reported or (len(self._report_times) == self._report_times.maxlen
+                                     and now - self._report_times[0] < 60.0):
+            return
+        self._reported.append(key)
+        self._report_times.append(now)
+        self._send_telemetry(json.dumps({"device": self.cfg.device_id, "version": version, "round": round_no,
+                                         "refused": kind, "reason": reason[:500]}))
+
     def _send_telemetry(self, text: str) -> None:
         try:
             self.link.publish(self.topics.telemetry(self.cfg.device_id), text.encode(), qos=1, timeout=5.0)
@@ -186,8 +247,13 @@ class AgentService:
         strategy, server = model.strategy(), model.server()
         state = self._state(model, strategy)
         t0 = time.perf_counter()
-        state, update = strategy.client_round(server, state, data,
-                                              rng.client_round(model.training.seed, round_no, self.cfg.rng_stream))
+        with np.errstate(all="ignore"):  # an overflow shows in the check below, not as a warning per step
+            state, update = strategy.client_round(server, state, data,
+                                                  rng.client_round(model.training.seed, round_no, self.cfg.rng_stream))
+        problem = self.training_problem(model, state, update)
+        if problem is not None:  # rolled back: nothing is committed, the stored state is the last good one
+            self.refuse("training", model.version, round_no, f"training diverged: {problem}")
+            return
         item = None
         if update is not None:
             envelope = Envelope(
@@ -267,6 +333,12 @@ class AgentService:
             return
         high_round, high_version = self.store.high_water()
         is_task = msg.topic == self.topics.round_current
+        incoming = task.model if is_task else model
+        problem = self.model_problem(incoming)
+        if problem is not None:
+            self.refuse("task" if is_task else "model", incoming.version, task.round if is_task else high_round,
+                        problem)
+            return
         version, round_no = (task.model.version, task.round) if is_task else (model.version, high_round)
         if version < high_version or round_no < high_round:
             log.error("refused a rollback on %s: %s, but this device already accepted round %d and model version %d "
@@ -324,13 +396,31 @@ class AgentService:
         self.source.close()
         self.store.close()
 
+    def step(self, msg: Message | ConnectionEvent | None) -> None:
+        """Handle one message (None: nothing arrived). The boundary: whatever a message makes the code raise
+        is logged and counted, and the agent goes on with its last good state. Local faults (SQLite, the file
+        system) still end the process: they are not the network's doing, and a supervisor's restart may fix them."""
+        try:
+            if msg is None:
+                self.idle()
+            else:
+                self.handle(msg)
+        except (sqlite3.Error, OSError):
+            # A local fault (disk full, a broken store): not the network's doing. Exit with it, so the supervisor
+            # restarts the agent with backoff and the operator sees the failure, rather than logging it forever.
+            raise
+        except Exception:  # see the docstring: never a crash loop on what the network sent
+            self.refusals["error"] += 1
+            what = "while idle" if msg is None else f"handling {getattr(msg, 'topic', 'a connection event')}"
+            log.exception("error %s (%d so far); the agent keeps running with its last good state", what,
+                          self.refusals["error"])
+
     def run(self, stop: threading.Event) -> None:
         self.start()
         while not stop.is_set():
             try:
-                msg = self.link.inbox.get(timeout=1.0)
+                msg: Message | ConnectionEvent | None = self.link.inbox.get(timeout=1.0)
             except queue.Empty:
-                self.idle()
-                continue
-            self.handle(msg)
+                msg = None
+            self.step(msg)
         self.shutdown()
