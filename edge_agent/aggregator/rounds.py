@@ -10,12 +10,14 @@ the strategy, not exceptions.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
+from ..fleet import SelectionRule, selection_key
 from ..learning.strategies import ClientFailure
 
 
@@ -51,9 +53,13 @@ class RoundConfig:
     # False for a strategy that shares nothing (local): devices train and upload nothing, so a round is
     # complete as soon as it opens, with no stragglers and nothing to wait for.
     expects_updates: bool = True
+    # Close as soon as this share of the selected devices reported (and at least min_clients did): devices that
+    # never train (ghosts) then cannot hold a round until its deadline. 1.0: wait for all, or the deadline.
+    min_reported_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.min_clients < 1 or not 0.0 < self.fraction <= 1.0 or self.deadline_s <= 0 or self.rounds < 1:
+        if (self.min_clients < 1 or not 0.0 < self.fraction <= 1.0 or self.deadline_s <= 0 or self.rounds < 1
+                or not 0.0 < self.min_reported_fraction <= 1.0):
             raise ValueError(f"invalid round config {self}")
 
 
@@ -71,10 +77,18 @@ class RoundState:
     deadline: float
     accepted: Mapping[str, str] = field(default_factory=dict)  # device id -> update id
     phase: Phase = Phase.COLLECTING
+    # A sampled round's rule as announced in its task: a device it selects may contribute even if the
+    # aggregator did not expect it (it came online after the round opened, or was on probation).
+    rule: SelectionRule | None = None
 
     @property
     def stragglers(self) -> tuple[str, ...]:
         return tuple(d for d in self.selected if d not in self.accepted)
+
+    @property
+    def reported(self) -> int:
+        """Selected (expected) devices that delivered; others the rule admits count toward success, not quorum."""
+        return sum(1 for d in self.selected if d in self.accepted)
 
 
 class Outcome(str, enum.Enum):
@@ -89,22 +103,71 @@ class Verdict:
     reason: str = ""
 
 
-def select_devices(online: Sequence[str], fraction: float, rng: np.random.Generator) -> tuple[str, ...]:
-    """A seeded sample of the online devices (all of them at fraction 1), in sorted order."""
-    pool = sorted(online)
-    if not pool:
-        return ()
+# Reliability: a durable per-device score in [0, 1] (the store keeps it), an exponential average of
+# "reported when selected". Unknown devices start at 1. Below MIN_RELIABILITY a device is left out of
+# the draw, except on probation (a seeded PROBATION share of rounds), so a device that recovers earns
+# its place back. With DECAY 0.7 two missed rounds in a row (1 -> 0.7 -> 0.49) leave a device out.
+RELIABILITY_DECAY = 0.7
+MIN_RELIABILITY = 0.5
+PROBATION = 0.1
+
+
+def updated_reliability(score: float, reported: bool) -> float:
+    return RELIABILITY_DECAY * score + (1.0 - RELIABILITY_DECAY) * (1.0 if reported else 0.0)
+
+
+def round_salt(rng: np.random.Generator) -> bytes:
+    """The round's selection salt: the first thing a round's selection generator draws."""
+    return rng.bytes(16)
+
+
+def rule_for(selected: Sequence[str], salt: bytes) -> SelectionRule:
+    """The constant-size rule that selects every device of `selected` (and whoever else hashes below them)."""
+    return SelectionRule(salt, max(selection_key(salt, d) for d in selected))
+
+
+def draw(online: Sequence[str], fraction: float, rng: np.random.Generator,
+         reliability: Mapping[str, float] | None = None) -> tuple[tuple[str, ...], SelectionRule | None]:
+    """Who round takes: (the selected devices in sorted order, the rule that announces them or None).
+
+    At fraction 1 every online device in the pool is taken and the rule is None. Otherwise the
+    round takes the k = round(fraction * pool) devices of the pool with the smallest selection keys,
+    and the rule's threshold is the k-th smallest key: a device evaluates it from the task alone, and
+    exactly the devices the aggregator expects (of those online) are below it. The pool is the online
+    devices, less those whose reliability fell below MIN_RELIABILITY and are not on probation this round.
+    """
+    ids = sorted(set(online))
+    if not ids:
+        return (), None
+    salt = round_salt(rng)
+    scores = reliability or {}
+    probation = int(PROBATION * 2**64)
+    pool = [d for d in ids if scores.get(d, 1.0) >= MIN_RELIABILITY
+            or selection_key(salt, "probation:" + d) < probation] or ids  # never an empty round
     k = max(1, round(fraction * len(pool)))
     if k >= len(pool):
-        return tuple(pool)
-    return tuple(pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False).tolist()))
+        return tuple(pool), None
+    keyed = sorted((selection_key(salt, d), d) for d in pool)
+    threshold = keyed[k - 1][0]
+    return tuple(sorted(d for key, d in keyed if key <= threshold)), SelectionRule(salt, threshold)
+
+
+def select_devices(online: Sequence[str], fraction: float, rng: np.random.Generator) -> tuple[str, ...]:
+    """A seeded sample of the online devices (all of them at fraction 1), in sorted order (see `draw`)."""
+    return draw(online, fraction, rng)[0]
 
 
 def open_round(round_no: int, model_version: int, selected: Sequence[str], now: float,
-               config: RoundConfig) -> RoundState:
+               config: RoundConfig, rule: SelectionRule | None = None) -> RoundState:
     if not selected:
         raise ValueError("cannot open a round with no selected device")
-    return RoundState(round_no, model_version, tuple(selected), now, now + config.deadline_s)
+    return RoundState(round_no, model_version, tuple(selected), now, now + config.deadline_s, rule=rule)
+
+
+def quorum(state: RoundState, config: RoundConfig) -> int:
+    """How many selected devices must report for the round to close before its deadline."""
+    n = len(state.selected)
+    return min(n, max(config.min_clients, math.ceil(config.min_reported_fraction * n - 1e-9)))
 
 
 def judge(state: RoundState | None, update: UpdateLike, *, strategy: str,
@@ -125,7 +188,7 @@ def judge(state: RoundState | None, update: UpdateLike, *, strategy: str,
         return Verdict(Outcome.DUPLICATE, f"{who}: already counted")
     if known is not None:
         return Verdict(Outcome.REJECTED, f"{who}: device already delivered update {known} this round")
-    if update.device_id not in state.selected:
+    if update.device_id not in state.selected and (state.rule is None or not state.rule.selects(update.device_id)):
         return Verdict(Outcome.REJECTED, f"{who}: device was not selected for this round")
     if update.strategy != strategy:
         return Verdict(Outcome.REJECTED, f"{who}: strategy {update.strategy!r}, the fleet runs {strategy!r}")
@@ -146,9 +209,10 @@ def accept(state: RoundState, update: UpdateLike) -> RoundState:
 
 
 def should_close(state: RoundState, now: float, config: RoundConfig) -> bool:
-    """Close when every selected device reported, at the deadline, or at once when no update is expected."""
+    """Close when the quorum of selected devices reported (all of them by default), at the deadline, or at once
+    when no update is expected."""
     return state.phase is Phase.COLLECTING and (
-        not config.expects_updates or len(state.accepted) >= len(state.selected) or now >= state.deadline)
+        not config.expects_updates or state.reported >= quorum(state, config) or now >= state.deadline)
 
 
 def close(state: RoundState, config: RoundConfig) -> tuple[RoundState, list[ClientFailure], bool]:

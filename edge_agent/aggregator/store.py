@@ -23,7 +23,7 @@ import numpy as np
 from ..codec.tensor_pack import pack_tensors, unpack_tensors
 from ..db import connect, transaction
 from ..learning.strategies import ClientFailure
-from .rounds import Phase, RoundState, UpdateLike
+from .rounds import Phase, RoundState, UpdateLike, updated_reliability
 
 # The tables as the first release created them (schema version 0, no PRAGMA user_version). A new database
 # is created this way too and then migrated, so a fresh and an upgraded database are the same by construction.
@@ -57,6 +57,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE IF NOT EXISTS telemetry (version INTEGER NOT NULL, device_id TEXT NOT NULL, "
         "personal_acc REAL, global_acc REAL, n_test INTEGER NOT NULL, received_at REAL NOT NULL, "
         "PRIMARY KEY (version, device_id))",
+    ),
+    2: (
+        # How reliably each device reports when selected (rounds.RELIABILITY_DECAY): ghosts are selected less.
+        "CREATE TABLE IF NOT EXISTS reliability (device_id TEXT PRIMARY KEY, score REAL NOT NULL, "
+        "selected INTEGER NOT NULL, reported INTEGER NOT NULL, updated_at REAL NOT NULL)",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -134,6 +139,10 @@ class AggregatorStore:
             raise StoreError(f"{self.path} holds the state of another configuration ({row[0]}); this aggregator "
                              f"runs {want}. Use another state file or delete this one to start over.")
 
+    def read_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
     # --- global versions -----------------------------------------------------------------------
     def save_global(self, version: int, params: Mapping[str, np.ndarray]) -> None:
         with transaction(self.db):
@@ -143,6 +152,14 @@ class AggregatorStore:
     def latest_global(self) -> tuple[int, dict[str, np.ndarray]] | None:
         row = self.db.execute("SELECT version, blob FROM globals ORDER BY version DESC LIMIT 1").fetchone()
         return None if row is None else (int(row[0]), unpack_tensors(row[1]))
+
+    def global_versions(self) -> list[int]:
+        """Every stored global version, newest first (to find the last good one after a bad one)."""
+        return [int(r[0]) for r in self.db.execute("SELECT version FROM globals ORDER BY version DESC")]
+
+    def global_at(self, version: int) -> dict[str, np.ndarray] | None:
+        row = self.db.execute("SELECT blob FROM globals WHERE version=?", (version,)).fetchone()
+        return None if row is None else unpack_tensors(row[0])
 
     # --- rounds --------------------------------------------------------------------------------
     def open_round(self, state: RoundState) -> None:
@@ -176,12 +193,15 @@ class AggregatorStore:
 
     def close_round(self, state: RoundState, failures: Sequence[ClientFailure], succeeded: bool,
                     new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float,
-                    traffic: Mapping[str, int] | None = None) -> None:
+                    traffic: Mapping[str, int] | None = None, meta: Mapping[str, str] | None = None) -> None:
         """Close the round and, when it succeeded, store the new global version, atomically.
 
-        `traffic` holds the round's bytes_in, bytes_out, rejected and duplicates for the history."""
+        `traffic` holds the round's bytes_in, bytes_out, rejected and duplicates for the history; `meta`, state
+        that must move with the round (the norm history of adaptive bounds, the privacy budget's round count)."""
         t = dict(traffic or {})
         with transaction(self.db):
+            for key, value in (meta or {}).items():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=?, "
                             "result_version=?, bytes_in=?, bytes_out=?, rejected=?, duplicates=? WHERE round=?",
                             (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded),
@@ -191,6 +211,21 @@ class AggregatorStore:
                 self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
                                 (new_version, pack_tensors(new_params, int8=False), now))
             self.db.execute("DELETE FROM accumulator WHERE round=?", (state.round,))
+
+    def reliability(self) -> dict[str, float]:
+        """Every device's reliability score (devices never selected have none: they count as 1)."""
+        return {str(d): float(s) for d, s in self.db.execute("SELECT device_id, score FROM reliability")}
+
+    def record_reliability(self, outcomes: Mapping[str, bool], now: float) -> None:
+        """After a round: each selected device reported (True) or not; scores move by rounds.updated_reliability."""
+        old = self.reliability()
+        with transaction(self.db):
+            for device, reported in outcomes.items():
+                self.db.execute(
+                    "INSERT INTO reliability VALUES (?, ?, 1, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                    "score=excluded.score, selected=selected + 1, reported=reported + excluded.reported, "
+                    "updated_at=excluded.updated_at",
+                    (device, updated_reliability(old.get(device, 1.0), reported), int(reported), now))
 
     def record_telemetry(self, version: int, device_id: str, personal_acc: float | None, global_acc: float | None,
                          n_test: int, now: float) -> None:

@@ -241,3 +241,66 @@ def test_fuzz_round_trip(data: bytes, limit: int, rnd: random.Random) -> None:
     r = Reassembler(max_message_bytes=len(data))
     out = [m for c in chunks if (m := r.feed(c, now=0.0)) is not None]
     assert out == [data]
+
+
+# --- limits per source and overall ----------------------------------------------------------------------
+
+def _first_halves(n: int, size: int = 20) -> list[tuple[bytes, list[bytes]]]:
+    return [(bytes([i]) * 16, split_message(bytes([i]) * size, message_id=bytes([i]) * 16,
+                                            max_chunk_bytes=HEADER_SIZE + size // 2)) for i in range(n)]
+
+
+def test_a_source_over_its_pending_limit_loses_its_own_oldest_not_anothers() -> None:
+    r = Reassembler(max_message_bytes=100, max_pending_per_source=2)
+    msgs = _first_halves(4)
+    r.feed(msgs[0][1][0], now=0.0, source="honest")
+    for _, chunks in msgs[1:]:
+        r.feed(chunks[0], now=1.0, source="flooder")
+    dropped = r.take_dropped()
+    assert [(d.message_id, d.source, d.reason, d.held_bytes) for d in dropped] == [
+        (msgs[1][0], "flooder", "source_pending", 10)]
+    assert r.take_dropped() == [] and r.dropped_total["source_pending"] == 1
+    assert r.feed(msgs[0][1][1], now=2.0, source="honest") == bytes([0]) * 20  # the honest message survived
+
+
+def test_a_source_over_its_byte_limit_and_the_overall_cap_drop_and_count() -> None:
+    r = Reassembler(max_message_bytes=100, max_bytes_per_source=25, max_buffered_bytes=40)
+    msgs = _first_halves(6)
+    for _, chunks in msgs[:3]:
+        r.feed(chunks[0], now=0.0, source="a")  # 10 bytes each: the third pushes "a" past 25
+    assert [d.reason for d in r.take_dropped()] == ["source_bytes"] and r.buffered_bytes == 20
+    for mid, chunks in msgs[3:]:
+        r.feed(chunks[0], now=1.0, source=mid.hex())  # three other sources: 50 bytes > 40 overall
+    assert [d.reason for d in r.take_dropped()] == ["over_bytes"] and r.buffered_bytes == 40
+    assert r.buffered_bytes <= r.max_buffered_bytes and r.evicted == 2
+
+
+def test_a_message_larger_than_a_sources_limit_is_dropped_whole() -> None:
+    r = Reassembler(max_message_bytes=100, max_bytes_per_source=15)
+    chunks = split_message(b"q" * 30, message_id=ID_A, max_chunk_bytes=HEADER_SIZE + 10)
+    assert r.feed(chunks[0], now=0.0, source="a") is None and r.pending == 1
+    assert r.feed(chunks[1], now=0.0, source="a") is None  # would hold 20 > 15: the message goes
+    assert r.pending == 0 and [d.reason for d in r.take_dropped()] == ["source_bytes"]
+
+
+def test_chunks_of_one_message_from_two_sources_are_refused() -> None:
+    r = Reassembler(max_message_bytes=100)
+    chunks = split_message(b"q" * 30, message_id=ID_A, max_chunk_bytes=HEADER_SIZE + 10)
+    r.feed(chunks[0], now=0.0, source="a")
+    with pytest.raises(ChunkError, match="earlier chunks came from 'a'"):
+        r.feed(chunks[1], now=0.0, source="b")
+
+
+@settings(max_examples=200, deadline=None)
+@given(_deliveries(), st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=5))
+def test_fuzz_limits_hold_with_many_sources(deliveries: list[bytes], sources: list[str]) -> None:
+    r = Reassembler(max_message_bytes=MAX_MESSAGE, max_pending=MAX_PENDING, timeout_s=3.0, max_buffered_bytes=150,
+                    max_pending_per_source=2, max_bytes_per_source=100)
+    for i, chunk in enumerate(deliveries):
+        try:
+            r.feed(chunk, float(i), source=sources[i % len(sources)])
+        except ChunkError:
+            pass
+        assert r.buffered_bytes <= 150 and r.pending <= MAX_PENDING
+        assert r.buffered_bytes == sum(p.received for p in r._partial.values())
+        assert all(len(m) <= 2 for m in r._by_source.values())

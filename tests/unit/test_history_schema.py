@@ -64,7 +64,7 @@ def test_an_unversioned_database_is_migrated_without_losing_a_row(tmp_path: Path
     before = _old_database(path)
     store = AggregatorStore(path)
     assert store.migrated_from == 0
-    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     for table, rows in before.items():
         after = store.db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
         assert [r[: len(rows[0])] for r in after] == rows, table  # old columns first, all kept

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from edge_agent.aggregator.rounds import (
-    Outcome, Phase, RoundConfig, accept, close, judge, open_round, select_devices, should_close,
+    Outcome,
+    Phase,
+    RoundConfig,
+    accept,
+    close,
+    judge,
+    open_round,
+    select_devices,
+    should_close,
 )
 from edge_agent.aggregator.store import AggregatorStore, StoreError
 from edge_agent.learning.aggregate import WeightedMean
@@ -154,3 +162,82 @@ def test_accumulator_snapshots_round_trip_exactly_and_old_npz_snapshots_still_lo
     old = io.BytesIO()
     np.savez(old, **arrays)
     assert all(np.array_equal(_bytes_to_arrays(old.getvalue())[k], v) for k, v in arrays.items())
+
+
+# --- selection that scales, quorum, reliability ------------------------------------------------------
+
+def _task(rule):  # type: ignore[no-untyped-def]
+    from edge_agent.codec.envelope import decode_envelope
+    from edge_agent.fleet import GlobalModel, RoundTask, decode_task, encode_task
+    from edge_agent.learning.head import HeadConfig
+    from edge_agent.learning.training import TrainingConfig
+
+    head = HeadConfig(4, 2, 0)
+    model = GlobalModel(0, TrainingConfig(strategy="fedavg"), head, {"head.w": np.zeros((4, 2), np.float32),
+                                                                      "head.b": np.zeros(2, np.float32)})
+    payload = encode_task(RoundTask(1, 100.0, None, model, rule=rule, quorum=3))
+    return payload, decode_task(decode_envelope(payload))
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.3])
+def test_a_sampled_round_of_100000_devices_is_announced_in_constant_size(fraction: float) -> None:
+    from edge_agent.aggregator.rounds import draw
+
+    ids = [f"device-{i:06d}" for i in range(100_000)]
+    selected, rule = draw(ids, fraction, np.random.default_rng(7))
+    assert rule is not None and len(selected) == round(fraction * len(ids))  # exactly the expected count
+    payload, task = _task(rule)
+    assert task.rule == rule and task.selected is None and task.quorum == 3
+    small, _ = _task(draw(ids[:10], 0.5, np.random.default_rng(7))[1])
+    assert len(payload) <= len(small) + 20  # the task does not grow with the fleet (the threshold's digits vary)
+    # Every device decides from the task alone, and agrees with the aggregator.
+    chosen = set(selected)
+    assert all(task.selects(d) == (d in chosen) for d in ids)
+
+
+def test_selection_is_seeded_and_spreads_evenly() -> None:
+    from edge_agent.aggregator.rounds import draw
+
+    ids = [f"d{i}" for i in range(2000)]
+    a = draw(ids, 0.25, np.random.default_rng(1))
+    assert a == draw(ids[::-1], 0.25, np.random.default_rng(1))
+    b = draw(ids, 0.25, np.random.default_rng(2))
+    overlap = len(set(a[0]) & set(b[0])) / len(a[0])
+    assert 0.15 < overlap < 0.35  # independent draws: about a quarter in common
+    assert draw(ids, 1.0, np.random.default_rng(1)) == (tuple(sorted(ids)), None)
+
+
+def test_a_round_closes_at_its_quorum_and_counts_only_selected_devices_toward_it() -> None:
+    from edge_agent.aggregator.rounds import quorum
+    from edge_agent.fleet import SelectionRule
+
+    cfg = RoundConfig(min_clients=1, deadline_s=30, min_reported_fraction=0.5)
+    rule = SelectionRule(b"s" * 16, 2**64 - 1)  # admits anyone
+    s = open_round(1, 0, [f"d{i}" for i in range(6)], 0.0, cfg, rule)
+    assert quorum(s, cfg) == 3
+    s = accept(s, Upd("late-joiner", "u0"))  # admitted by the rule, not expected: counted, not toward the quorum
+    assert judge(s, Upd("other", "u9"), strategy="fedper", expected=SHAPES).outcome is Outcome.ACCEPTED
+    for i in range(2):
+        s = accept(s, Upd(f"d{i}", f"u{i + 1}"))
+    assert not should_close(s, 1.0, cfg)
+    s = accept(s, Upd("d2", "u3"))
+    assert should_close(s, 1.0, cfg)
+    _, failures, ok = close(s, cfg)
+    assert ok and len(failures) == 3
+    assert quorum(s, RoundConfig(min_clients=4, min_reported_fraction=0.1)) == 4  # never below min_clients
+
+
+def test_devices_that_keep_missing_rounds_are_left_out_but_for_probation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edge_agent.aggregator.rounds import MIN_RELIABILITY, draw, updated_reliability
+
+    once = updated_reliability(1.0, False)
+    assert updated_reliability(once, False) < MIN_RELIABILITY < once
+    store = AggregatorStore(tmp_path / "agg.db")
+    ids = [f"d{i}" for i in range(200)]
+    for _ in range(2):
+        store.record_reliability({d: not d.endswith("7") for d in ids}, 1.0)  # every tenth id is a ghost
+    scores = store.reliability()
+    selected, _ = draw(ids, 1.0, np.random.default_rng(3), scores)
+    ghosts_in = [d for d in selected if d.endswith("7")]
+    assert len(selected) - len(ghosts_in) == 180 and len(ghosts_in) <= 8  # ~10 % probation of 20
+    assert draw(["g"], 1.0, np.random.default_rng(3), {"g": 0.0})[0] == ("g",)  # never an empty round
