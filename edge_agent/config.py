@@ -29,6 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .learning.robust import RobustConfig
 from .learning.strategies import STRATEGIES
 from .learning.training import TrainingConfig
 from .messaging import TlsOptions
@@ -195,6 +196,13 @@ class FleetConfig:
     min_clients: int = 1
     deadline_s: float = 60.0
     max_update_bytes: int = 1 << 20
+    # A round closes once this share of its selected devices reported (1.0: all of them, or the deadline):
+    # ghost devices (online, never training) then cannot hold every round until its deadline.
+    min_reported_fraction: float = 1.0
+    # Chunked updates are reassembled in memory with these bounds; whatever does not fit is dropped and counted.
+    chunk_timeout_s: float = 10.0  # a partial message whose other chunks do not follow within this is dropped
+    max_partial_bytes: int = 32 << 20  # all partial messages together
+    max_partials_per_device: int = 2  # a device's partial messages in flight (its oldest is dropped beyond)
 
 
 @dataclass(frozen=True)
@@ -224,6 +232,8 @@ class AggregatorConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     signing: AggregatorSigningConfig = field(default_factory=AggregatorSigningConfig)
+    # How updates are weighted, bounded and combined (learning/robust.py): the [aggregator] table.
+    aggregator: RobustConfig = field(default_factory=RobustConfig)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -316,7 +326,7 @@ _NESTED: dict[str, type] = {"BackboneConfig": BackboneConfig, "BrokerConfig": Br
                             "TlsConfig": TlsConfig,
                             "FleetConfig": FleetConfig,
                             "TrainingConfig": TrainingConfig, "AgentSigningConfig": AgentSigningConfig,
-                            "AggregatorSigningConfig": AggregatorSigningConfig}
+                            "AggregatorSigningConfig": AggregatorSigningConfig, "RobustConfig": RobustConfig}
 
 
 def resolve_path(value: str | None, base: Path) -> str | None:
@@ -590,6 +600,10 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (FleetConfig, "min_clients"): _at_least(1),
     (FleetConfig, "deadline_s"): _positive,
     (FleetConfig, "max_update_bytes"): _at_least(1),
+    (FleetConfig, "min_reported_fraction"): _fraction,
+    (FleetConfig, "chunk_timeout_s"): _positive,
+    (FleetConfig, "max_partial_bytes"): _at_least(0),
+    (FleetConfig, "max_partials_per_device"): _at_least(1),
     (AggregatorConfig, "fleet_name"): _topic_name,
     (AggregatorConfig, "embedding_dim"): _at_least(1),
     (AggregatorConfig, "num_classes"): _at_least(2),

@@ -9,9 +9,10 @@ signature itself is codec/signing.py's business.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from .learning.training import TrainingConfig
 
 Signer = Callable[[bytes], bytes]  # the envelope bytes to sign -> the signature (codec.signing.signer)
 EVERY_DEVICE = "*"  # `selected` of a round that takes every device online when it opened
+BOUNDS_PREFIX = "agg."  # meta keys of what bounds an update this round (learning/robust.py); devices may ignore them
+MAX_ABS_KEY = "limits.max_abs"  # optional meta: older aggregators do not send it, devices then use the default
 
 
 class FleetMessageError(ValueError):
@@ -37,6 +40,7 @@ class GlobalModel:
     training: TrainingConfig
     head: HeadConfig
     params: Mapping[str, np.ndarray]
+    max_abs: float | None = None  # the bound on |weight| a device enforces (learning/validate.py); None: default
 
     def strategy(self) -> Strategy:
         return make_strategy(self.training.strategy, self.head, self.training.strategy_config())
@@ -49,17 +53,58 @@ class GlobalModel:
         return "int8" if self.training.int8_updates else "float32"
 
 
+SELECTION_RULE_PREFIX = "hash1:"  # `selected` of a sampled round: "hash1:<salt hex>:<threshold>"
+
+
+def selection_key(salt: bytes, device_id: str) -> int:
+    """A device's place in a round's draw: a keyed 64-bit hash, the same on every device and the aggregator."""
+    return int.from_bytes(hashlib.blake2b(device_id.encode(), key=salt, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """A sampled round's selection in constant size: device d takes part iff selection_key(salt, d) <= threshold.
+
+    The aggregator picks the threshold so that exactly the devices it expects are below it (the k smallest
+    keys of the online devices), so the task stays a few dozen bytes whatever the fleet's size."""
+
+    salt: bytes
+    threshold: int
+
+    def selects(self, device_id: str) -> bool:
+        return selection_key(self.salt, device_id) <= self.threshold
+
+    def encode(self) -> str:
+        return f"{SELECTION_RULE_PREFIX}{self.salt.hex()}:{self.threshold:d}"
+
+    @classmethod
+    def decode(cls, text: str) -> SelectionRule:
+        """The rule `encode` wrote; ValueError if `text` is not one."""
+        salt_hex, sep, threshold = text.removeprefix(SELECTION_RULE_PREFIX).partition(":")
+        salt, value = bytes.fromhex(salt_hex), int(threshold)
+        if not text.startswith(SELECTION_RULE_PREFIX) or not sep or not 1 <= len(salt) <= 64 or not 0 <= value < 2**64:
+            raise ValueError(f"not a selection rule: {text[:80]!r}")
+        return cls(salt, value)
+
+
 @dataclass(frozen=True)
 class RoundTask:
     """Round `round`: train from `model`, upload before `deadline` (unix seconds); `selected` is None when
-    every device online at the round's start takes part."""
+    every device online at the round's start takes part, or when `rule` says who does (a sampled round)."""
 
     round: int
     deadline: float
     selected: tuple[str, ...] | None
     model: GlobalModel
+    # What the aggregator allows an update this round (rule, max_examples, norm_bound, ...): announced, so a
+    # device knows its update is clipped; nothing a device needs to train.
+    bounds: Mapping[str, str | int | float] = field(default_factory=dict)
+    rule: SelectionRule | None = None  # a sampled round's selection, in constant size (`selected` is then None)
+    quorum: int | None = None  # the round closes once this many selected devices reported (None: not announced)
 
     def selects(self, device_id: str) -> bool:
+        if self.rule is not None:
+            return self.rule.selects(device_id)
         return self.selected is None or device_id in self.selected
 
 
@@ -67,6 +112,8 @@ def _meta(model: GlobalModel) -> dict[str, Any]:
     meta: dict[str, Any] = {f"train.{k}": v for k, v in asdict(model.training).items()}
     meta.update({"head.in_dim": model.head.in_dim, "head.num_classes": model.head.num_classes,
                  "head.adapter_dim": model.head.adapter_dim})
+    if model.max_abs is not None:
+        meta[MAX_ABS_KEY] = float(model.max_abs)
     return meta
 
 
@@ -84,9 +131,17 @@ def encode_global(model: GlobalModel, sign: Signer | None = None) -> bytes:
 
 def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
     """`sign`: `codec.signing.signer(fleet key, context(Purpose.TASK, fleet))`, or None for an unsigned fleet."""
-    selected = EVERY_DEVICE if task.selected is None else ",".join(task.selected)
-    return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected},
-                   sign)
+    # An explicit list is still read (older aggregators send one), but it grows with the fleet and the envelope's
+    # meta strings are limited: a sampled round goes out as its constant-size rule.
+    if task.rule is not None:
+        selected = task.rule.encode()
+    else:
+        selected = EVERY_DEVICE if task.selected is None else ",".join(task.selected)
+    bounds = {BOUNDS_PREFIX + k: v for k, v in task.bounds.items()}
+    if task.quorum is not None:
+        bounds["quorum"] = task.quorum
+    return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected,
+                                            **bounds}, sign)
 
 
 _DEFAULTS = TrainingConfig()
@@ -117,7 +172,12 @@ def decode_global(env: Envelope) -> GlobalModel:
     except (TypeError, ValueError) as exc:
         raise FleetMessageError(f"global model version {env.model_version}: bad training configuration: "
                                 f"{exc}") from None
-    return GlobalModel(env.model_version, training, head, dict(env.tensors))
+    max_abs = meta.get(MAX_ABS_KEY)
+    if max_abs is not None and (isinstance(max_abs, bool) or not isinstance(max_abs, (int, float))):
+        raise FleetMessageError(f"global model version {env.model_version}: {MAX_ABS_KEY} is {max_abs!r}, "
+                                f"expected a number")
+    return GlobalModel(env.model_version, training, head, dict(env.tensors),
+                       None if max_abs is None else float(max_abs))
 
 
 def decode_task(env: Envelope) -> RoundTask:
@@ -130,5 +190,15 @@ def decode_task(env: Envelope) -> RoundTask:
         raise FleetMessageError(f"round task {env.round} lacks {exc}") from None
     except (TypeError, ValueError) as exc:
         raise FleetMessageError(f"round task {env.round}: {exc}") from None
-    ids = None if selected == EVERY_DEVICE else tuple(s for s in selected.split(",") if s)
-    return RoundTask(round_no, deadline, ids, model)
+    rule = None
+    if selected.startswith(SELECTION_RULE_PREFIX):
+        try:
+            rule = SelectionRule.decode(selected)
+        except ValueError as exc:
+            raise FleetMessageError(f"round task {env.round}: {exc}") from None
+    ids = None if selected == EVERY_DEVICE or rule is not None else tuple(s for s in selected.split(",") if s)
+    bounds = {k[len(BOUNDS_PREFIX):]: v for k, v in meta.items()
+              if k.startswith(BOUNDS_PREFIX) and isinstance(v, (str, int, float))}
+    quorum = meta.get("quorum")
+    return RoundTask(round_no, deadline, ids, model, bounds, rule,
+                     quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None)

@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import queue
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .codec.envelope import decode_envelope, read_header
+from .codec.envelope import decode_envelope, encode_envelope, read_header
 from .codec.tensor_pack import pack_tensors
 from .data.federated import FederatedData
 from .db import MEMORY
 from .fleet import GlobalModel, decode_global
 from .learning.head import HeadConfig, quantize_head
 from .learning.metrics import accuracy, summarize
+from .learning.robust import RobustConfig
 from .learning.strategies import (
     ClientDataError,
     ServerState,
@@ -125,16 +126,75 @@ class _Observer:
             self.personal_acc.setdefault(int(doc["version"]), {})[device] = float(doc["personal_acc"])
 
 
+# --- malicious devices: for tests and bench/poisoning.py only ---------------------------------------------------
+# Nothing in an agent's or aggregator's configuration reaches this: only a caller of run_simulation can make a
+# simulated device lie, by rewriting the updates its (otherwise honest) agent publishes.
+
+ATTACKS = ("scaled", "sign-flip", "huge", "random", "patient", "count")
+HUGE = 1e30
+HUGE_COUNT = 2**62
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Devices in `devices` replace each update they send: `kind` is one of ATTACKS.
+
+    scaled: the honest change x10 (boosting); sign-flip: the honest change x-4; huge: every value 1e30;
+    random: Gaussian values (std 1, like a broken sensor pipeline); patient: the honest change reversed and
+    scaled to just within the round's announced norm bound (its own honest norm when none is announced),
+    every round; count: the honest tensors, claiming 2^62 examples."""
+
+    devices: frozenset[str]
+    kind: str
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTACKS:
+            raise ValueError(f"unknown attack {self.kind!r}; choose one of {', '.join(ATTACKS)}")
+
+
+def poison(kind: str, tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], num_examples: int,
+           bound: float | None, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+    """The malicious version of an honest update (tensors, num_examples) against the global `reference`."""
+    t = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
+    ref = {k: np.asarray(reference.get(k, np.zeros_like(v)), np.float64) for k, v in t.items()}
+    delta = {k: t[k] - ref[k] for k in t}
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))) or 1.0
+    if kind == "huge":
+        out = {k: np.full_like(v, HUGE) for k, v in t.items()}
+    elif kind == "random":
+        out = {k: rng.normal(0.0, 1.0, v.shape) for k, v in t.items()}
+    elif kind == "count":
+        return {k: np.asarray(v, np.float32) for k, v in tensors.items()}, HUGE_COUNT
+    else:
+        scale = {"scaled": 10.0, "sign-flip": -4.0}.get(kind, -(0.99 * bound if bound else norm) / norm)
+        out = {k: ref[k] + scale * delta[k] for k in t}
+    return {k: v.astype(np.float32) for k, v in out.items()}, num_examples
+
+
+class _AttackerLink(MemoryLink):
+    """A device's broker connection that rewrites the updates it publishes."""
+
+    rewrite: Callable[[str, bytes], bytes]
+
+    def publish(self, topic: str, payload: bytes, **kwargs: Any) -> int:
+        return super().publish(topic, self.rewrite(topic, payload), **kwargs)
+
+
 def run_simulation(data: FederatedData, config: TrainingConfig, *,
                    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                    watch_uplink: Uplink | None = None,
-                   watch_server: Callable[[ServerState], None] | None = None) -> dict[str, Any]:
+                   watch_server: Callable[[ServerState], None] | None = None,
+                   robust: RobustConfig | None = None, attack: Attack | None = None) -> dict[str, Any]:
     """Run `config.rounds` rounds of a real fleet in one process; returns the results document.
 
     The aggregator and one agent per client are the real services (edge-fl aggregator / edge-fl agent),
     with in-memory stores, on an in-memory MQTT broker, under a fake clock; every decision (selection,
     deadlines, ingest, aggregation, personalization) is theirs. The results are what an operator reads
     off the broker: round status, the updates' sizes, each device's telemetry.
+
+    `robust`: the aggregator's [aggregator] table (default: its defaults). `attack` (tests and benchmarks only)
+    makes some devices malicious.
     """
     from .agent.service import AgentService
     from .agent.sources import FixedSource
@@ -154,10 +214,31 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
         AggregatorConfig(state=MEMORY, fleet_name=SIM_FLEET, embedding_dim=data.embedding_dim,
                          num_classes=data.num_classes, broker=memory,
                          fleet=FleetConfig(expected_clients=n_clients, min_clients=1, deadline_s=SIM_DEADLINE_S),
-                         train=config),
+                         train=config, aggregator=robust or RobustConfig()),
         link_factory=broker.link_factory, clock=clock)
+    attack_rng = np.random.default_rng(attack.seed if attack else 0)
+
+    def rewrite(topic: str, payload: bytes) -> bytes:
+        if topics.device_of(topic, "update") is None or attack is None:
+            return payload
+        env = decode_envelope(payload)
+        bound = aggregator.norm_bound if aggregator.robust.clip != "off" else None
+        tensors, n = poison(attack.kind, env.tensors, aggregator.server.params, env.num_examples, bound, attack_rng)
+        return encode_envelope(replace(env, tensors=tensors, num_examples=n))
+
+    def link_factory(cid: str) -> Any:
+        if attack is None or cid not in attack.devices:
+            return broker.link_factory
+
+        def attacker(client_id: str, host: str = "memory", port: int = 1883, **kwargs: Any) -> MemoryLink:
+            kwargs.pop("tls", None)
+            link = _AttackerLink(broker, client_id, host, port, **kwargs)
+            link.rewrite = rewrite
+            return link
+        return attacker
+
     agents = [AgentService(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
-                           FixedSource(cd, cid), link_factory=broker.link_factory, clock=clock)
+                           FixedSource(cd, cid), link_factory=link_factory(cid), clock=clock)
               for i, (cid, cd) in enumerate(zip(data.client_ids, data.clients, strict=True))]
     observer = _Observer(broker.link_factory("observer", "memory", 1883), topics, config.int8_updates, watch_uplink)
     observer.link.connect()
@@ -182,10 +263,12 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
                     service.handle(msg)
                     observer.drain()
                     busy = moved = True
-            opened_before = aggregator.rounds_opened()
+            # A tick that closes a round (its deadline passed) publishes a model even when it opens no new round
+            # (the last one): that is movement too.
+            before = (aggregator.rounds_opened(), aggregator.state and aggregator.state.phase)
             aggregator.tick()
             observer.drain()
-            busy = busy or aggregator.rounds_opened() != opened_before
+            busy = busy or (aggregator.rounds_opened(), aggregator.state and aggregator.state.phase) != before
         return moved
 
     rounds: list[dict[str, Any]] = []

@@ -17,23 +17,28 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 
-from ..codec.chunking import ChunkError, Reassembler, parse_chunk
+import numpy as np
+
+from ..codec.chunking import ChunkError, Reassembler
 from ..codec.envelope import EnvelopeError, Kind, decode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
 from ..config import AggregatorConfig, ConfigError
 from ..faults import crash_point
 from ..fleet import GlobalModel, RoundTask, Signer, encode_global, encode_task
 from ..keys import KeyFileError, KeyRegistry, load_private_key
-from ..learning import rng
+from ..learning import dp, rng, robust
+from ..learning.aggregate import Sum, WeightedMean
 from ..learning.head import HeadConfig
 from ..learning.strategies import ClientUpdate, ServerState, make_strategy
+from ..learning.validate import expected_shapes, head_problem
 from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
 from ..transport import MqttLink
-from . import rounds
+from . import privacy, rounds
+from .ingest import ChunkIntake
 from .metrics import Metrics, PrometheusMetrics, judge_reason
 from .presence import PresenceLog
 from .rounds import Outcome, Phase, RoundConfig, RoundState
@@ -42,6 +47,7 @@ from .view import FleetView
 from .web import StatusServer
 
 log = logging.getLogger("edge_fl.aggregator")
+MAX_NAMED_STRAGGLERS = 10  # per round; the rest are counted in one line
 CHUNK_MAGIC = b"EFLC"
 
 
@@ -66,10 +72,13 @@ class AggregatorService:
         self.strategy = make_strategy(cfg.train.strategy, self.head, cfg.train.strategy_config())
         self.round_config = RoundConfig(min_clients=cfg.fleet.min_clients, fraction=cfg.train.fraction,
                                         deadline_s=cfg.fleet.deadline_s, rounds=cfg.train.rounds,
-                                        expects_updates=bool(self.strategy.shared_keys))
+                                        expects_updates=bool(self.strategy.shared_keys),
+                                        min_reported_fraction=cfg.fleet.min_reported_fraction)
         self.store = AggregatorStore(cfg.state)
         self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
                                       "seed": cfg.train.seed, "fleet": cfg.fleet_name})
+        self.max_abs = cfg.aggregator.max_abs  # announced in every task and model; no global beyond it is published
+        self.refused_reason: str | None = None  # why the last round's new global model was not published
         latest = self.store.latest_global()
         if latest is None:
             server = self.strategy.init_server(rng.server_init(cfg.train.seed))
@@ -77,16 +86,32 @@ class AggregatorService:
             latest = (0, server.params)
         self.server = ServerState(latest[0], latest[1])
         self.state: RoundState | None = self.store.current_round()
-        self.acc = self.strategy.start_aggregation(self.server)
+        if self.state is not None and self.state.phase is Phase.COLLECTING and cfg.train.fraction < 1.0:
+            # the sampled round's rule, as its task announced it: derived again, not stored
+            salt = rounds.round_salt(rng.selection(cfg.train.seed, self.state.round))
+            self.state = replace(self.state, rule=rounds.rule_for(self.state.selected, salt))
+        recovered = self.global_problem(self.server.params) is not None
+        if recovered:
+            self._recover_global()
+        self.robust = cfg.aggregator
+        # Bounded influence (learning/robust.py): the norms of recent accepted updates, kept with the state, give
+        # the next round's norm bound; the rounds that added DP noise give the privacy budget spent.
+        self.norm_history: list[float] = json.loads(self.store.read_meta("norm_history") or "[]")
+        self.dp_rounds = int(self.store.read_meta("dp_rounds") or 0)
+        self.round_norms: list[float] = []  # the open round's accepted norms (durable in its accumulator)
+        self.acc = self.start_aggregation()
         if self.state is not None and self.state.phase is Phase.COLLECTING:
             saved = self.store.accumulator(self.state.round)
             if saved is not None:
                 self.acc = type(self.acc).from_arrays(saved)
+                self.round_norms = [float(n) for n in saved.get("__norms__", np.zeros(0))]
             log.info("resuming round %d: %d update(s) already counted", self.state.round, len(self.state.accepted))
         self.online: set[str] = set()
         self.presence_log = PresenceLog(log, clock)
         self.lost_at: float | None = None  # monotonic time the broker connection was lost
         self.metrics: Metrics = PrometheusMetrics() if cfg.http else Metrics()
+        if recovered:
+            self.metrics.global_refused()
         self.metrics.model_version(self.server.version)
         self.view = FleetView(cfg.fleet_name, clock, history=self.store.history())
         self.view.model_version(self.server.version)
@@ -98,8 +123,8 @@ class AggregatorService:
         self.http: StatusServer | None = None
         self.started = False
         self.counters = RoundCounters()
-        self.reassembler = Reassembler(max_message_bytes=cfg.fleet.max_update_bytes, max_pending=256)
-        self.held: dict[bytes, list[Message]] = {}  # chunk messages acknowledged once their message is handled
+        # chunks are acknowledged at once: partial messages are held in bounded memory, never as unacked messages
+        self.intake = ChunkIntake(cfg.fleet, self.metrics, clock)
         b = cfg.broker
         self.link: BrokerLink = link_factory(
             "edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username, password=b.secret(),
@@ -126,9 +151,131 @@ class AggregatorService:
                      "must be signed" if s.required else "signed or (migration) unsigned", len(self.registry),
                      s.registry)
 
+    # --- the global model's health ---------------------------------------------------------------
+    def global_problem(self, params: dict[str, np.ndarray], version: int | None = None) -> str | None:
+        """Why `params` must not be published as a global model (the check every device makes), or None."""
+        what = f"global model version {self.server.version if version is None else version}"
+        return head_problem(params, expected_shapes(self.head, self.strategy.shared_keys), max_abs=self.max_abs,
+                            what=what)
+
+    def _recover_global(self) -> None:
+        """The stored latest global model fails the checks (written before they existed): publish the newest good
+        one instead, as a NEW version (devices refuse an older version as a rollback), and abandon a round that
+        trains from the bad one."""
+        bad = self.server.version
+        log.error("the stored %s; it is not published", self.global_problem(self.server.params))
+        good: tuple[int, dict[str, np.ndarray]] | None = None
+        for version in self.store.global_versions():
+            try:
+                params = self.store.global_at(version)
+            except ValueError:  # an unreadable blob is as bad as a poisoned one
+                continue
+            if params is not None and self.global_problem(params, version) is None:
+                good = (version, params)
+                break
+        if good is None:
+            params = self.strategy.init_server(rng.server_init(self.cfg.train.seed)).params
+            log.error("no stored global model passes the checks: starting again from the initial head")
+        else:
+            params = good[1]
+        self.server = ServerState(bad + 1, params)
+        self.store.save_global(self.server.version, params)
+        log.warning("recovered: global version %d is %s again", self.server.version,
+                    "the initial head" if good is None else f"version {good[0]}")
+        if self.state is not None and self.state.phase is Phase.COLLECTING:
+            closed = replace(self.state, phase=Phase.CLOSED)
+            self.store.close_round(closed, [], False, None, None, self.clock())
+            log.warning("round %d trained from the refused version %d: closed as failed", closed.round, bad)
+            self.state = closed
+
+    # --- bounded influence (learning/robust.py) ------------------------------------------------------------
+    def start_aggregation(self) -> WeightedMean:
+        """The strategy's accumulator, or every update kept for a rule that needs them all (trimmed mean,
+        median); statistics (Sum: nearest-class-mean sums) always add up."""
+        acc = self.strategy.start_aggregation(self.server)
+        if self.robust.rule != "mean" and not isinstance(acc, Sum):
+            return robust.StackedUpdates(self.robust.rule, self.robust.trim_fraction)
+        return acc
+
+    @property
+    def norm_bound(self) -> float:
+        """This round's bound on the norm of an update's change to the global head: fixed (the ceiling) with
+        differential privacy, whose sensitivity it is; else adaptive to the fleet's recent norms."""
+        return self.robust.clip_ceiling if self.robust.dp else robust.adaptive_bound(self.norm_history, self.robust)
+
+    def bounds(self) -> dict[str, str | int | float]:
+        """What the task announces: how this round weighs, bounds and combines updates."""
+        r = self.robust
+        out: dict[str, str | int | float] = {"rule": r.rule, "weighting": r.weighting, "max_examples": r.max_examples,
+                                             "max_abs": r.max_abs, "clip": r.clip}
+        if r.rule == "trimmed-mean":
+            out["trim_fraction"] = r.trim_fraction
+        if r.clip != "off":
+            out["norm_bound"] = self.norm_bound
+        if r.dp:
+            out["noise_multiplier"] = r.noise_multiplier
+        return out
+
+    def bound_update(self, tensors: Mapping[str, np.ndarray], num_examples: int,
+                     who: str) -> tuple[dict[str, np.ndarray], int, float | None] | None:
+        """(tensors, weight, norm of its change) as the server allows them, or None when rejected."""
+        r = self.robust
+        weight = r.weight(num_examples)
+        stats = isinstance(self.acc, Sum)  # class statistics: sums, not weights; only finiteness applies
+        problem = robust.out_of_range(tensors, math.inf if stats else r.max_abs)
+        if problem is not None:
+            self.reject(f"{who}: {problem} ([aggregator] max_abs)", "out_of_range")
+            return None
+        if stats or not set(tensors) <= set(self.server.params):
+            return dict(tensors), weight, None
+        bound = self.norm_bound
+        if r.clip == "clip":
+            clipped, norm = robust.clip_update(tensors, self.server.params, bound)
+            if norm > bound:
+                self.metrics.update_clipped()
+                log.info("%s: change of norm %.3g clipped to the bound %.3g", who, norm, bound)
+            return clipped, weight, norm
+        norm = robust.delta_norm(tensors, self.server.params)
+        if r.clip == "reject" and norm > bound:
+            self.reject(f"{who}: its change to the global head has norm {norm:.3g}, beyond this round's bound "
+                        f"{bound:.3g} ([aggregator] clip)", "norm_too_large")
+            return None
+        return dict(tensors), weight, norm
+
+    def add_privacy_noise(self, candidate: ServerState) -> ServerState:
+        """With differential privacy on, the new global head with Gaussian noise (learning/dp.py)."""
+        if not self.robust.dp or isinstance(self.acc, Sum) or not self.acc.count:
+            return candidate
+        keys = set(self.acc.result())
+        noisy = dp.add_noise(candidate.params, keys, self.robust.noise_multiplier, self.norm_bound, self.acc.count,
+                             np.random.default_rng())  # fresh OS entropy: noise an observer cannot replay
+        return replace(candidate, params=noisy)
+
+    def bounds_state_after_round(self) -> dict[str, str]:
+        """The norm history and the count of noisy rounds, committed with the round that changes them."""
+        self.norm_history = (self.norm_history + self.round_norms)[-self.robust.clip_window:]
+        if self.robust.dp and not isinstance(self.acc, Sum) and self.acc.count:
+            self.dp_rounds += 1
+        return {"norm_history": json.dumps(self.norm_history), "dp_rounds": str(self.dp_rounds)}
+
+    def bounds_status(self) -> dict[str, object]:
+        """For the round's status document, log and metrics: the next bound and the privacy budget spent."""
+        out: dict[str, object] = {"rule": self.robust.rule}
+        if self.robust.clip != "off":
+            out["norm_bound"] = round(self.norm_bound, 6)
+            self.metrics.norm_bound(self.norm_bound)
+        if self.robust.dp:
+            eps = privacy.epsilon(self.robust.noise_multiplier, self.round_config.fraction, self.dp_rounds,
+                             self.robust.dp_delta)
+            out.update({"dp_epsilon": round(eps, 4), "dp_delta": self.robust.dp_delta, "dp_rounds": self.dp_rounds})
+            self.metrics.dp_epsilon(eps)
+            log.info("privacy budget after %d noisy round(s): epsilon %.3f at delta %g", self.dp_rounds, eps,
+                     self.robust.dp_delta)
+        return out
+
     # --- publishing ----------------------------------------------------------------------------
     def model(self) -> GlobalModel:
-        return GlobalModel(self.server.version, self.cfg.train, self.head, self.server.params)
+        return GlobalModel(self.server.version, self.cfg.train, self.head, self.server.params, self.max_abs)
 
     def _publish_retained(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> bool:
         """Retained state: if the broker is away now, it is published again on reconnection."""
@@ -148,8 +295,15 @@ class AggregatorService:
         assert self.state is not None
         # "*" when every online device is selected (the default): a list of a thousand ids would not fit the
         # envelope's 8 KB meta strings. A sampled round lists its devices (up to ~700 short ids).
+        # A sampled round goes out as a constant-size hash rule (fleet.SelectionRule), never as a list of ids:
+        # the envelope's meta strings are limited to 8 KB, a few hundred ids. "*" when every online device is in.
         everyone = set(self.state.selected) >= self.online
-        task = RoundTask(self.state.round, self.state.deadline, None if everyone else self.state.selected, self.model())
+        rule = None
+        if not everyone:
+            rule = self.state.rule or rounds.rule_for(
+                self.state.selected, rounds.round_salt(rng.selection(self.cfg.train.seed, self.state.round)))
+        task = RoundTask(self.state.round, self.state.deadline, None, self.model(), self.bounds(), rule,
+                         rounds.quorum(self.state, self.round_config))
         # The broker drops the retained task at its deadline: a device that connects later finds no stale
         # round to train for (the next task replaces it anyway).
         expiry = max(1, math.ceil(self.state.deadline - self.clock()))
@@ -171,11 +325,12 @@ class AggregatorService:
         if len(self.online) < self.cfg.fleet.expected_clients:
             return
         nxt = self.rounds_opened() + 1
-        selected = rounds.select_devices(sorted(self.online), self.round_config.fraction,
-                                         rng.selection(self.cfg.train.seed, nxt))
-        self.state = rounds.open_round(nxt, self.server.version, selected, self.clock(), self.round_config)
+        selected, rule = rounds.draw(sorted(self.online), self.round_config.fraction,
+                                     rng.selection(self.cfg.train.seed, nxt), self.store.reliability())
+        self.state = rounds.open_round(nxt, self.server.version, selected, self.clock(), self.round_config, rule)
         self.store.open_round(self.state)
-        self.acc = self.strategy.start_aggregation(self.server)
+        self.acc = self.start_aggregation()
+        self.round_norms = []
         self.counters = RoundCounters()
         self.metrics.round_opened(nxt)
         self.view.round_opened(nxt, self.state.model_version, len(selected), self.state.opened_at, self.state.deadline)
@@ -186,28 +341,47 @@ class AggregatorService:
             return
         closed, failures, ok = rounds.close(self.state, self.round_config)
         t0 = self.state.opened_at
+        self.refused_reason = None
         if ok:
-            self.server = self.strategy.finish_aggregation(self.server, self.acc, failures)
+            candidate = self.add_privacy_noise(self.strategy.finish_aggregation(self.server, self.acc, failures))
+            self.refused_reason = self.global_problem(candidate.params, candidate.version)
+            ok = self.refused_reason is None
+        if ok:
+            self.server = candidate
             self.store.close_round(closed, failures, True, self.server.version, self.server.params, self.clock(),
-                                   self._traffic())
+                                   self._traffic(), self.bounds_state_after_round())
+        elif self.refused_reason is not None:  # never published: every device would refuse it, or worse, use it
+            self.store.close_round(closed, failures, False, None, None, self.clock(), self._traffic())
+            self.metrics.global_refused()
+            log.error("round %d failed: the new %s; not published, the global head stays at version %d",
+                      closed.round, self.refused_reason, self.server.version)
         else:
             self.store.close_round(closed, failures, False, None, None, self.clock(), self._traffic())
             log.warning("round %d failed: %d update(s), at least %d needed; the global head stays at version %d",
                         closed.round, len(closed.accepted), self.round_config.min_clients, self.server.version)
         self.state = closed
+        if self.round_config.expects_updates:  # who reported when selected: the next draws leave out ghosts
+            self.store.record_reliability({d: d in closed.accepted for d in closed.selected}, self.clock())
         self.metrics.round_closed(ok, self.clock() - t0)
         self.metrics.model_version(self.server.version)
         self.view.model_version(self.server.version)
         self.view.round_closed(self.store.history(1)[-1])
-        for f in failures:
+        # Name a few stragglers, then count the rest: a fleet with hundreds of absent devices must not flood the log.
+        for f in failures[:MAX_NAMED_STRAGGLERS]:
             log.warning("round %d: %s sent no update (%s)", closed.round, f.client_id, f.reason)
+        if len(failures) > MAX_NAMED_STRAGGLERS:
+            log.warning("round %d: and %d more selected device(s) sent no update", closed.round,
+                        len(failures) - MAX_NAMED_STRAGGLERS)
         if ok:
             self.publish_model()
-        status = {"round": closed.round, "model_version": self.server.version, "succeeded": ok,
+        status: dict[str, object] = {"round": closed.round, "model_version": self.server.version, "succeeded": ok,
                   "reporting": len(closed.accepted), "selected": len(closed.selected), "failed": len(failures),
                   "rejected": self.counters.rejected, "duplicates": self.counters.duplicates,
                   "bytes_in": self.counters.bytes_in, "bytes_out": self.counters.bytes_out,
                   "duration_s": round(self.clock() - t0, 3), "last": closed.round >= self.round_config.rounds}
+        if self.refused_reason is not None:
+            status["refused"] = self.refused_reason
+        status.update(self.bounds_status())
         self.last_status = json.dumps(status).encode()
         self._publish_retained(self.topics.status, self.last_status)
         log.info("round %d closed: %d/%d reported, %d rejected, %d duplicate(s), %d B in; global version %d",
@@ -223,6 +397,11 @@ class AggregatorService:
         c = self.counters
         return {"bytes_in": c.bytes_in, "bytes_out": c.bytes_out, "rejected": c.rejected, "duplicates": c.duplicates}
 
+    @property
+    def reassembler(self) -> Reassembler:
+        """The partial chunked messages held (for tests and the status of a running aggregator)."""
+        return self.intake.reassembler
+
     # --- ingest --------------------------------------------------------------------------------
     def reject(self, what: str, reason: str) -> None:
         """Refuse an update; `reason` is its metrics label (metrics.REJECTION_REASONS)."""
@@ -236,18 +415,13 @@ class AggregatorService:
         self.metrics.bytes_received(len(msg.payload))
         if msg.payload[:4] == CHUNK_MAGIC:
             try:
-                header, _ = parse_chunk(msg.payload)
-                whole = self.reassembler.feed(msg.payload, self.clock())
+                whole = self.intake.feed(msg.payload, device)
             except ChunkError as exc:
                 self.reject(f"a malformed chunk on {msg.topic}: {exc}", "malformed_chunk")
-                self.link.ack(msg)
-                return
-            self.held.setdefault(header.message_id, []).append(msg)
-            if whole is None:
-                return
-            self.ingest(whole, msg.topic, device)
-            for held in self.held.pop(header.message_id, []):
-                self.link.ack(held)
+                whole = None
+            if whole is not None:  # the completing chunk is acknowledged after the commit, like a whole update
+                self.ingest(whole, msg.topic, device)
+            self.link.ack(msg)
             return
         self.ingest(msg.payload, msg.topic, device)
         self.link.ack(msg)
@@ -299,9 +473,16 @@ class AggregatorService:
             return
         assert self.state is not None
         crash_point("aggregator.before_commit", env.round)
-        update = ClientUpdate(dict(env.tensors), env.num_examples, self.strategy.shared_keys)
+        bounded = self.bound_update(env.tensors, env.num_examples, f"update {env.update_id} from {env.device_id}")
+        if bounded is None:
+            return
+        tensors, weight, norm = bounded
+        update = ClientUpdate(tensors, weight, self.strategy.shared_keys)
         self.strategy.add_update(self.server, self.acc, update)
-        self.store.accept(self.state, env, self.acc.to_arrays(), self.clock())
+        if norm is not None:
+            self.round_norms.append(norm)
+        self.store.accept(self.state, env, {**self.acc.to_arrays(), "__norms__": np.array(self.round_norms)},
+                          self.clock())
         crash_point("aggregator.after_commit", env.round)  # counted, but the broker has no PUBACK yet
         self.state = rounds.accept(self.state, env)
         self.metrics.update_accepted()
@@ -328,14 +509,18 @@ class AggregatorService:
     def on_telemetry(self, msg: Message, device: str) -> None:
         """A device's accuracies under a global version: history for the operator, never used to decide."""
         self.link.ack(msg)
+        doc = None
         try:
             doc = json.loads(msg.payload)
             version, n_test = doc["version"], doc["n_test"]
             accs = [doc.get("personal_acc"), doc.get("global_acc")]
             valid = (doc.get("device") == device and type(version) is int and type(n_test) is int and n_test >= 0
                      and all(a is None or (isinstance(a, (int, float)) and 0.0 <= a <= 1.0) for a in accs))
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deep
             valid = False
+        if isinstance(doc, dict) and doc.get("device") == device and "refused" in doc:
+            self.on_device_refusal(doc, device)
+            return
         if not valid:
             log.warning("ignored malformed telemetry on %s (%d bytes)", msg.topic, len(msg.payload))
             return
@@ -343,6 +528,14 @@ class AggregatorService:
         self.store.record_telemetry(version, device, personal, glob, n_test, self.clock())
         self.view.telemetry(version, device, personal, glob, n_test)
         self.view.seen(device)
+
+    def on_device_refusal(self, doc: dict[str, object], device: str) -> None:
+        """A device refused a model, a task or its own training (agent/service.py `refuse`): the operator's
+        first sign of a poisoned model, or of a device that cannot train."""
+        kind = str(doc.get("refused"))[:16]
+        self.metrics.device_refused(kind)
+        log.warning("device %s refused %s (round %s, model version %s): %s", device, kind, doc.get("round"),
+                    doc.get("version"), str(doc.get("reason"))[:300])
 
     def handle(self, msg: Message | ConnectionEvent) -> None:
         if isinstance(msg, ConnectionEvent):
@@ -392,9 +585,7 @@ class AggregatorService:
     def tick(self) -> None:
         """What time alone decides: give up on chunked messages that never completed, close a round whose
         deadline passed (or that is complete), open the next one."""
-        for message_id in self.reassembler.expire(self.clock()):
-            for held in self.held.pop(message_id, []):  # a message whose other chunks never came
-                self.link.ack(held)
+        self.intake.tick()  # partial messages whose other chunks never came
         if self.registry is not None:
             self.registry.refresh()  # enrolment and revocation without a restart (a stat per file, once a second)
         self.presence_log.flush()
