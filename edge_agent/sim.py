@@ -123,7 +123,8 @@ class _Observer:
                 self.watch_uplink(device, round_no, msg.payload)
         elif (device := t.device_of(msg.topic, "telemetry")) is not None:
             doc = json.loads(msg.payload)
-            self.personal_acc.setdefault(int(doc["version"]), {})[device] = float(doc["personal_acc"])
+            if "personal_acc" in doc:  # not a device's report that it refused a model or task
+                self.personal_acc.setdefault(int(doc["version"]), {})[device] = float(doc["personal_acc"])
 
 
 # --- malicious devices: for tests and bench/poisoning.py only ---------------------------------------------------

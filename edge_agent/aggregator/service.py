@@ -33,7 +33,7 @@ from ..learning import dp, rng, robust
 from ..learning.aggregate import Sum, WeightedMean
 from ..learning.head import HeadConfig
 from ..learning.strategies import ClientUpdate, ServerState, make_strategy
-from ..learning.validate import expected_shapes, head_problem
+from ..learning.validate import HARD_MAX_ABS, expected_shapes, head_problem
 from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
 from ..transport import MqttLink
@@ -77,7 +77,9 @@ class AggregatorService:
         self.store = AggregatorStore(cfg.state)
         self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
                                       "seed": cfg.train.seed, "fleet": cfg.fleet_name})
-        self.max_abs = cfg.aggregator.max_abs  # announced in every task and model; no global beyond it is published
+        # Announced in every task and model; no global model beyond it is published. Never above the bound every
+        # device enforces whatever it is told (HARD_MAX_ABS): a model the whole fleet refuses would stall it.
+        self.max_abs = min(cfg.aggregator.max_abs, HARD_MAX_ABS)
         self.refused_reason: str | None = None  # why the last round's new global model was not published
         latest = self.store.latest_global()
         if latest is None:

@@ -159,3 +159,17 @@ def test_the_default_bounds_change_nothing_for_an_honest_fleet(embedded: Any, st
     default = run_simulation(data, cfg)
     unbounded = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1))
     assert default["rounds"] == unbounded["rounds"]
+
+
+def test_without_bounds_a_poisoned_aggregate_is_never_published_and_the_simulation_finishes(embedded: Any) -> None:
+    # Without bounds at ingest a 1e30 update poisons the aggregate. The aggregator's own last line (it never
+    # publishes a model beyond the bound every device enforces) keeps the last good model: each round fails, the
+    # devices keep evaluating version 0, and the simulation, which also reads devices' refusal reports, finishes.
+    data = federate(embedded, PartitionConfig("natural", seed=0))
+    cfg = TrainingConfig(strategy="fedavg", rounds=3, seed=0)
+    bad = frozenset(data.client_ids[:1])
+    result = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1),
+                            attack=Attack(bad, "huge"))
+    per_round = [r["client_acc"] for r in result["rounds"]]
+    assert len(per_round) == 3 and per_round[0] == per_round[1] == per_round[2]
+    assert all(0.0 <= a <= 1.0 for a in per_round[-1].values())
