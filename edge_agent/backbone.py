@@ -261,8 +261,9 @@ class FrozenBackbone:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise BackboneError(
-                f"backbone model not found: {self.path}. Expected a .tflite file; the bundled one is "
-                f"{DEFAULT_MODEL} (rebuild it with `python models/build_backbone.py`)."
+                f"backbone model not found: {self.path}. Expected a .tflite file. edge-fl ships its backbone at "
+                f"{DEFAULT_MODEL}: if that is the one missing, reinstall edge-fl (a source checkout can rebuild it "
+                "with `python models/build_backbone.py`, which needs TensorFlow); for your own model, fix the path."
             )
         if (batch_size is not None and batch_size < 1) or num_threads < 1:
             raise BackboneError(f"batch_size and num_threads must be >= 1, got {batch_size} and {num_threads}")
