@@ -21,7 +21,7 @@ import numpy as np
 
 from .backbone_plan import NoWorkingPlan, PlanKey, RunPlan, plan_run
 from .codec.digest import sha256
-from .fsutil import atomic_write
+from .fsutil import atomic_write, file_sha256
 from .learning.features import EmbeddingStandardizer
 from .resources import backbone_model as bundled_backbone_model
 
@@ -36,14 +36,6 @@ DEFAULT_MODEL = bundled_backbone_model()
 
 class BackboneError(RuntimeError):
     """The backbone model cannot be loaded or run as asked."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_interpreter_module(runtime: RuntimeName = "auto") -> tuple[str, Any]:

