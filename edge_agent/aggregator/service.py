@@ -99,14 +99,17 @@ class AggregatorService:
         # Bounded influence (learning/robust.py): the norms of recent accepted updates, kept with the state, give
         # the next round's norm bound; the rounds that added DP noise give the privacy budget spent.
         self.norm_history: list[float] = json.loads(self.store.read_meta("norm_history") or "[]")
+        self.count_history: list[int] = json.loads(self.store.read_meta("count_history") or "[]")
         self.dp_rounds = int(self.store.read_meta("dp_rounds") or 0)
         self.round_norms: list[float] = []  # the open round's accepted norms (durable in its accumulator)
+        self.round_counts: list[int] = []  # ... and the example counts they claimed (capped at max_examples)
         self.acc = self.start_aggregation()
         if self.state is not None and self.state.phase is Phase.COLLECTING:
             saved = self.store.accumulator(self.state.round)
             if saved is not None:
                 self.acc = type(self.acc).from_arrays(saved)
                 self.round_norms = [float(n) for n in saved.get("__norms__", np.zeros(0))]
+                self.round_counts = [int(n) for n in saved.get("__counts__", np.zeros(0, np.int64))]
             log.info("resuming round %d: %d update(s) already counted", self.state.round, len(self.state.accepted))
         self.online: set[str] = set()
         self.presence_log = PresenceLog(log, clock)
@@ -195,9 +198,16 @@ class AggregatorService:
         """The strategy's accumulator, or every update kept for a rule that needs them all (trimmed mean,
         median); statistics (Sum: nearest-class-mean sums) always add up."""
         acc = self.strategy.start_aggregation(self.server)
-        if self.robust.rule != "mean" and not isinstance(acc, Sum):
-            return robust.StackedUpdates(self.robust.rule, self.robust.trim_fraction)
+        r = self.robust
+        if r.rule != "mean" and not isinstance(acc, Sum):
+            fraction = r.drop_fraction if r.rule == "agreeing-mean" else r.trim_fraction
+            return robust.StackedUpdates(r.rule, fraction, self.server.params)
         return acc
+
+    @property
+    def count_cap(self) -> int:
+        """This round's cap on the examples one update counts for (learning/robust.count_cap)."""
+        return robust.count_cap(self.count_history, self.robust)
 
     @property
     def norm_bound(self) -> float:
@@ -208,10 +218,12 @@ class AggregatorService:
     def bounds(self) -> dict[str, str | int | float]:
         """What the task announces: how this round weighs, bounds and combines updates."""
         r = self.robust
-        out: dict[str, str | int | float] = {"rule": r.rule, "weighting": r.weighting, "max_examples": r.max_examples,
+        out: dict[str, str | int | float] = {"rule": r.rule, "weighting": r.weighting, "max_examples": self.count_cap,
                                              "max_abs": r.max_abs, "clip": r.clip}
         if r.rule == "trimmed-mean":
             out["trim_fraction"] = r.trim_fraction
+        if r.rule == "agreeing-mean":
+            out["drop_fraction"] = r.drop_fraction
         if r.clip != "off":
             out["norm_bound"] = self.norm_bound
         if r.dp:
@@ -222,7 +234,10 @@ class AggregatorService:
                      who: str) -> tuple[dict[str, np.ndarray], int, float | None] | None:
         """(tensors, weight, norm of its change) as the server allows them, or None when rejected."""
         r = self.robust
-        weight = r.weight(num_examples)
+        weight = r.weight(num_examples, self.count_cap)
+        if weight < min(int(num_examples), r.max_examples) and r.weighting == "count":
+            log.info("%s: claims %d examples, counts for %d (count_factor x the fleet's median count)", who,
+                     num_examples, weight)
         stats = isinstance(self.acc, Sum)  # class statistics: sums, not weights; only finiteness applies
         problem = robust.out_of_range(tensors, math.inf if stats else r.max_abs)
         if problem is not None:
@@ -256,13 +271,17 @@ class AggregatorService:
     def bounds_state_after_round(self) -> dict[str, str]:
         """The norm history and the count of noisy rounds, committed with the round that changes them."""
         self.norm_history = (self.norm_history + self.round_norms)[-self.robust.clip_window:]
+        self.count_history = (self.count_history + self.round_counts)[-self.robust.clip_window:]
         if self.robust.dp and not isinstance(self.acc, Sum) and self.acc.count:
             self.dp_rounds += 1
-        return {"norm_history": json.dumps(self.norm_history), "dp_rounds": str(self.dp_rounds)}
+        return {"norm_history": json.dumps(self.norm_history), "count_history": json.dumps(self.count_history),
+                "dp_rounds": str(self.dp_rounds)}
 
     def bounds_status(self) -> dict[str, object]:
         """For the round's status document, log and metrics: the next bound and the privacy budget spent."""
         out: dict[str, object] = {"rule": self.robust.rule}
+        if self.robust.weighting == "count":
+            out["count_cap"] = self.count_cap
         if self.robust.clip != "off":
             out["norm_bound"] = round(self.norm_bound, 6)
             self.metrics.norm_bound(self.norm_bound)
@@ -333,6 +352,7 @@ class AggregatorService:
         self.store.open_round(self.state)
         self.acc = self.start_aggregation()
         self.round_norms = []
+        self.round_counts = []
         self.counters = RoundCounters()
         self.metrics.round_opened(nxt)
         self.view.round_opened(nxt, self.state.model_version, len(selected), self.state.opened_at, self.state.deadline)
@@ -483,8 +503,9 @@ class AggregatorService:
         self.strategy.add_update(self.server, self.acc, update)
         if norm is not None:
             self.round_norms.append(norm)
-        self.store.accept(self.state, env, {**self.acc.to_arrays(), "__norms__": np.array(self.round_norms)},
-                          self.clock())
+        self.round_counts.append(max(1, min(int(env.num_examples), self.robust.max_examples)))
+        self.store.accept(self.state, env, {**self.acc.to_arrays(), "__norms__": np.array(self.round_norms),
+                                            "__counts__": np.array(self.round_counts, np.int64)}, self.clock())
         crash_point("aggregator.after_commit", env.round)  # counted, but the broker has no PUBACK yet
         self.state = rounds.accept(self.state, env)
         self.metrics.update_accepted()

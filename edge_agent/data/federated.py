@@ -77,3 +77,25 @@ def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
                             embedded.test.y[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
     return FederatedData(tuple(s.client_id for s in splits), clients, std(new_x), new_y,
                          len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
+
+
+def holdout_validation(data: FederatedData, share: float = 0.25) -> FederatedData:
+    """The same clients scored on VALIDATION windows: the last `share` of each client's training windows of
+    each class (later in time, like the test windows) become its scoring set, and it trains on the rest. Its
+    test windows are not in it at all: settings chosen on it (a robust rule's fraction, a learning rate) are
+    chosen without looking at the test set. Windows next to the cut overlap in time, so validation scores run
+    slightly optimistic; they rank settings, they are not reported as accuracy."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"validation share {share}: must be between 0 and 1")
+    clients = []
+    for cd in data.clients:
+        train, val = [], []
+        for label in np.unique(cd.y_train):
+            idx = np.flatnonzero(cd.y_train == label)  # in time order within the client
+            cut = len(idx) - round(share * len(idx)) if len(idx) > 1 else len(idx)
+            train.append(idx[:cut])
+            val.append(idx[cut:])
+        tr, va = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        clients.append(ClientData(cd.x_train[tr], cd.y_train[tr], cd.x_train[va], cd.y_train[va]))
+    return FederatedData(data.client_ids, tuple(clients), data.new_user_x, data.new_user_y, data.num_classes,
+                         data.embedding_dim, data.class_names, data.partition)

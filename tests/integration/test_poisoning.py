@@ -142,12 +142,15 @@ def test_without_bounds_the_same_attack_does_harm(embedded: Any) -> None:
 
     def honest(result: dict[str, Any]) -> float:
         return float(np.mean([a for c, a in result["rounds"][-1]["client_acc"].items() if c not in bad]))
-    unbounded = RobustConfig(max_abs=3e38, max_examples=2**63 - 1)
+    unbounded = RobustConfig(max_abs=3e38, max_examples=2**63 - 1, count_factor=0)
     harmed = honest(run_simulation(data, cfg, robust=unbounded, attack=Attack(bad, "count")))
     guarded = honest(run_simulation(data, cfg, robust=RobustConfig(rule="median", clip="clip"),
                                     attack=Attack(bad, "count")))
+    # The defaults: the liar counts for max_examples in the first round, then for count_factor x the median count.
+    defaults = honest(run_simulation(data, cfg, attack=Attack(bad, "count")))
     clean = honest(run_simulation(data, cfg))
-    assert harmed < clean - 0.03 and guarded > clean - 0.02, (harmed, guarded, clean)
+    assert harmed < clean - 0.03 and guarded > clean - 0.02 and defaults > clean - 0.02, (harmed, guarded, defaults,
+                                                                                        clean)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ditto"])
@@ -157,7 +160,7 @@ def test_the_default_bounds_change_nothing_for_an_honest_fleet(embedded: Any, st
     data = federate(embedded, PartitionConfig("natural", seed=0))
     cfg = TrainingConfig(strategy=strategy, rounds=3, seed=0)
     default = run_simulation(data, cfg)
-    unbounded = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1))
+    unbounded = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1, count_factor=0))
     assert default["rounds"] == unbounded["rounds"]
 
 
@@ -168,7 +171,7 @@ def test_without_bounds_a_poisoned_aggregate_is_never_published_and_the_simulati
     data = federate(embedded, PartitionConfig("natural", seed=0))
     cfg = TrainingConfig(strategy="fedavg", rounds=3, seed=0)
     bad = frozenset(data.client_ids[:1])
-    result = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1),
+    result = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1, count_factor=0),
                             attack=Attack(bad, "huge"))
     per_round = [r["client_acc"] for r in result["rounds"]]
     assert len(per_round) == 3 and per_round[0] == per_round[1] == per_round[2]

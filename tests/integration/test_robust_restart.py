@@ -38,7 +38,7 @@ def _send(svc: AggregatorService, device: str, scale: float) -> None:
     svc.ingest(encode_envelope(env), svc.topics.update(device, svc.state.round), device)
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "agreeing-mean"])
 def test_a_restart_loses_no_accepted_update_of_a_stacked_round(tmp_path: Path, rule: str) -> None:
     broker = MemoryBroker()
     state = tmp_path / "agg.db"
@@ -48,12 +48,13 @@ def test_a_restart_loses_no_accepted_update_of_a_stacked_round(tmp_path: Path, r
     for device, scale in zip(DEVICES[:3], (0.01, 0.02, 5.0), strict=True):  # the last one is clipped
         _send(svc, device, scale)
     before = svc.acc.to_arrays()
-    norms = list(svc.round_norms)
+    norms, counts = list(svc.round_norms), list(svc.round_counts)
     svc.shutdown()  # the state file is all a SIGKILL leaves: nothing is written at shutdown
 
     again = _service(state, broker, rule)
     assert isinstance(again.acc, StackedUpdates) and again.acc.count == 3
     assert again.round_norms == norms and len(norms) == 3
+    assert again.round_counts == counts == [10, 10, 10]
     for k, v in before.items():
         np.testing.assert_array_equal(again.acc.to_arrays()[k], v)
     _send(again, DEVICES[3], 0.03)
@@ -62,7 +63,9 @@ def test_a_restart_loses_no_accepted_update_of_a_stacked_round(tmp_path: Path, r
     assert again.server.version == 1
     bound = again.norm_bound
     assert bound < 1.0  # adapted to the fleet's norms (the ceiling is 1.0)
+    assert again.count_cap == 20  # count_factor 2 x the median claim (10), where it was max_examples
     again.shutdown()
     third = _service(state, broker, rule)
-    assert third.norm_bound == bound  # the norm history is part of the durable state
+    assert third.norm_bound == bound  # the norm history is part of the durable state ...
+    assert third.count_cap == 20  # ... and so is the count history
     third.shutdown()

@@ -91,3 +91,19 @@ def test_unknown_regime_and_missing_file_are_clear_errors(tmp_path, windows) -> 
     (tmp_path / "bad.npy").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="cannot read"):
         load_watch_dataset(tmp_path / "bad.npy")
+
+
+def test_holdout_validation_scores_on_later_training_windows_and_never_on_test() -> None:
+    from edge_agent.data.federated import FederatedData, holdout_validation
+    from edge_agent.learning.strategies import ClientData
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)  # row i is window i, in time order
+    y = np.repeat([0, 1], 10)
+    test = ClientData(x, y, x[:4] + 1000, y[:4])
+    data = FederatedData(("a",), (test,), x[:1], y[:1], 2, 2, ("p", "q"), PartitionConfig())
+    val = holdout_validation(data, 0.3).clients[0]
+    assert val.x_test[:, 0].tolist() == [14, 16, 18, 34, 36, 38]  # the last 3 of each class
+    assert val.x_train[:, 0].tolist() == [v for v in range(0, 40, 2) if v not in (14, 16, 18, 34, 36, 38)]
+    assert not np.isin(val.x_test, test.x_test).any()
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        holdout_validation(data, 1.0)
