@@ -177,6 +177,23 @@ class AgentSigningConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    """`[upload]`: how long an update waits for the aggregator's receipt (edge_agent/receipts.py) before the
+    agent sends it again. A PUBACK is not enough: a broker past its queue limits drops what it acknowledged."""
+
+    receipt_timeout_s: float = 30.0  # the first wait after a send; it doubles with every send of the same update
+    max_receipt_timeout_s: float = 300.0  # the longest wait: an aggregator that is slow gets fewer copies
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_receipt_timeout_s):
+            raise ValueError("[upload] max_receipt_timeout_s must be a finite number of seconds: an update without "
+                             "a receipt must be sent again some day")
+        if self.max_receipt_timeout_s < self.receipt_timeout_s:
+            raise ValueError(f"[upload] max_receipt_timeout_s ({self.max_receipt_timeout_s}) must be at least "
+                             f"receipt_timeout_s ({self.receipt_timeout_s})")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     state_dir: str
@@ -186,6 +203,7 @@ class AgentConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     signing: AgentSigningConfig = field(default_factory=AgentSigningConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
 
 
 @dataclass(frozen=True)
@@ -203,6 +221,15 @@ class FleetConfig:
     chunk_timeout_s: float = 10.0  # a partial message whose other chunks do not follow within this is dropped
     max_partial_bytes: int = 32 << 20  # all partial messages together
     max_partials_per_device: int = 2  # a device's partial messages in flight (its oldest is dropped beyond)
+    # Devices spread their first upload of a round over this many seconds (0: no spread), so a round of thousands
+    # of devices does not reach the broker as one burst past its queue limits (broker_config/README.md).
+    upload_window_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.upload_window_s > 0 and self.upload_window_s >= self.deadline_s:
+            raise ValueError(f"upload_window_s ({self.upload_window_s:g}) must be less than deadline_s "
+                             f"({self.deadline_s:g}): the last device would upload after the deadline; keep the "
+                             f"window well inside it (at most half: devices also need time to train and resend)")
 
 
 @dataclass(frozen=True)
@@ -326,7 +353,8 @@ _NESTED: dict[str, type] = {"BackboneConfig": BackboneConfig, "BrokerConfig": Br
                             "TlsConfig": TlsConfig,
                             "FleetConfig": FleetConfig,
                             "TrainingConfig": TrainingConfig, "AgentSigningConfig": AgentSigningConfig,
-                            "AggregatorSigningConfig": AggregatorSigningConfig, "RobustConfig": RobustConfig}
+                            "AggregatorSigningConfig": AggregatorSigningConfig, "RobustConfig": RobustConfig,
+                            "UploadConfig": UploadConfig}
 
 
 def resolve_path(value: str | None, base: Path) -> str | None:
@@ -604,6 +632,9 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (FleetConfig, "chunk_timeout_s"): _positive,
     (FleetConfig, "max_partial_bytes"): _at_least(0),
     (FleetConfig, "max_partials_per_device"): _at_least(1),
+    (FleetConfig, "upload_window_s"): _at_least(0),
+    (UploadConfig, "receipt_timeout_s"): _positive,
+    (UploadConfig, "max_receipt_timeout_s"): _positive,
     (AggregatorConfig, "fleet_name"): _topic_name,
     (AggregatorConfig, "embedding_dim"): _at_least(1),
     (AggregatorConfig, "num_classes"): _at_least(2),

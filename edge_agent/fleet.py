@@ -10,6 +10,7 @@ signature itself is codec/signing.py's business.
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -87,6 +88,18 @@ class SelectionRule:
         return cls(salt, value)
 
 
+UPLOAD_WINDOW_KEY = "upload_window_s"  # optional meta: absent (older aggregators, or no spread) means 0
+
+
+def upload_delay(window_s: float, device_id: str, round_no: int) -> float:
+    """How long `device_id` waits before its first upload of round `round_no`: uniform in [0, window_s), drawn
+    from a hash of (device, round), so the fleet's uploads spread over the window and a test can predict each."""
+    if window_s <= 0:
+        return 0.0
+    digest = hashlib.blake2b(f"{device_id}/{round_no}".encode(), digest_size=8, person=b"edgefl-upload").digest()
+    return window_s * (int.from_bytes(digest, "big") / 2**64)
+
+
 @dataclass(frozen=True)
 class RoundTask:
     """Round `round`: train from `model`, upload before `deadline` (unix seconds); `selected` is None when
@@ -101,11 +114,17 @@ class RoundTask:
     bounds: Mapping[str, str | int | float] = field(default_factory=dict)
     rule: SelectionRule | None = None  # a sampled round's selection, in constant size (`selected` is then None)
     quorum: int | None = None  # the round closes once this many selected devices reported (None: not announced)
+    # Devices spread their first upload over this many seconds after the task (upload_delay): thousands of devices
+    # must not reach the broker's queues in one burst. 0: every device uploads as soon as it trained.
+    upload_window_s: float = 0.0
 
     def selects(self, device_id: str) -> bool:
         if self.rule is not None:
             return self.rule.selects(device_id)
         return self.selected is None or device_id in self.selected
+
+    def upload_delay(self, device_id: str) -> float:
+        return upload_delay(self.upload_window_s, device_id, self.round)
 
 
 def _meta(model: GlobalModel) -> dict[str, Any]:
@@ -140,6 +159,8 @@ def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
     bounds = {BOUNDS_PREFIX + k: v for k, v in task.bounds.items()}
     if task.quorum is not None:
         bounds["quorum"] = task.quorum
+    if task.upload_window_s > 0:  # absent when 0: a task without a window reads the same to every device
+        bounds[UPLOAD_WINDOW_KEY] = float(task.upload_window_s)
     return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected,
                                             **bounds}, sign)
 
@@ -200,5 +221,9 @@ def decode_task(env: Envelope) -> RoundTask:
     bounds = {k[len(BOUNDS_PREFIX):]: v for k, v in meta.items()
               if k.startswith(BOUNDS_PREFIX) and isinstance(v, (str, int, float))}
     quorum = meta.get("quorum")
+    window = meta.get(UPLOAD_WINDOW_KEY, 0.0)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window < math.inf:
+        raise FleetMessageError(f"round task {env.round}: {UPLOAD_WINDOW_KEY} is {window!r:.40}, expected a "
+                                f"number of seconds >= 0")
     return RoundTask(round_no, deadline, ids, model, bounds, rule,
-                     quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None)
+                     quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None, float(window))

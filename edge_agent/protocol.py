@@ -11,12 +11,15 @@ against it (tests/unit/test_docs.py). Every topic lives under `edgefl/<fleet>/`:
 | presence | `presence/<device>` | 1 | yes | device | `online` on connect; `offline` as its last will (3) |
 | telemetry | `telemetry/<device>` | 1 | no | device | JSON: the device's head accuracies per global version |
 | aggregator status | `status` | 1 | yes | aggregator | JSON: the last closed round (reporting, rejected, bytes) |
+| update receipt | `receipt/<device>` | 1 | no | aggregator | JSON: update id, round, counted or refused, reason (4) |
 
 Envelopes are `codec.envelope.Envelope`. (1) The tensors to train from; its meta holds the round, deadline,
 selected devices and training configuration. The broker drops it at the deadline (message expiry); the aggregator
 empties it once the last round closed. (2) Chunks (`codec.chunking`), all on the same topic, when the
 envelope is larger than the broker's packet limit. (3) Published by the broker when the device's connection
-is lost, and by the device itself on a clean exit.
+is lost, and by the device itself on a clean exit. (4) `receipts.encode_receipt`: the aggregator's answer to
+each update it read (every copy of it), readable only by that device; the device keeps the update in its outbox
+and sends it again until one arrives (edge_agent/receipts.py).
 
 Telemetry is QoS 1 rather than 0 because `edge-fl demo` builds its per-round table from it.
 """
@@ -59,6 +62,8 @@ TOPIC_TABLE: tuple[TopicSpec, ...] = (
               "JSON: the device's head accuracies per global version", "telemetry"),
     TopicSpec("aggregator status", "status", 1, True, "aggregator",
               "JSON: the last closed round (reporting, rejected, bytes)", "status"),
+    TopicSpec("update receipt", "receipt/<device>", 1, False, "aggregator",
+              "JSON: update id, round, counted or refused, reason (4)", "receipt"),
 )
 
 
@@ -120,6 +125,13 @@ class Topics:
     @property
     def telemetry_filter(self) -> str:
         return f"{self.prefix}/telemetry/+"
+
+    def receipt(self, device: str) -> str:
+        return f"{self.prefix}/receipt/{check_name('device id', device)}"
+
+    @property
+    def receipt_filter(self) -> str:
+        return f"{self.prefix}/receipt/+"
 
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device level of a `<prefix>/<kind>/<device>[/...]` topic, or None if it is not one."""

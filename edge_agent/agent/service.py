@@ -5,8 +5,10 @@ One thread runs this loop; paho's network thread only fills the link's inbox. Th
 - on a round task that selects this device: trains once per round and commits the new personal state
   with the encoded update to the outbox in one transaction, then uploads;
 - on a new global version: evaluates its heads on its own held-out data and reports telemetry;
-- uploads whatever the outbox holds whenever it is connected (see agent/store.py for when an update
-  counts as sent and when it is forgotten).
+- uploads whatever the outbox holds whenever it is connected, the first time after the delay the task's
+  upload window gives this device (fleet.upload_delay), and again, with a doubling timeout and after every
+  reconnection, until the aggregator's receipt for it arrives on `Topics.receipt(device)` or its round is
+  over (edge_agent/receipts.py; agent/store.py for when an update leaves the outbox).
 
 With `[signing]` configured, updates are signed with the device's key, and a task or model counts only if
 signed with one of the fleet keys the device was enrolled with. Whatever the signatures, a task or model
@@ -70,6 +72,7 @@ from ..messaging import (
     PublishError,
 )
 from ..protocol import Topics
+from ..receipts import ReceiptError, UploadSchedule, decode_receipt
 from ..transport import MqttLink
 from .sources import DataSource, open_source
 from .store import AgentStore, OutboxItem
@@ -88,9 +91,12 @@ def _message_id(update_id: str) -> bytes:
 
 class AgentService:
     def __init__(self, cfg: AgentConfig, source: DataSource | None = None, *,
-                 link_factory: LinkFactory = MqttLink, clock: Callable[[], float] = time.time) -> None:
+                 link_factory: LinkFactory = MqttLink, clock: Callable[[], float] = time.time,
+                 timer: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.clock = clock  # compared with a task's deadline, which the aggregator's clock set
+        self.timer = timer  # for waits (upload window, receipt timeouts): a wall clock set back must not stretch them
+        self.uploads = UploadSchedule(cfg.upload.receipt_timeout_s, cfg.upload.max_receipt_timeout_s)
         self.topics = Topics(cfg.fleet)
         self.store = AgentStore(MEMORY if cfg.state_dir == MEMORY else Path(cfg.state_dir) / "agent.db")
         self.waiting: RoundTask | None = None  # a round task that arrived before enough local data
@@ -220,6 +226,7 @@ class AgentService:
 
     def train(self, task: RoundTask) -> None:
         round_no = task.round
+        started = self.timer()
         if not task.selects(self.cfg.device_id):
             log.info("round %d: not selected", round_no)
             return
@@ -261,10 +268,14 @@ class AgentService:
                 strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
                 tensors=update.tensors, codec=model.codec)
             item = OutboxItem(envelope.update_id, round_no, self.topics.update(self.cfg.device_id, round_no),
-                              encode_envelope(envelope, sign=self.sign_update))
+                              encode_envelope(envelope, sign=self.sign_update), task.deadline)
         self.store.commit_round(round_no, model.version, state, item)
         crash_point("agent.after_commit", round_no)
         queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
+        delay = task.upload_delay(self.cfg.device_id)
+        if item is not None and delay > 0:  # the task's upload window: the fleet's uploads must not come as one burst
+            self.uploads.hold(item.update_id, started + delay)
+            queued += f", to be sent {delay:.1f} s after the task (upload window {task.upload_window_s:g} s)"
         log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
                  1000 * (time.perf_counter() - t0), queued)
         if self.source.runs_heads:  # an attached MCU runs this device's new personalized head
@@ -272,31 +283,87 @@ class AgentService:
                                                    rng.personalize(model.training.seed, round_no, self.cfg.rng_stream)))
 
     def flush_outbox(self, *, resend: bool = False) -> None:
+        """Send what the outbox holds that no broker took yet (`resend`: also what one took, which may be lost):
+        at once, except an update whose first send waits for its place in the round's upload window."""
+        now = self.timer()
         for item in self.store.outbox(include_sent=resend):
-            if not self.link.connected:
+            if self.uploads.sends(item.update_id) == 0 and not self.uploads.due(item.update_id, now):
+                continue
+            if not self.send(item):
                 return
-            limit = self.cfg.broker.max_payload_bytes
-            # Chunk ids derive from the update id: a resend after a crash is recognised as the same message.
-            parts = [item.payload] if len(item.payload) <= limit else split_message(
-                item.payload, message_id=_message_id(item.update_id), max_chunk_bytes=limit)
-            try:
-                for part in parts:
-                    rc = self.link.publish(item.topic, part, qos=1, timeout=10.0)
-            except PublishError as exc:  # the broker answered, and said no: retrying will not change that
-                log.error("update %s for round %d REFUSED by the broker: %s; it stays in the outbox, but nothing "
-                          "this device sends will count until that is fixed", item.update_id, item.round, exc)
+
+    def send_due(self) -> None:
+        """Send each update whose time came: its first send (after its upload window delay), a send that failed,
+        or a send the aggregator has not confirmed with a receipt within the timeout."""
+        now = self.timer()
+        for item in self.store.outbox(include_sent=True):
+            if not self.uploads.due(item.update_id, now):
+                continue
+            sends = self.uploads.sends(item.update_id)
+            if sends:
+                log.info("update %s for round %d: no receipt from the aggregator after %d send(s); sending it again",
+                         item.update_id, item.round, sends)
+            if not self.send(item):
                 return
-            except MqttError as exc:
-                log.warning("update %s for round %d not delivered yet (%s); it stays in the outbox",
-                            item.update_id, item.round, exc)
-                return
-            crash_point("agent.after_puback", item.round)  # acknowledged by the broker, not yet marked here
-            if rc == NO_MATCHING_SUBSCRIBERS:
-                log.warning("update %s for round %d: the aggregator is not subscribed right now; will retry",
-                            item.update_id, item.round)
-                return
-            self.store.mark_sent(item.update_id)
-            log.info("update %s for round %d delivered (PUBACK reason code 0x%02x)", item.update_id, item.round, rc)
+
+    def send(self, item: OutboxItem) -> bool:
+        """Publish one update (in chunks if it is large); False if nothing more can be sent now."""
+        if not self.link.connected:
+            return False
+        limit = self.cfg.broker.max_payload_bytes
+        # Chunk ids derive from the update id: a resend after a crash is recognised as the same message.
+        parts = [item.payload] if len(item.payload) <= limit else split_message(
+            item.payload, message_id=_message_id(item.update_id), max_chunk_bytes=limit)
+        try:
+            for part in parts:
+                rc = self.link.publish(item.topic, part, qos=1, timeout=10.0)
+        except PublishError as exc:  # the broker answered, and said no: retrying will not change that
+            log.error("update %s for round %d REFUSED by the broker: %s; it stays in the outbox, but nothing "
+                      "this device sends will count until that is fixed", item.update_id, item.round, exc)
+            return False
+        except MqttError as exc:
+            log.warning("update %s for round %d not delivered yet (%s); it stays in the outbox",
+                        item.update_id, item.round, exc)
+            return False
+        crash_point("agent.after_puback", item.round)  # acknowledged by the broker, not yet marked here
+        if rc == NO_MATCHING_SUBSCRIBERS:
+            log.warning("update %s for round %d: the aggregator is not subscribed right now; will retry",
+                        item.update_id, item.round)
+            return False
+        self.store.mark_sent(item.update_id)
+        now = self.timer()
+        again = self.uploads.sent(item.update_id, now) - now
+        log.info("update %s for round %d taken by the broker (PUBACK reason code 0x%02x); sent again in %.0f s "
+                 "unless the aggregator's receipt comes first", item.update_id, item.round, rc, again)
+        return True
+
+    def on_receipt(self, payload: bytes) -> None:
+        """The aggregator's verdict on one of this device's updates: counted or refused, it leaves the outbox."""
+        try:
+            receipt = decode_receipt(payload)
+        except ReceiptError as exc:
+            log.warning("ignored a malformed receipt on %s: %s", self.topics.receipt(self.cfg.device_id), exc)
+            return
+        sends = self.uploads.sends(receipt.update_id)
+        if not self.store.confirm(receipt.update_id, receipt.round):
+            log.debug("receipt (%s) for update %s of round %d, which the outbox does not hold: ignored (a copy for "
+                      "a resend, or an update given up on)", receipt.verdict, receipt.update_id, receipt.round)
+            return
+        self.uploads.forget(receipt.update_id)
+        if receipt.verdict == "counted":
+            log.info("update %s for round %d counted by the aggregator (after %d send(s))", receipt.update_id,
+                     receipt.round, sends)
+        else:
+            log.warning("update %s for round %d REFUSED by the aggregator: %s; it leaves the outbox, not sent again",
+                        receipt.update_id, receipt.round, receipt.reason or "no reason given")
+
+    def give_up(self, forgotten: list[tuple[str, int]], why: str) -> None:
+        """Updates dropped from the outbox without a receipt: they may or may not have been counted."""
+        for update_id, round_no in forgotten:
+            log.warning("update %s for round %d was never confirmed by the aggregator (no receipt after %d send(s)) "
+                        "and %s: given up; it may not have been counted", update_id, round_no,
+                        self.uploads.sends(update_id), why)
+            self.uploads.forget(update_id)
 
     # --- the loop -------------------------------------------------------------------------------
     def handle(self, msg: Message | ConnectionEvent) -> None:
@@ -315,10 +382,13 @@ class AgentService:
                 self.lost_at = time.monotonic()
                 log.warning("lost connection to the broker: %s; reconnecting with backoff", msg.reason)
             return
+        if msg.topic == self.topics.receipt(self.cfg.device_id):
+            self.on_receipt(msg.payload)
+            return
         if not msg.payload:
             if msg.topic == self.topics.round_current:  # the aggregator cleared the task: the fleet is done
                 self.waiting = None
-                self.store.forget_rounds_before(1 << 62)
+                self.give_up(self.store.forget_rounds_before(1 << 62), "the fleet finished its last round")
             return
         if msg.topic not in self.contexts or not self.signed_by_fleet(msg):
             return
@@ -349,7 +419,7 @@ class AgentService:
         self.store.raise_high_water(round_no, version)
         if is_task:
             self.waiting = None  # a newer task replaces one we could not train yet
-            self.store.forget_rounds_before(task.round)
+            self.give_up(self.store.forget_rounds_before(task.round), f"round {task.round} began")
             self.train(task)
             # Also what was sent before: the aggregator publishes its task again when it (re)connects, and an
             # update sent while it was away may be lost (a broker crash) or acknowledged with nobody to get it.
@@ -378,14 +448,16 @@ class AgentService:
         self.link.connect(timeout=self.cfg.broker.connect_timeout_s if timeout is None else timeout)
         self.link.subscribe(self.topics.round_current, qos=1)
         self.link.subscribe(self.topics.model_current, qos=1)
+        self.link.subscribe(self.topics.receipt(self.cfg.device_id), qos=1)
         log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, self.source.description, self.cfg.fleet)
 
     def idle(self) -> None:
-        """Nothing arrived for a while: retry what waits for data, then what waits in the outbox."""
+        """Nothing arrived for a while: retry what waits for data, then send what is due from the outbox."""
         if self.waiting is not None:
             self.train(self.waiting)
-        if self.link.connected and self.store.outbox():  # unsent only
-            self.flush_outbox()
+        self.give_up(self.store.forget_expired(self.clock()), "its round's deadline passed")
+        if self.link.connected:
+            self.send_due()
 
     def shutdown(self) -> None:
         try:

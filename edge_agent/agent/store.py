@@ -7,14 +7,17 @@ the round (and will), or has the update waiting in its outbox (and will send the
 with the same update id, which the aggregator counts once).
 
 An update is marked sent after the broker acknowledged it (PUBACK reason code < 0x80, and not 0x10
-"no matching subscribers", which means the aggregator was not subscribed at that moment). It leaves
-the outbox only when its round is over: a broker that crashes loses the messages it held, so after
-every reconnection the agent sends the updates of the still-open round again (the aggregator ignores
-what it already counted).
+"no matching subscribers", which means the aggregator was not subscribed at that moment). A PUBACK
+only says the broker took it: a broker past its queue limits drops what it acknowledged, and one that
+crashes loses what it held. So an update leaves the outbox when the aggregator's receipt for it
+arrives (counted or refused: edge_agent/receipts.py), or, never confirmed, when its round is over (a
+later round's task, or its deadline passed). Until then the agent sends it again, after a timeout and
+after every reconnection (the aggregator ignores what it already counted).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +36,7 @@ CREATE TABLE IF NOT EXISTS round_log (
     round INTEGER PRIMARY KEY, update_id TEXT, model_version INTEGER NOT NULL, trained_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    created_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0);
+    created_at REAL NOT NULL, sent INTEGER NOT NULL DEFAULT 0, deadline REAL);
 CREATE TABLE IF NOT EXISTS evaluations (version INTEGER PRIMARY KEY, report TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS high_water (
     id INTEGER PRIMARY KEY CHECK (id = 1), round INTEGER NOT NULL, model_version INTEGER NOT NULL);
@@ -52,12 +55,21 @@ class OutboxItem:
     round: int
     topic: str
     payload: bytes
+    deadline: float | None = None  # its round's deadline (unix seconds): past it, nobody will count the update
+
+
+def _add_outbox_deadline(db: sqlite3.Connection) -> None:
+    """Outboxes written before receipts have no deadline column: add it (NULL: wait for a later round's task)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    if "deadline" not in columns:
+        db.execute("ALTER TABLE outbox ADD COLUMN deadline REAL")
 
 
 class AgentStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.db = connect(self.path, SCHEMA)
+        _add_outbox_deadline(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -79,25 +91,45 @@ class AgentStore:
             self.db.execute("INSERT INTO round_log VALUES (?, ?, ?, ?)",
                             (round_no, item.update_id if item else None, model_version, time.time()))
             if item is not None:
-                self.db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, 0)",
-                                (item.update_id, item.round, item.topic, item.payload, time.time()))
+                self.db.execute("INSERT INTO outbox (update_id, round, topic, payload, created_at, sent, deadline) "
+                                "VALUES (?, ?, ?, ?, ?, 0, ?)",
+                                (item.update_id, item.round, item.topic, item.payload, time.time(), item.deadline))
 
     def save_initial_state(self, state: ClientState) -> None:
         blob = pack_tensors({k: np.asarray(v, np.float32) for k, v in state.personal.items()}, int8=False)
         self.db.execute("INSERT OR IGNORE INTO personal VALUES (1, ?, ?)", (blob, state.rounds_done))
 
     def outbox(self, *, include_sent: bool = False) -> list[OutboxItem]:
+        """Updates not confirmed by a receipt yet; without `include_sent`, only those no broker took yet."""
         where = "" if include_sent else " WHERE sent = 0"
-        rows = self.db.execute(f"SELECT update_id, round, topic, payload FROM outbox{where} "
+        rows = self.db.execute(f"SELECT update_id, round, topic, payload, deadline FROM outbox{where} "
                                "ORDER BY created_at").fetchall()
-        return [OutboxItem(r[0], int(r[1]), r[2], bytes(r[3])) for r in rows]
+        return [OutboxItem(r[0], int(r[1]), r[2], bytes(r[3]), None if r[4] is None else float(r[4])) for r in rows]
 
     def mark_sent(self, update_id: str) -> None:
         self.db.execute("UPDATE outbox SET sent = 1 WHERE update_id=?", (update_id,))
 
-    def forget_rounds_before(self, round_no: int) -> int:
-        """Drop updates of rounds that are over (the aggregator has moved on); returns how many."""
-        return self.db.execute("DELETE FROM outbox WHERE round < ?", (round_no,)).rowcount
+    def confirm(self, update_id: str, round_no: int) -> bool:
+        """The aggregator's receipt for update `update_id` of round `round_no` arrived: drop it. False if the
+        outbox did not hold it (a receipt for a resent copy, or for an update already given up on)."""
+        return self.db.execute("DELETE FROM outbox WHERE update_id = ? AND round = ?",
+                               (update_id, round_no)).rowcount > 0
+
+    def forget_rounds_before(self, round_no: int) -> list[tuple[str, int]]:
+        """Drop updates of rounds that are over (the aggregator has moved on); returns their (update id, round):
+        none of them was confirmed."""
+        return self._forget("round < ?", round_no)
+
+    def forget_expired(self, now: float) -> list[tuple[str, int]]:
+        """Drop updates whose round's deadline is before `now` (unix seconds); returns their (update id, round)."""
+        return self._forget("deadline < ?", now)
+
+    def _forget(self, where: str, value: float) -> list[tuple[str, int]]:
+        # Selected, then deleted, in one transaction, rather than DELETE ... RETURNING: that needs SQLite 3.35.
+        with transaction(self.db):
+            rows = self.db.execute(f"SELECT update_id, round FROM outbox WHERE {where}", (value,)).fetchall()
+            self.db.execute(f"DELETE FROM outbox WHERE {where}", (value,))
+        return [(r[0], int(r[1])) for r in rows]
 
     # --- a device's own data: embeddings of the MCU's labelled windows -------------------------------------
     # Kept as the backbone's output codes (int8 for a quantized backbone: 64 bytes a window, and exact), never as

@@ -10,10 +10,11 @@ the strategy, not exceptions.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -68,6 +69,68 @@ class Phase(str, enum.Enum):
     CLOSED = "closed"
 
 
+class AcceptedUpdates(Mapping[str, str]):
+    """The updates a round counted (device id -> update id), knowing the round's selected devices: membership,
+    `plus` and the count of selected devices that reported are O(1), whatever the fleet's size.
+
+    Read-only to its readers, as a frozen state's member must be. `plus` returns a new version without copying:
+    versions share one append-only dict, and an entry belongs to every version made after it (its sequence
+    number is below the version's size). Adding to a version that is no longer the newest (a branch) copies
+    it first, O(n); the service never branches.
+    """
+
+    __slots__ = ("selected", "selected_set", "_entries", "_size", "_reported")
+
+    def __init__(self, selected: tuple[str, ...], items: Mapping[str, str] | None = None) -> None:
+        self.selected = selected  # the very tuple of the state it serves (RoundState checks identity)
+        self.selected_set = frozenset(selected)
+        self._entries: dict[str, tuple[str, int]] = {}  # device -> (update id, sequence number), append-only
+        self._size = 0
+        self._reported = 0
+        for device, update_id in (items or {}).items():
+            self._append(device, update_id)
+
+    def _append(self, device: str, update_id: str) -> None:
+        self._entries[device] = (update_id, self._size)
+        self._size += 1
+        self._reported += device in self.selected_set
+
+    def plus(self, device: str, update_id: str) -> AcceptedUpdates:
+        """These updates and `device`'s; this version is unchanged."""
+        if device in self:
+            raise ValueError(f"device {device!r} already has update {self[device]} counted this round")
+        base = self if self._size == len(self._entries) else AcceptedUpdates(self.selected, dict(self.items()))
+        new = AcceptedUpdates.__new__(AcceptedUpdates)
+        new.selected, new.selected_set, new._entries = base.selected, base.selected_set, base._entries
+        new._size, new._reported = base._size, base._reported
+        new._append(device, update_id)
+        return new
+
+    @property
+    def reported(self) -> int:
+        """How many of the counted updates come from selected devices."""
+        return self._reported
+
+    def __getitem__(self, device: str) -> str:
+        update_id, seq = self._entries[device]
+        if seq >= self._size:  # added by a later version
+            raise KeyError(device)
+        return update_id
+
+    def __contains__(self, device: object) -> bool:
+        entry = self._entries.get(device) if isinstance(device, str) else None
+        return entry is not None and entry[1] < self._size
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.islice(self._entries, self._size)  # insertion order: this version's entries come first
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"AcceptedUpdates({dict(self.items())!r})"
+
+
 @dataclass(frozen=True)
 class RoundState:
     round: int  # 1-based round number
@@ -75,11 +138,26 @@ class RoundState:
     selected: tuple[str, ...]
     opened_at: float
     deadline: float
-    accepted: Mapping[str, str] = field(default_factory=dict)  # device id -> update id
+    # device id -> update id; given as any mapping, held as AcceptedUpdates (O(1) accept and membership)
+    accepted: Mapping[str, str] = field(default_factory=dict)
     phase: Phase = Phase.COLLECTING
     # A sampled round's rule as announced in its task: a device it selects may contribute even if the
     # aggregator did not expect it (it came online after the round opened, or was on probation).
     rule: SelectionRule | None = None
+
+    def __post_init__(self) -> None:
+        # `replace` passes the AcceptedUpdates on with the same selected tuple: kept as it is, O(1). Built (O(n))
+        # only when a round opens or resumes, or when `selected` itself is replaced.
+        given = self.accepted
+        if not (isinstance(given, AcceptedUpdates) and given.selected is self.selected):
+            object.__setattr__(self, "accepted", AcceptedUpdates(self.selected, given))
+
+    @property
+    def counted(self) -> AcceptedUpdates:
+        return cast(AcceptedUpdates, self.accepted)
+
+    def is_selected(self, device_id: str) -> bool:
+        return device_id in self.counted.selected_set
 
     @property
     def stragglers(self) -> tuple[str, ...]:
@@ -88,7 +166,7 @@ class RoundState:
     @property
     def reported(self) -> int:
         """Selected (expected) devices that delivered; others the rule admits count toward success, not quorum."""
-        return sum(1 for d in self.selected if d in self.accepted)
+        return self.counted.reported
 
 
 class Outcome(str, enum.Enum):
@@ -188,7 +266,7 @@ def judge(state: RoundState | None, update: UpdateLike, *, strategy: str,
         return Verdict(Outcome.DUPLICATE, f"{who}: already counted")
     if known is not None:
         return Verdict(Outcome.REJECTED, f"{who}: device already delivered update {known} this round")
-    if update.device_id not in state.selected and (state.rule is None or not state.rule.selects(update.device_id)):
+    if not state.is_selected(update.device_id) and (state.rule is None or not state.rule.selects(update.device_id)):
         return Verdict(Outcome.REJECTED, f"{who}: device was not selected for this round")
     if update.strategy != strategy:
         return Verdict(Outcome.REJECTED, f"{who}: strategy {update.strategy!r}, the fleet runs {strategy!r}")
@@ -205,7 +283,8 @@ def judge(state: RoundState | None, update: UpdateLike, *, strategy: str,
 
 
 def accept(state: RoundState, update: UpdateLike) -> RoundState:
-    return replace(state, accepted={**state.accepted, update.device_id: update.update_id})
+    """The state with `update` counted: O(1), the old state is unchanged (AcceptedUpdates shares storage)."""
+    return replace(state, accepted=state.counted.plus(update.device_id, update.update_id))
 
 
 def should_close(state: RoundState, now: float, config: RoundConfig) -> bool:

@@ -2,7 +2,18 @@
 
 Everything that decides is pure (rounds.py, the strategy); everything that must survive a crash is in
 the store; this loop only moves messages. Updates are acknowledged to the broker (manual PUBACK) only
-after the store committed them, so a crash between receipt and commit makes the broker redeliver.
+after the store committed them, so a crash between receipt and commit makes the broker redeliver. The
+update messages already waiting are committed together (group commit, `serve`, up to BATCH_LIMIT): one
+transaction and one accumulator snapshot per batch, never a wait for more.
+
+What the process holds, at most (backpressure): QoS 1 messages (updates, chunks, presence) delivered and
+not yet acknowledged are bounded by the link's receive_maximum (256): past it the broker holds the rest
+(Mosquitto's max_queued_messages / max_queued_bytes). So the inbox holds at most 256 x max_update_bytes of
+QoS 1 payload; a batch at most BATCH_LIMIT updates; partial chunked messages fleet.max_partial_bytes
+(ingest.ChunkIntake). Telemetry is QoS 0, outside that window: the link's inbox does not bound it (see the
+transport). Per device, and so growing with the fleet: the online set, the status page's device list, and
+the open round's accepted map (device -> update id); the accumulator does not grow with the fleet for the
+mean, and holds every update for the stacked robust rules (learning/robust.StackedUpdates).
 
 With `[signing]` configured, round tasks and global models go out signed with the fleet key, and an update
 counts only if it is signed by a key enrolled for the device its topic names (keys.KeyRegistry, rescanned
@@ -17,13 +28,15 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from typing import TypeGuard
 
 import numpy as np
 
 from ..codec.chunking import ChunkError, Reassembler
-from ..codec.envelope import EnvelopeError, Kind, decode_envelope
+from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
 from ..config import AggregatorConfig, ConfigError
 from ..faults import crash_point
@@ -36,6 +49,7 @@ from ..learning.strategies import ClientUpdate, ServerState, make_strategy
 from ..learning.validate import HARD_MAX_ABS, expected_shapes, head_problem
 from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
+from ..receipts import Receipt, ReceiptError, encode_receipt
 from ..transport import MqttLink
 from . import privacy, rounds
 from .ingest import ChunkIntake
@@ -48,7 +62,21 @@ from .web import StatusServer
 
 log = logging.getLogger("edge_fl.aggregator")
 MAX_NAMED_STRAGGLERS = 10  # per round; the rest are counted in one line
+# Update messages per group commit: one fsync and one accumulator snapshot for up to this many. Far below the
+# link's receive_maximum (256), so a full batch never waits on the broker's flow control.
+BATCH_LIMIT = 32
 CHUNK_MAGIC = b"EFLC"
+
+
+@dataclass(frozen=True)
+class Settled:
+    """One update message's verdict, final once the batch that carries it is committed (`settle`)."""
+
+    device: str  # as its topic names it
+    update_id: str | None  # None: not a readable envelope (oversized, malformed, refused signature)
+    round: int | None
+    outcome: Outcome
+    reason: str  # why it was rejected, or which update it duplicates; "" when accepted
 
 
 @dataclass
@@ -58,6 +86,18 @@ class RoundCounters:
     bytes_in: int = 0
     bytes_out: int = 0
     reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IngestBatch:
+    """Updates judged since the last commit, and what to go back to if the batch fails before its commit."""
+
+    state: RoundState | None  # the round before the batch
+    norms: int  # len(round_norms) before it
+    counts: int  # len(round_counts) before it
+    counters: RoundCounters
+    accepted: list[Envelope] = field(default_factory=list)  # stored by the batch's commit
+    settled: list[Settled] = field(default_factory=list)  # one verdict per whole update judged
 
 
 class AggregatorService:
@@ -105,11 +145,7 @@ class AggregatorService:
         self.round_counts: list[int] = []  # ... and the example counts they claimed (capped at max_examples)
         self.acc = self.start_aggregation()
         if self.state is not None and self.state.phase is Phase.COLLECTING:
-            saved = self.store.accumulator(self.state.round)
-            if saved is not None:
-                self.acc = type(self.acc).from_arrays(saved)
-                self.round_norms = [float(n) for n in saved.get("__norms__", np.zeros(0))]
-                self.round_counts = [int(n) for n in saved.get("__counts__", np.zeros(0, np.int64))]
+            self.load_accumulator()
             log.info("resuming round %d: %d update(s) already counted", self.state.round, len(self.state.accepted))
         self.online: set[str] = set()
         self.presence_log = PresenceLog(log, clock)
@@ -128,6 +164,7 @@ class AggregatorService:
         self.http: StatusServer | None = None
         self.started = False
         self.counters = RoundCounters()
+        self.last_rejection = ""  # what the latest rejection said (the verdict of the update being judged)
         # chunks are acknowledged at once: partial messages are held in bounded memory, never as unacked messages
         self.intake = ChunkIntake(cfg.fleet, self.metrics, clock)
         b = cfg.broker
@@ -324,7 +361,7 @@ class AggregatorService:
             rule = self.state.rule or rounds.rule_for(
                 self.state.selected, rounds.round_salt(rng.selection(self.cfg.train.seed, self.state.round)))
         task = RoundTask(self.state.round, self.state.deadline, None, self.model(), self.bounds(), rule,
-                         rounds.quorum(self.state, self.round_config))
+                         rounds.quorum(self.state, self.round_config), upload_window_s=self.cfg.fleet.upload_window_s)
         # The broker drops the retained task at its deadline: a device that connects later finds no stale
         # round to train for (the next task replaces it anyway).
         expiry = max(1, math.ceil(self.state.deadline - self.clock()))
@@ -425,28 +462,154 @@ class AggregatorService:
         return self.intake.reassembler
 
     # --- ingest --------------------------------------------------------------------------------
+    # Group commit: the update messages already waiting are judged and accumulated in memory, then ONE
+    # transaction stores every accepted row and one snapshot of the accumulator, then every message of the
+    # batch is acknowledged. A crash before the commit leaves none of the batch counted and all of it
+    # unacknowledged (the broker redelivers); after it, all of it is counted and redeliveries are duplicates.
     def reject(self, what: str, reason: str) -> None:
         """Refuse an update; `reason` is its metrics label (metrics.REJECTION_REASONS)."""
         self.counters.rejected += 1
         self.metrics.update_rejected(reason)
+        self.last_rejection = what
         log.warning("rejected %s", what)
 
-    def on_update_message(self, msg: Message) -> None:
+    def is_update(self, item: Message | ConnectionEvent) -> TypeGuard[Message]:
+        return isinstance(item, Message) and self.topics.device_of(item.topic, "update") is not None
+
+    def serve(self, first: Message | ConnectionEvent) -> None:
+        """Handle `first` and, when it is an update, the updates already waiting behind it (up to BATCH_LIMIT) as
+        one group commit. Never waits for more: a lone update is committed at once. An item that is not an
+        update ends the batch and is handled after the batch's commit, so the inbox's order is kept."""
+        if not self.is_update(first):
+            self.handle(first)
+            return
+        batch = [first]
+        after: Message | ConnectionEvent | None = None
+        while len(batch) < BATCH_LIMIT:
+            try:
+                item = self.link.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not self.is_update(item):
+                after = item
+                break
+            batch.append(item)
+        self.handle_updates(batch)
+        if after is not None:
+            self.handle(after)
+
+    def handle_updates(self, messages: Sequence[Message]) -> None:
+        """Judge `messages` (updates and update chunks), commit what they bring in one transaction, then
+        acknowledge every one of them, rejected and duplicate ones included (they need no commit, and waiting
+        costs them nothing)."""
+        with self.group_commit() as batch:
+            for msg in messages:
+                self.stage_message(msg, batch)
+        for msg in messages:
+            self.link.ack(msg)
+
+    def ingest(self, payload: bytes, topic: str, device: str) -> Settled:
+        """Judge one whole update and commit it on its own (a batch of one); its final verdict."""
+        with self.group_commit() as batch:
+            batch.settled.append(self.stage(payload, topic, device, batch))
+        return batch.settled[-1]
+
+    @contextmanager
+    def group_commit(self) -> Iterator[IngestBatch]:
+        """A batch to stage updates into; committed when the block ends. If anything fails before the commit
+        is done, the in-memory round goes back to what the store holds (never half a batch counted in memory
+        and not on disk) and the error propagates: nothing of the batch was acknowledged."""
+        batch = IngestBatch(self.state, len(self.round_norms), len(self.round_counts), replace(self.counters))
+        try:
+            yield batch
+            if batch.accepted:
+                assert self.state is not None
+                crash_point("aggregator.before_commit", self.state.round)
+                self.store.accept_many(self.state, batch.accepted, self.accumulator_snapshot(), self.clock())
+                crash_point("aggregator.after_commit", self.state.round)  # counted, but the broker has no PUBACK yet
+        except BaseException:
+            self.restore(batch)
+            raise
+        self.settle(batch)
+
+    def accumulator_snapshot(self) -> dict[str, np.ndarray]:
+        """The running aggregate as stored: the accumulator plus the open round's norms and counts."""
+        return {**self.acc.to_arrays(), "__norms__": np.array(self.round_norms),
+                "__counts__": np.array(self.round_counts, np.int64)}
+
+    def load_accumulator(self) -> None:
+        """The open round's accumulator, norms and counts as the store last committed them (a fresh accumulator
+        when it committed none): at start, and after a batch that failed before its commit."""
+        assert self.state is not None
+        saved = self.store.accumulator(self.state.round)
+        self.acc = self.start_aggregation() if saved is None else type(self.acc).from_arrays(saved)
+        empty: dict[str, np.ndarray] = {}
+        self.round_norms = [float(n) for n in (saved or empty).get("__norms__", np.zeros(0))]
+        self.round_counts = [int(n) for n in (saved or empty).get("__counts__", np.zeros(0, np.int64))]
+
+    def restore(self, batch: IngestBatch) -> None:
+        self.state = batch.state
+        self.counters = batch.counters
+        if self.state is not None and self.state.phase is Phase.COLLECTING:
+            self.load_accumulator()
+        log.error("a batch of %d accepted update(s) failed before its commit: none of it is counted, none "
+                  "acknowledged (the broker delivers them again after a reconnection or restart)", len(batch.accepted))
+
+    def settle(self, batch: IngestBatch) -> None:
+        """THE place where a batch is final: committed (if it accepted anything), each message's verdict in
+        `batch.settled` (device, update id, outcome) will never change. Receipts to devices go out from here,
+        for every entry of `batch.settled`, before the batch's messages are acknowledged."""
+        self.count_accepted(batch.accepted)
+        for settled in batch.settled:
+            self.send_receipt(settled)
+
+    def send_receipt(self, settled: Settled) -> None:
+        """Tell the device its update's final verdict (receipts.py): until then it keeps the update and sends it
+        again, because a broker's PUBACK does not mean the aggregator got it (a full queue drops it silently).
+        Not waited for: a receipt lost on the way only means one more copy, counted as a duplicate."""
+        if settled.update_id is None or settled.round is None:
+            return  # nothing the device could match; it retries until its round ends
+        refused = settled.outcome is Outcome.REJECTED
+        try:
+            receipt = Receipt(settled.update_id, settled.round, "refused" if refused else "counted",
+                              settled.reason[:500] if refused else "")
+            self.link.publish_nowait(self.topics.receipt(settled.device), encode_receipt(receipt), qos=1)
+        except (MqttError, ReceiptError, ValueError) as exc:
+            log.debug("no receipt for update %s from %s: %s", settled.update_id, settled.device, exc)
+
+    def count_accepted(self, accepted: Sequence[Envelope]) -> None:
+        """Metrics, status page and log lines of committed updates."""
+        if not accepted:
+            return
+        assert self.state is not None
+        n, selected = len(self.state.accepted) - len(accepted), len(self.state.selected)
+        for env in accepted:
+            n += 1
+            self.metrics.update_accepted()
+            self.view.seen(env.device_id)
+            log.info("accepted update %s from %s for round %d (%d/%d)", env.update_id, env.device_id, env.round, n,
+                     selected)
+        self.view.update_accepted(len(self.state.accepted))
+
+    def stage_message(self, msg: Message, batch: IngestBatch) -> None:
+        """Judge one update message (a whole update or a chunk) into `batch`."""
         device = self.topics.device_of(msg.topic, "update") or "?"
         self.counters.bytes_in += len(msg.payload)
         self.metrics.bytes_received(len(msg.payload))
-        if msg.payload[:4] == CHUNK_MAGIC:
-            try:
-                whole = self.intake.feed(msg.payload, device)
-            except ChunkError as exc:
-                self.reject(f"a malformed chunk on {msg.topic}: {exc}", "malformed_chunk")
-                whole = None
-            if whole is not None:  # the completing chunk is acknowledged after the commit, like a whole update
-                self.ingest(whole, msg.topic, device)
-            self.link.ack(msg)
+        if msg.payload[:4] != CHUNK_MAGIC:
+            batch.settled.append(self.stage(msg.payload, msg.topic, device, batch))
             return
-        self.ingest(msg.payload, msg.topic, device)
-        self.link.ack(msg)
+        try:
+            whole = self.intake.feed(msg.payload, device)
+        except ChunkError as exc:
+            self.reject(f"a malformed chunk on {msg.topic}: {exc}", "malformed_chunk")
+            batch.settled.append(Settled(device, None, None, Outcome.REJECTED, self.last_rejection))
+            return
+        if whole is not None:  # the completing chunk is acknowledged after the commit, like a whole update
+            batch.settled.append(self.stage(whole, msg.topic, device, batch))
+
+    def on_update_message(self, msg: Message) -> None:
+        self.handle_updates([msg])
 
     def check_signature(self, payload: bytes, topic: str, device: str) -> bool:
         """Is the update signed by a key enrolled for `device` (the one its topic names)? Rejects it if not."""
@@ -467,52 +630,48 @@ class AggregatorService:
         self.reject(f"an update on {topic}: {what} ({verdict.detail})", refusal.value)
         return False
 
-    def ingest(self, payload: bytes, topic: str, device: str) -> None:
+    def stage(self, payload: bytes, topic: str, device: str, batch: IngestBatch) -> Settled:
+        """Judge one whole update; if accepted, add it to the accumulator and the round state in memory and to
+        `batch.accepted` (durable at the batch's commit). Its verdict, final once the batch is committed."""
+        refused = Settled(device, None, None, Outcome.REJECTED, "")
         if len(payload) > self.cfg.fleet.max_update_bytes:
             self.reject(f"an oversized update on {topic}: {len(payload)} bytes, the limit is "
                         f"{self.cfg.fleet.max_update_bytes} (fleet.max_update_bytes)", "oversized")
-            return
+            return replace(refused, reason=self.last_rejection)
         if not self.check_signature(payload, topic, device):
-            return
+            return replace(refused, reason=self.last_rejection)
         try:
             env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
         except EnvelopeError as exc:
             self.reject(f"a malformed update on {topic} (device {device}): {exc}", "malformed")
-            return
+            return replace(refused, reason=self.last_rejection)
+        refused = Settled(device, env.update_id, env.round, Outcome.REJECTED, "")
         if env.kind is not Kind.UPDATE or env.device_id != device:
             self.reject(f"update {env.update_id} on {topic}: kind {env.kind.name} from {env.device_id!r}; "
                         f"an update must be kind UPDATE from the device named in its topic", "wrong_sender")
-            return
+            return replace(refused, reason=self.last_rejection)
         verdict = rounds.judge(self.state, env, strategy=self.strategy.name,
                                expected=self.strategy.upload_shapes(self.server))
         if verdict.outcome is Outcome.DUPLICATE:
             self.counters.duplicates += 1
             self.metrics.update_duplicate()
             log.info("ignored a redelivery: %s", verdict.reason)
-            return
+            return replace(refused, outcome=Outcome.DUPLICATE, reason=verdict.reason)
         if verdict.outcome is Outcome.REJECTED:
             self.reject(verdict.reason, judge_reason(verdict.reason))
-            return
+            return replace(refused, reason=verdict.reason)
         assert self.state is not None
-        crash_point("aggregator.before_commit", env.round)
         bounded = self.bound_update(env.tensors, env.num_examples, f"update {env.update_id} from {env.device_id}")
         if bounded is None:
-            return
+            return replace(refused, reason=self.last_rejection)
         tensors, weight, norm = bounded
-        update = ClientUpdate(tensors, weight, self.strategy.shared_keys)
-        self.strategy.add_update(self.server, self.acc, update)
+        self.strategy.add_update(self.server, self.acc, ClientUpdate(tensors, weight, self.strategy.shared_keys))
         if norm is not None:
             self.round_norms.append(norm)
         self.round_counts.append(max(1, min(int(env.num_examples), self.robust.max_examples)))
-        self.store.accept(self.state, env, {**self.acc.to_arrays(), "__norms__": np.array(self.round_norms),
-                                            "__counts__": np.array(self.round_counts, np.int64)}, self.clock())
-        crash_point("aggregator.after_commit", env.round)  # counted, but the broker has no PUBACK yet
         self.state = rounds.accept(self.state, env)
-        self.metrics.update_accepted()
-        self.view.update_accepted(len(self.state.accepted))
-        self.view.seen(env.device_id)
-        log.info("accepted update %s from %s for round %d (%d/%d)", env.update_id, env.device_id, env.round,
-                 len(self.state.accepted), len(self.state.selected))
+        batch.accepted.append(env)
+        return replace(refused, outcome=Outcome.ACCEPTED)
 
     def on_presence(self, msg: Message) -> None:
         device = self.topics.device_of(msg.topic, "presence")
@@ -627,7 +786,7 @@ class AggregatorService:
             self.start()
         while not stop.is_set():
             try:
-                self.handle(self.link.inbox.get(timeout=0.2))
+                self.serve(self.link.inbox.get(timeout=0.2))
             except queue.Empty:
                 pass
             self.tick()

@@ -1,10 +1,11 @@
 """Durable aggregator state in SQLite (WAL): global versions, rounds, accepted updates and the running
 aggregate of the open round.
 
-Ingest is exactly-once by construction: accepting an update inserts its (round, device) row and
-replaces the round's accumulator in ONE transaction, and the aggregator acknowledges the MQTT message
-only after that commit. Killed at any instant, a restarted aggregator either has the update counted
-(and ignores the broker's redelivery as a duplicate) or has not (and the broker redelivers it).
+Ingest is exactly-once by construction: accepting a batch of updates inserts their (round, device) rows and
+replaces the round's accumulator in ONE transaction (a group commit), and the aggregator acknowledges the
+batch's MQTT messages only after that commit. Killed at any instant, a restarted aggregator either has the
+whole batch counted (and ignores the broker's redeliveries as duplicates) or none of it (and the broker
+redelivers it all).
 """
 
 from __future__ import annotations
@@ -179,13 +180,20 @@ class AggregatorStore:
         return RoundState(int(row[0]), int(row[1]), tuple(json.loads(row[2])), float(row[3]), float(row[4]),
                           accepted, Phase(row[5]))
 
-    def accept(self, state: RoundState, update: UpdateLike, accumulator: Mapping[str, np.ndarray], now: float) -> None:
-        """Record the update and the accumulator that includes it, atomically."""
+    def accept_many(self, state: RoundState, updates: Sequence[UpdateLike], accumulator: Mapping[str, np.ndarray],
+                    now: float) -> None:
+        """Record `updates` (accepted in `state`'s round) and the one accumulator that includes them all, in ONE
+        transaction: a group commit pays one fsync and one snapshot of the accumulator for the whole batch. All
+        or nothing: on any error (a device already counted, a full disk) nothing of the batch is stored."""
         with transaction(self.db):
-            self.db.execute("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)",
-                            (state.round, update.device_id, update.update_id, update.num_examples, now))
+            self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)",
+                                [(state.round, u.device_id, u.update_id, u.num_examples, now) for u in updates])
             self.db.execute("INSERT OR REPLACE INTO accumulator VALUES (?, ?)",
                             (state.round, _arrays_to_bytes(accumulator)))
+
+    def accept(self, state: RoundState, update: UpdateLike, accumulator: Mapping[str, np.ndarray], now: float) -> None:
+        """Record one update and the accumulator that includes it, atomically (a batch of one)."""
+        self.accept_many(state, (update,), accumulator, now)
 
     def accumulator(self, round_no: int) -> dict[str, np.ndarray] | None:
         row = self.db.execute("SELECT blob FROM accumulator WHERE round=?", (round_no,)).fetchone()

@@ -97,7 +97,8 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
         load_toml(path, AgentConfig)
     problems = info.value.problems
     assert problems == [
-        f"{path}: unknown key 'colour'; known: backbone, broker, data, device_id, fleet, rng_stream, signing, state_dir",
+        f"{path}: unknown key 'colour'; known: backbone, broker, data, device_id, fleet, rng_stream, signing, state_dir, "
+        "upload",
         f"{path}: device_id must be 1-64 letters, digits, '.', '_' or '-' (it becomes an MQTT topic level), "
         "got 'pi 7'",
         f"{path} [broker]: port must be between 1 and 65535, got 70000",
@@ -113,6 +114,9 @@ def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
     ('[train]\nfraction = 1.5', "[train]: fraction must be greater than 0 and at most 1, got 1.5"),
     ('[train]\nstrategy = "fedsgd"', "[train]: strategy must be one of 'local'"),
     ('fleet_name = "a/b"', "fleet_name must be 1-64 letters"),
+    ('[fleet]\nupload_window_s = -1', "[fleet]: upload_window_s must be at least 0, got -1.0"),
+    ('[fleet]\ndeadline_s = 60\nupload_window_s = 60', "[fleet]: upload_window_s (60) must be less than deadline_s (60)"),
+    ('[fleet]\nupload_window_s = 90', "[fleet]: upload_window_s (90) must be less than deadline_s (60)"),
 ])
 def test_aggregator_ranges_are_checked(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "agg.toml"
@@ -120,6 +124,39 @@ def test_aggregator_ranges_are_checked(tmp_path: Path, text: str, problem: str) 
     with pytest.raises(ConfigError) as info:
         load_toml(path, AggregatorConfig)
     assert problem in str(info.value), info.value
+
+
+def test_the_upload_window_loads_when_it_ends_before_the_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "agg.toml"
+    path.write_text('state = "s.db"\n[fleet]\ndeadline_s = 300\nupload_window_s = 120\n')
+    fleet = load_toml(path, AggregatorConfig).fleet
+    assert (fleet.deadline_s, fleet.upload_window_s) == (300.0, 120.0)
+    assert AggregatorConfig(state="s.db").fleet.upload_window_s == 0.0  # no spread unless asked: the golden runs
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("receipt_timeout_s = 0", "[upload]: receipt_timeout_s must be greater than 0, got 0"),
+    ("receipt_timeout_s = 60\nmax_receipt_timeout_s = 30",
+     "[upload]: [upload] max_receipt_timeout_s (30.0) must be at least receipt_timeout_s (60.0)"),
+    ("max_receipt_timeout_s = inf", "max_receipt_timeout_s must be a finite number of seconds"),
+    ("receipt_timout_s = 5", "[upload]: unknown key 'receipt_timout_s'; known: max_receipt_timeout_s, "
+                             "receipt_timeout_s"),
+])
+def test_agent_receipt_timeouts_are_checked(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT + "\n[upload]\n" + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_toml(path, AgentConfig)
+    assert problem in str(info.value), info.value
+
+
+def test_agent_receipt_timeouts_load_and_default(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT + "\n[upload]\nreceipt_timeout_s = 5\nmax_receipt_timeout_s = 40\n")
+    upload = load_toml(path, AgentConfig).upload
+    assert (upload.receipt_timeout_s, upload.max_receipt_timeout_s) == (5.0, 40.0)
+    assert (AgentConfig("d", "/s").upload.receipt_timeout_s, AgentConfig("d", "/s").upload.max_receipt_timeout_s) \
+        == (30.0, 300.0)
 
 
 # --- overrides: environment and --set --------------------------------------------------------------------

@@ -89,7 +89,8 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path, capsys: p
     lines = [line for line in out.out.splitlines() if not line.startswith("warning: ")]
     assert f"warning: {path} [broker]: password is in the configuration file" in out.out
     assert lines == [
-        f"{path}: unknown key 'bogus'; known: backbone, broker, data, device_id, fleet, rng_stream, signing, state_dir",
+        f"{path}: unknown key 'bogus'; known: backbone, broker, data, device_id, fleet, rng_stream, signing, state_dir, "
+            "upload",
         f"{path} [broker]: port must be an integer, got '1883' (str)",
         f"{path} [broker] password_file: cannot read {tmp_path}/missing (No such file or directory); create it with "
         "mode 0600, owned by the service's user, or fix the path",

@@ -241,3 +241,31 @@ def test_devices_that_keep_missing_rounds_are_left_out_but_for_probation(tmp_pat
     ghosts_in = [d for d in selected if d.endswith("7")]
     assert len(selected) - len(ghosts_in) == 180 and len(ghosts_in) <= 8  # ~10 % probation of 20
     assert draw(["g"], 1.0, np.random.default_rng(3), {"g": 0.0})[0] == ("g",)  # never an empty round
+
+
+def test_accept_is_o1_and_leaves_the_old_state_unchanged() -> None:
+    s0 = _round()
+    s1 = accept(s0, Upd("a", "u1"))
+    s2 = accept(s1, Upd("z", "u9"))  # not selected (a rule admitted it): counted, but not toward the quorum
+    assert dict(s0.accepted) == {} and dict(s1.accepted) == {"a": "u1"} and s2.accepted == {"a": "u1", "z": "u9"}
+    assert "z" not in s1.accepted and s1.accepted.get("z") is None and list(s2.accepted) == ["a", "z"]
+    assert (s0.reported, s1.reported, s2.reported) == (0, 1, 1)
+    assert s2.counted._entries is s0.counted._entries  # one shared append-only store: no copy per accept
+    branch = accept(s1, Upd("b", "u2"))  # from an older version: copies, and neither version sees the other's
+    assert branch.accepted == {"a": "u1", "b": "u2"} and s2.accepted == {"a": "u1", "z": "u9"}
+    assert branch.reported == 2 and judge(branch, Upd("b", "u2"), strategy="fedper",
+                                          expected=SHAPES).outcome is Outcome.DUPLICATE
+    with pytest.raises(ValueError, match="already has update u1"):
+        accept(s1, Upd("a", "u3"))
+    closed, failures, _ = close(branch, CFG)
+    assert closed.accepted is branch.accepted and [f.client_id for f in failures] == ["c"]
+
+
+def test_membership_needs_no_scan_of_the_selected_devices() -> None:
+    many = [f"d{i:05d}" for i in range(30_000)]
+    s = open_round(1, 0, many, now=100.0, config=CFG)
+    assert s.is_selected("d29999") and not s.is_selected("x")
+    assert judge(s, Upd("d29999", "u"), strategy="fedper", expected=SHAPES).outcome is Outcome.ACCEPTED
+    for d in many[:1000]:
+        s = accept(s, Upd(d, "u"))
+    assert s.reported == 1000 and len(s.accepted) == 1000 and s.stragglers[0] == "d01000"
