@@ -510,9 +510,17 @@ class MqttLink:
             waiter.fail(why)
 
     def _shutdown(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._started = False
+        try:
+            self._client.disconnect()
+        except OSError as exc:
+            # paho's disconnect() wakes its network thread through a socket pair that thread may already have
+            # closed (eclipse-paho/paho.mqtt.python#673): EBADF here only means the connection is gone already.
+            # Closing must still stop the thread, and a caller's clean-up (the demo after a stop signal) must
+            # not end in this error.
+            log.debug("disconnect while closing %s: %s", self.client_id, exc)
+        finally:
+            self._client.loop_stop()
+            self._started = False
 
     # -- paho callbacks (network thread: hand over, never block) -----------------------------
 
