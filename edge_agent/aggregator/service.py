@@ -235,10 +235,8 @@ class AggregatorService:
         """The strategy's accumulator, or every update kept for a rule that needs them all (trimmed mean,
         median); statistics (Sum: nearest-class-mean sums) always add up."""
         acc = self.strategy.start_aggregation(self.server)
-        r = self.robust
-        if r.rule != "mean" and not isinstance(acc, Sum):
-            fraction = r.drop_fraction if r.rule == "agreeing-mean" else r.trim_fraction
-            return robust.StackedUpdates(r.rule, fraction, self.server.params)
+        if self.robust.rule != "mean" and not isinstance(acc, Sum):
+            return robust.StackedUpdates(self.robust.rule, self.robust.trim_fraction)
         return acc
 
     @property
@@ -259,8 +257,6 @@ class AggregatorService:
                                              "max_abs": r.max_abs, "clip": r.clip}
         if r.rule == "trimmed-mean":
             out["trim_fraction"] = r.trim_fraction
-        if r.rule == "agreeing-mean":
-            out["drop_fraction"] = r.drop_fraction
         if r.clip != "off":
             out["norm_bound"] = self.norm_bound
         if r.dp:

@@ -4,10 +4,9 @@ The weighted mean (aggregate.WeightedMean) lets one device steer the fleet at wi
 count and sends any values. This module holds what the aggregator applies instead, all of it pure (no I/O,
 no clock): a weight the server allows (a cap on the self-reported count, or equal weights), a bound on the
 norm of an update's change to the global head (clip or reject), adaptive to the fleet (a quantile of recent
-norms within a floor and a ceiling), coordinate-wise trimmed mean and median, and the agreeing mean (whole
-updates that disagree most with the others dropped) as aggregation rules.
+norms within a floor and a ceiling), and coordinate-wise trimmed mean and median as aggregation rules.
 
-The mean streams (O(head) memory whatever the number of updates). The other rules need every
+The mean streams (O(head) memory whatever the number of updates). Trimmed mean and median need every
 update of a round at once: `StackedUpdates` keeps them all, n_updates x head size (float32), and is stored
 whole with each accepted update so a killed aggregator loses nothing.
 """
@@ -23,7 +22,7 @@ import numpy as np
 from .aggregate import WeightedMean
 from .validate import DEFAULT_MAX_ABS, head_problem
 
-RULES = ("mean", "trimmed-mean", "median", "agreeing-mean")
+RULES = ("mean", "trimmed-mean", "median")
 WEIGHTINGS = ("count", "equal")
 CLIP_MODES = ("off", "clip", "reject")
 
@@ -32,11 +31,8 @@ CLIP_MODES = ("off", "clip", "reject")
 class RobustConfig:
     """The aggregator's `[aggregator]` table: how updates are weighted, bounded and combined."""
 
-    # "mean" (streaming, weighted) | "trimmed-mean" | "median" (coordinate-wise, unweighted) | "agreeing-mean"
-    # (whole updates: drops those whose change agrees least with the others', averages the rest, unweighted)
-    rule: str = "mean"
+    rule: str = "mean"  # "mean" (streaming, weighted) | "trimmed-mean" | "median" (coordinate-wise, unweighted)
     trim_fraction: float = 0.2  # trimmed-mean: share of the updates dropped at EACH end of every coordinate
-    drop_fraction: float = 0.2  # agreeing-mean: share of a round's updates dropped (floor; at most n - 3)
     weighting: str = "count"  # "count": min(self-reported examples, max_examples); "equal": every update weighs 1
     max_examples: int = 10_000  # the most examples one update may count for (announced in the task) ...
     # ... and, once the fleet has a history, at most this many times the median count recent accepted updates
@@ -63,8 +59,6 @@ class RobustConfig:
             problems.append(f"clip {self.clip!r}: choose one of {', '.join(CLIP_MODES)}")
         if not 0.0 <= self.trim_fraction < 0.5:
             problems.append(f"trim_fraction {self.trim_fraction}: must be at least 0 and below 0.5")
-        if not 0.0 <= self.drop_fraction < 0.5:
-            problems.append(f"drop_fraction {self.drop_fraction}: must be at least 0 and below 0.5")
         if self.max_examples < 1 or not self.max_abs > 0 or self.clip_window < 1:
             problems.append("max_examples, max_abs and clip_window must be positive")
         if not (self.count_factor == 0 or self.count_factor >= 1):
@@ -164,62 +158,27 @@ def coordinate_median(stack: np.ndarray) -> np.ndarray:
     return np.asarray(np.median(np.asarray(stack, np.float64), axis=0))
 
 
-def drop_count(n: int, drop_fraction: float) -> int:
-    """How many of `n` updates agreeing-mean drops: floor(drop_fraction x n), and none of three or fewer
-    (a median of two cosines cannot outvote a colluding pair)."""
-    return max(0, min(math.floor(drop_fraction * n + 1e-9), n - 3))
-
-
-def agreeing_selection(changes: np.ndarray, dropped: int) -> np.ndarray:
-    """Indices (sorted) of the n - `dropped` changes (rows of `changes`, n x d) that agree best with the others.
-
-    An update's agreement is the MEDIAN of its cosines with every other change. On real per-user data the
-    honest changes of a round are near-orthogonal after a few rounds (each device pulls toward its own
-    optimum), so distances alone (Krum) cannot tell them from a reversed change; and colluders who reverse
-    theirs are each other's nearest neighbour, which fools any nearest-neighbour score. The median ignores
-    a minority of friends: an attacker's median cosine is one with an honest change, which it opposes.
-    Cost at the close: an n x n matrix of cosines, O(n^2 d) time.
-    """
-    n = changes.shape[0]
-    if dropped <= 0 or n <= 2:
-        return np.arange(n)
-    x = np.asarray(changes, np.float64)
-    norms = np.linalg.norm(x, axis=1)
-    unit = x / np.where(norms > 0, norms, 1.0)[:, None]
-    cosines = unit @ unit.T
-    np.fill_diagonal(cosines, np.nan)
-    agreement = np.nanmedian(cosines, axis=1)
-    return np.sort(np.argsort(-agreement, kind="stable")[: n - dropped])
-
-
 def combine(stack: np.ndarray, rule: str, trim_fraction: float) -> np.ndarray:
     if rule == "median":
         return coordinate_median(stack)
     if rule == "trimmed-mean":
         return trimmed_mean(stack, trim_fraction)
-    raise ValueError(f"rule {rule!r} is not coordinate-wise; use WeightedMean or StackedUpdates")
+    raise ValueError(f"rule {rule!r} does not need every update; use WeightedMean")
 
 
 class StackedUpdates(WeightedMean):
-    """Every update of a round, for a rule that is not streaming (trimmed mean, median, agreeing mean).
+    """Every update of a round, for a rule that is not streaming (trimmed mean, median).
 
     Memory: n_updates x head size in float32 (about 9 KB an update for the default head), plus the same
-    again in the durable snapshot the aggregator commits with each accepted update; the agreeing mean adds
-    an n x n matrix of cosines at the close. Weights are kept for the record; the rules are unweighted (a
-    device's claimed count must not buy it a larger share). `fraction`: trim_fraction for a trimmed mean,
-    drop_fraction for the agreeing mean. `reference`: the global head the round trained from (the agreeing
-    mean compares changes to it, not raw weights).
+    again in the durable snapshot the aggregator commits with each accepted update. Weights are kept for
+    the record; the rules are unweighted (a device's claimed count must not buy it a larger share).
     """
 
-    def __init__(self, rule: str = "median", fraction: float = 0.2,
-                 reference: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, rule: str = "median", trim_fraction: float = 0.2) -> None:
         super().__init__()
-        if rule not in RULES or rule == "mean":
-            raise ValueError(f"StackedUpdates serves {', '.join(RULES[1:])}, not {rule!r}")
-        if rule == "agreeing-mean" and reference is None:
-            raise ValueError("the agreeing mean compares changes: it needs the round's reference (global) head")
-        self.rule, self.fraction = rule, fraction
-        self.reference = {k: np.asarray(v, np.float32) for k, v in (reference or {}).items()}
+        if rule not in ("trimmed-mean", "median"):
+            raise ValueError(f"StackedUpdates serves trimmed-mean and median, not {rule!r}")
+        self.rule, self.trim_fraction = rule, trim_fraction
         self._rows: dict[str, list[np.ndarray]] = {}
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
@@ -232,39 +191,20 @@ class StackedUpdates(WeightedMean):
         self.total_weight += weight
         self.count += 1
 
-    def kept(self) -> np.ndarray:
-        """Indices of the updates the rule averages: the agreeing ones (agreeing mean), else all."""
-        if self.rule != "agreeing-mean":
-            return np.arange(self.count)
-        # The change is the whole update, all its tensors together (those the global head holds: a strategy's
-        # personal tensors, if any reach here, are not compared).
-        keys = sorted(set(self._rows) & set(self.reference))
-        if not keys:
-            return np.arange(self.count)
-        changes = np.concatenate([(np.stack(self._rows[k]).astype(np.float64) - self.reference[k]).reshape(
-            self.count, -1) for k in keys], axis=1)
-        return agreeing_selection(changes, drop_count(self.count, self.fraction))
-
     def result(self) -> dict[str, np.ndarray]:
         if not self.count:
             raise ValueError("no updates to aggregate")
-        if self.rule == "agreeing-mean":
-            keep = self.kept()
-            return {k: np.stack(rows)[keep].astype(np.float64).mean(axis=0).astype(np.float32)
-                    for k, rows in self._rows.items()}
-        return {k: combine(np.stack(rows), self.rule, self.fraction).astype(np.float32)
+        return {k: combine(np.stack(rows), self.rule, self.trim_fraction).astype(np.float32)
                 for k, rows in self._rows.items()}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {**{f"stack:{k}": np.stack(rows) for k, rows in self._rows.items()},
-                **{f"ref:{k}": v for k, v in self.reference.items()},
-                "__rule__": np.array(RULES.index(self.rule)), "__trim__": np.array(self.fraction),
+                "__rule__": np.array(RULES.index(self.rule)), "__trim__": np.array(self.trim_fraction),
                 "__total_weight__": np.array(self.total_weight), "__count__": np.array(self.count)}
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> StackedUpdates:
-        reference = {k[4:]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("ref:")}
-        acc = cls(RULES[int(arrays["__rule__"])], float(arrays["__trim__"]), reference or None)
+        acc = cls(RULES[int(arrays["__rule__"])], float(arrays["__trim__"]))
         acc._rows = {k[6:]: list(np.asarray(v, np.float32)) for k, v in arrays.items() if k.startswith("stack:")}
         acc.total_weight = float(arrays["__total_weight__"])
         acc.count = int(arrays["__count__"])
