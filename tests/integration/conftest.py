@@ -10,6 +10,7 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -37,11 +38,10 @@ def _require_mosquitto() -> None:
         pytest.skip(str(err))
 
 
-@pytest.fixture
-def broker(request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
-    """A started LocalBroker with users ``aggregator`` and ``device``; its log on failure."""
+@contextmanager
+def running(b: LocalBroker, request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
+    """`b` started for one test, stopped after it, its log printed if the test failed."""
     _require_mosquitto()
-    b = LocalBroker()
     try:
         b.start()
         yield b
@@ -50,6 +50,13 @@ def broker(request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
         if report is None or report.failed:
             print(f"\n----- mosquitto log ({b.host}:{b.port}) -----\n{b.log()}")
         b.stop()
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
+    """A started LocalBroker with users ``aggregator`` and ``device``; its log on failure."""
+    with running(LocalBroker(), request) as b:
+        yield b
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from edge_agent.protocol import Topics
 from edge_agent.receipts import Receipt, encode_receipt
 from edge_agent.transport import Message, MqttLink
 
-from .conftest import _require_mosquitto, assert_inbox_empty, next_event
+from .conftest import assert_inbox_empty, next_event, running
 
 FLEET = "rcpt"
 DEVICE, OTHER = "dev-1", "dev-2"
@@ -46,18 +46,11 @@ TOPICS = Topics(FLEET)
 @pytest.fixture
 def acl_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
     """The development broker with the shipped ACL: device names are usernames, as in production."""
-    _require_mosquitto()
     conf = tmp_path / "acl.conf"
     conf.write_text(DEV_CONFIG.read_text() + f"\nacl_file {DEV_CONFIG.parent / 'acl.example'}\n")
-    b = LocalBroker(config=conf, users={u: secrets.token_urlsafe(12) for u in ("aggregator", DEVICE, OTHER)})
-    try:
-        b.start()
+    users = {u: secrets.token_urlsafe(12) for u in ("aggregator", DEVICE, OTHER)}
+    with running(LocalBroker(config=conf, users=users), request) as b:
         yield b
-    finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is None or report.failed:
-            print(f"\n----- mosquitto log ({b.host}:{b.port}) -----\n{b.log()}")
-        b.stop()
 
 
 @pytest.fixture
@@ -107,7 +100,7 @@ def running_agent(broker: LocalBroker, state: Path, timeout_s: float) -> Iterato
         try:
             agent = AgentService(cfg, FixedSource(_data(), "synthetic"))
             agent.start(timeout=10)
-        except BaseException as exc:  # noqa: BLE001 - reported in the test's thread
+        except BaseException as exc:  # reported in the test's thread
             failed.append(exc)
             raise
         finally:
