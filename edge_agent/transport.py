@@ -33,6 +33,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -161,7 +162,10 @@ class MqttLink:
                  clean_start: bool = False, session_expiry_s: int = 3600, keepalive_s: int = 30,
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, manual_ack: bool = False,
-                 receive_maximum: int | None = None, tls: TlsOptions | None = None) -> None:
+                 receive_maximum: int | None = None, tls: TlsOptions | None = None,
+                 max_qos0_backlog: int | None = None) -> None:
+        if max_qos0_backlog is not None and max_qos0_backlog < 1:
+            raise ValueError(f"max_qos0_backlog must be at least 1, not {max_qos0_backlog}")
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -194,6 +198,13 @@ class MqttLink:
         self._closed = False
         self._manual_ack = manual_ack
         self._receive_maximum = receive_maximum
+        # QoS 0 messages are outside Receive-Maximum's window: the broker sends them as fast as they come. Past
+        # this many items waiting in the inbox a QoS 0 message is dropped (counted, logged at most every 10 s),
+        # so a device flooding a QoS 0 topic cannot grow the process's memory.
+        self._max_qos0_backlog = max_qos0_backlog
+        self.qos0_dropped = 0
+        self._qos0_drop_logged_at: float | None = None
+        self._qos0_dropped_since_log = 0
         # Messages delivered but not yet acknowledged (manual_ack): id(message) -> (message,
         # packet id, connection number). A packet id means nothing on another connection.
         self._unacked: dict[int, tuple[Message, int, int]] = {}
@@ -667,12 +678,26 @@ class MqttLink:
                     message: paho.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
         user_props = tuple((str(k), str(v)) for k, v in getattr(props, "UserProperty", ()) or ())
+        if message.qos == 0 and self._max_qos0_backlog is not None and self.inbox.qsize() >= self._max_qos0_backlog:
+            self._drop_qos0(message.topic)
+            return
         msg = Message(topic=message.topic, payload=bytes(message.payload), qos=message.qos,
                       retain=bool(message.retain), user_properties=user_props)
         if self._manual_ack and message.qos > 0:
             with self._lock:
                 self._unacked[id(msg)] = (msg, message.mid, self._connection_no)
         self.inbox.put(msg)
+
+
+    def _drop_qos0(self, topic: str) -> None:
+        self.qos0_dropped += 1
+        self._qos0_dropped_since_log += 1
+        now = time.monotonic()
+        if self._qos0_drop_logged_at is None or now - self._qos0_drop_logged_at >= 10.0:
+            log.warning("%s: %d QoS 0 message(s) dropped (the last on %s): %d items already wait in the inbox "
+                        "(max_qos0_backlog); the process is not keeping up with what is sent to it",
+                        self.client_id, self._qos0_dropped_since_log, topic, self.inbox.qsize())
+            self._qos0_drop_logged_at, self._qos0_dropped_since_log = now, 0
 
 
 #: Why a broker answers 0x87 to our own topics, in the production setup.

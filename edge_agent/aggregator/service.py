@@ -10,10 +10,11 @@ What the process holds, at most (backpressure): QoS 1 messages (updates, chunks,
 not yet acknowledged are bounded by the link's receive_maximum (256): past it the broker holds the rest
 (Mosquitto's max_queued_messages / max_queued_bytes). So the inbox holds at most 256 x max_update_bytes of
 QoS 1 payload; a batch at most BATCH_LIMIT updates; partial chunked messages fleet.max_partial_bytes
-(ingest.ChunkIntake). Telemetry is QoS 0, outside that window: the link's inbox does not bound it (see the
-transport). Per device, and so growing with the fleet: the online set, the status page's device list, and
-the open round's accepted map (device -> update id); the accumulator does not grow with the fleet for the
-mean, and holds every update for the stacked robust rules (learning/robust.StackedUpdates).
+(ingest.ChunkIntake). Telemetry is QoS 0, outside that window: past QOS0_BACKLOG items waiting in the inbox
+the link drops it (counted, logged; telemetry never decides anything). Per device, and so growing with the
+fleet: the online set, the status page's device list, and the open round's accepted map (device -> update
+id); the accumulator does not grow with the fleet for the mean, and holds every update for the stacked
+robust rules (learning/robust.StackedUpdates).
 
 With `[signing]` configured, round tasks and global models go out signed with the fleet key, and an update
 counts only if it is signed by a key enrolled for the device its topic names (keys.KeyRegistry, rescanned
@@ -65,6 +66,9 @@ MAX_NAMED_STRAGGLERS = 10  # per round; the rest are counted in one line
 # Update messages per group commit: one fsync and one accumulator snapshot for up to this many. Far below the
 # link's receive_maximum (256), so a full batch never waits on the broker's flow control.
 BATCH_LIMIT = 32
+# Telemetry (QoS 0) is dropped past this many waiting messages: what a flood can make the process hold is this
+# many messages of at most the broker's packet limit, on top of the QoS 1 window (receive_maximum).
+QOS0_BACKLOG = 256
 CHUNK_MAGIC = b"EFLC"
 
 
@@ -171,7 +175,7 @@ class AggregatorService:
         self.link: BrokerLink = link_factory(
             "edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username, password=b.secret(),
             clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256,
-            keepalive_s=b.keepalive_s, tls=b.tls.options())
+            keepalive_s=b.keepalive_s, tls=b.tls.options(), max_qos0_backlog=QOS0_BACKLOG)
         self.done = threading.Event()
         self.last_status: bytes | None = None
         s = cfg.signing

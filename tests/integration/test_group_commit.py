@@ -20,7 +20,7 @@ import pytest
 from edge_agent.aggregator import service as service_module
 from edge_agent.aggregator.rounds import Outcome
 from edge_agent.aggregator.service import AggregatorService
-from edge_agent.broker import LocalBroker
+from edge_agent.broker import DEV_CONFIG, LocalBroker
 from edge_agent.codec.envelope import Envelope, Kind, decode_envelope, encode_envelope
 from edge_agent.codec.tensor_pack import unpack_tensors
 from edge_agent.config import AggregatorConfig, BrokerConfig, FleetConfig
@@ -29,7 +29,10 @@ from edge_agent.fleet import decode_task
 from edge_agent.learning.training import TrainingConfig
 from edge_agent.memory_broker import MemoryBroker
 from edge_agent.messaging import Message
+from edge_agent.receipts import decode_receipt
 from edge_agent.transport import MqttLink
+
+from .conftest import running
 
 pytestmark = pytest.mark.fleet
 FLEET = "batch"
@@ -65,12 +68,12 @@ def _received_at(db_path: Path, round_no: int = 1) -> list[float]:
 # --- real aggregator processes, real Mosquitto, real SIGKILL --------------------------------------------------
 
 class Run:
-    """An aggregator process for N simulated devices, which one publisher link speaks for."""
+    """An aggregator process for `n` simulated devices, which one publisher link speaks for."""
 
-    def __init__(self, broker: LocalBroker, workdir: Path) -> None:
-        self.workdir, self.fleet = workdir, Fleet(workdir)
+    def __init__(self, broker: LocalBroker, workdir: Path, n: int = N) -> None:
+        self.workdir, self.fleet, self.devices = workdir, Fleet(workdir), _devices(n)
         self.config = write_aggregator_config(workdir, broker.host, broker.port, "aggregator",
-                                              broker.users["aggregator"], fleet=FLEET, clients=N, min_clients=N,
+                                              broker.users["aggregator"], fleet=FLEET, clients=n, min_clients=n,
                                               train=TrainingConfig(strategy="fedavg", rounds=1, seed=0),
                                               deadline_s=300)
         self.link = MqttLink("publisher", broker.host, broker.port, username="device",
@@ -103,13 +106,13 @@ class Run:
     def queue_updates_while_away(self) -> list[Envelope]:
         """Round 1 opened, then the aggregator stopped, then every device's update published: the broker
         queues them for the aggregator's session and delivers them in one burst when it is back."""
-        for d in _devices():
+        for d in self.devices:
             self.link.publish(f"{PRE}/presence/{d}", b"online", retain=True)
         self.start()
         task = decode_envelope(self.wait(f"{PRE}/round/current", lambda p: decode_envelope(p).round == 1))
         self.stop()
         params = dict(decode_task(task).model.params)
-        updates = [_update(d, i, 1, task.model_version, params) for i, d in enumerate(_devices())]
+        updates = [_update(d, i, 1, task.model_version, params) for i, d in enumerate(self.devices)]
         for u in updates:
             self.link.publish(f"{PRE}/update/{u.device_id}/1", encode_envelope(u))
         return updates
@@ -140,7 +143,7 @@ def run(broker: LocalBroker, tmp_path: Path) -> Iterator[Run]:
 
 
 def _assert_counted_once(run: Run, updates: list[Envelope], status: dict) -> None:  # type: ignore[type-arg]
-    assert status["reporting"] == N and status["rejected"] == 0 and status["succeeded"], status
+    assert status["reporting"] == len(updates) and status["rejected"] == 0 and status["succeeded"], status
     version, params = run.global_head()
     assert version == 1
     for k, want in _expected_mean(updates).items():
@@ -181,6 +184,65 @@ def test_killed_after_the_batch_commit_all_of_it_is_counted_and_redelivered_as_d
     _assert_counted_once(run, updates, status)
     # Every update of the committed batch comes back (none was acknowledged before the commit) and is ignored.
     assert status["duplicates"] == len(committed), status
+
+
+BURST = 1000
+# Per client, queued beyond what is in flight. The aggregator's Receive-Maximum (256) plus this must still hold
+# every device's retained presence when it subscribes; while it is away, only this many updates are kept.
+SMALL_QUEUE = 800
+
+
+@pytest.fixture
+def small_queue_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
+    """The development broker with room for only SMALL_QUEUE messages queued per client: less than a round."""
+    conf = tmp_path / "small-queue.conf"
+    conf.write_text(DEV_CONFIG.read_text() + f"\nmax_queued_messages {SMALL_QUEUE}\n")
+    with running(LocalBroker(config=conf), request) as b:
+        yield b
+
+
+def test_receipts_turn_a_burst_a_full_broker_queue_dropped_into_retries_none_lost_none_twice(
+        small_queue_broker: LocalBroker, tmp_path: Path) -> None:
+    # The issue's case: a burst from a thousand devices while the aggregator is away. The broker keeps only
+    # SMALL_QUEUE of them for its session and drops the rest, yet every publisher got its PUBACK. Publishers act
+    # as agents do (agent/service.py): an update without a receipt is sent again after a timeout.
+    run = Run(small_queue_broker, tmp_path, BURST)
+    try:
+        run.link.subscribe(f"{PRE}/receipt/+")
+        updates = run.queue_updates_while_away()
+        pending = {u.device_id: u for u in updates}
+        run.start()
+        first_wave: int | None = None
+        resends = 0
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 240
+        while pending and time.monotonic() < deadline:
+            try:
+                msg = run.link.inbox.get(timeout=0.2)
+            except queue.Empty:
+                msg = None
+            if isinstance(msg, Message) and msg.topic.startswith(f"{PRE}/receipt/"):
+                receipt = decode_receipt(msg.payload)
+                device = msg.topic.rsplit("/", 1)[1]
+                assert receipt.verdict == "counted", receipt
+                if device in pending and pending[device].update_id == receipt.update_id:
+                    del pending[device]
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 2.0:  # the devices' receipt timeout (30 s in production)
+                if first_wave is None:
+                    first_wave = BURST - len(pending)
+                for u in pending.values():
+                    run.link.publish(f"{PRE}/update/{u.device_id}/1", encode_envelope(u))
+                resends += len(pending)
+                quiet_since = time.monotonic()
+        assert not pending, f"{len(pending)} update(s) never confirmed; aggregator log:\n{run.fleet.tail('aggregator')}"
+        # The broker did drop what did not fit its queue, after acknowledging it: without receipts, lost.
+        assert first_wave is not None and first_wave <= SMALL_QUEUE and resends >= BURST - SMALL_QUEUE, (first_wave,
+                                                                                                        resends)
+        status = run.finish()
+        _assert_counted_once(run, updates, status)  # the weighted mean is exact: none lost, none counted twice
+    finally:
+        run.close()
 
 
 # --- the batch in one process: its limit, and a commit that fails half-way -------------------------------------

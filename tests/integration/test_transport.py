@@ -10,15 +10,20 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 from edge_agent.broker import LocalBroker
 from edge_agent.transport import (
-    ConnectionEvent, Message, NotConnected, PayloadTooLarge, PublishTimeout,
-    publish_packet_size)
-from tests.integration.conftest import (
-    LinkFactory, Stopwatch, assert_inbox_empty, next_event, next_item, next_message)
+    ConnectionEvent,
+    Message,
+    NotConnected,
+    PayloadTooLarge,
+    PublishTimeout,
+    publish_packet_size,
+)
+from tests.integration.conftest import LinkFactory, Stopwatch, assert_inbox_empty, next_event, next_item, next_message
 
 LIMIT = 262144  # max_packet_size in broker_config/mosquitto-dev.conf
 
@@ -265,3 +270,25 @@ def test_closing_survives_paho_losing_its_own_wakeup_socket(make_link: LinkFacto
     monkeypatch.setattr(link._client, "disconnect", racing_disconnect)
     link.close()
     assert link._client._thread is None  # loop_stop() ran: no network thread left behind
+
+
+def test_a_qos0_flood_is_dropped_past_the_backlog_and_qos1_still_arrives(make_link: LinkFactory,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # QoS 0 is outside Receive-Maximum's window: without a bound, a device flooding telemetry grows the
+    # aggregator's inbox without limit. Nothing consumes the inbox until the flood is over, so everything past
+    # the backlog is dropped; the QoS 1 message that follows it on the same connection is not.
+    caplog.set_level(logging.WARNING, logger="edge_agent.transport")
+    sub = make_link("aggregator", max_qos0_backlog=5)
+    sub.subscribe("edgefl/f1/telemetry/+", qos=1)
+    pub = make_link("device")
+    for i in range(50):
+        pub.publish_nowait("edgefl/f1/telemetry/dev-1", b"t%d" % i, qos=0)
+    pub.publish("edgefl/f1/telemetry/dev-1", b"the last", qos=1)
+    deadline = time.monotonic() + 10
+    while sub.qos0_dropped < 45 and time.monotonic() < deadline:  # the flood has reached the subscriber
+        time.sleep(0.01)
+    got = [next_message(sub).payload for _ in range(6)]
+    assert got == [b"t0", b"t1", b"t2", b"t3", b"t4", b"the last"]
+    assert sub.qos0_dropped == 45
+    assert_inbox_empty(sub)
+    assert any("QoS 0 message(s) dropped" in r.getMessage() for r in caplog.records)
