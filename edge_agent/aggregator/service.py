@@ -142,8 +142,11 @@ class AggregatorService:
         self.robust = cfg.aggregator
         # Bounded influence (learning/robust.py): the norms of recent accepted updates, kept with the state, give
         # the next round's norm bound; the rounds that added DP noise give the privacy budget spent.
-        self.norm_history: list[float] = json.loads(self.store.read_meta("norm_history") or "[]")
-        self.count_history: list[int] = json.loads(self.store.read_meta("count_history") or "[]")
+        self.norm_history: list[float] = []
+        self.count_history: list[int] = []
+        self.norm_bound, self.count_cap = 0.0, 0
+        self.set_bounds_history(json.loads(self.store.read_meta("norm_history") or "[]"),
+                                json.loads(self.store.read_meta("count_history") or "[]"))
         self.dp_rounds = int(self.store.read_meta("dp_rounds") or 0)
         self.round_norms: list[float] = []  # the open round's accepted norms (durable in its accumulator)
         self.round_counts: list[int] = []  # ... and the example counts they claimed (capped at max_examples)
@@ -243,16 +246,15 @@ class AggregatorService:
             return robust.StackedUpdates(self.robust.rule, self.robust.trim_fraction)
         return acc
 
-    @property
-    def count_cap(self) -> int:
-        """This round's cap on the examples one update counts for (learning/robust.count_cap)."""
-        return robust.count_cap(self.count_history, self.robust)
-
-    @property
-    def norm_bound(self) -> float:
-        """This round's bound on the norm of an update's change to the global head: fixed (the ceiling) with
-        differential privacy, whose sensitivity it is; else adaptive to the fleet's recent norms."""
-        return self.robust.clip_ceiling if self.robust.dp else robust.adaptive_bound(self.norm_history, self.robust)
+    def set_bounds_history(self, norms: list[float], counts: list[int]) -> None:
+        """The recent accepted norms and example counts, and the bounds they give every update of the next
+        round: computed here, once a round, not per update (learning/robust.py adaptive_bound, count_cap). The
+        norm bound is fixed (the ceiling) with differential privacy, whose sensitivity it is."""
+        window = self.robust.clip_window
+        self.norm_history, self.count_history = norms[-window:], counts[-window:]
+        self.norm_bound = (self.robust.clip_ceiling if self.robust.dp
+                           else robust.adaptive_bound(self.norm_history, self.robust))
+        self.count_cap = robust.count_cap(self.count_history, self.robust)
 
     def bounds(self) -> dict[str, str | int | float]:
         """What the task announces: how this round weighs, bounds and combines updates."""
@@ -307,8 +309,7 @@ class AggregatorService:
 
     def bounds_state_after_round(self) -> dict[str, str]:
         """The norm history and the count of noisy rounds, committed with the round that changes them."""
-        self.norm_history = (self.norm_history + self.round_norms)[-self.robust.clip_window:]
-        self.count_history = (self.count_history + self.round_counts)[-self.robust.clip_window:]
+        self.set_bounds_history(self.norm_history + self.round_norms, self.count_history + self.round_counts)
         if self.robust.dp and not isinstance(self.acc, Sum) and self.acc.count:
             self.dp_rounds += 1
         return {"norm_history": json.dumps(self.norm_history), "count_history": json.dumps(self.count_history),
