@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# A private PostgreSQL (`postgres`, `pg_dsn`) for the tests of the shared aggregator store.
+pytest_plugins = ["tests.pg_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "backbone_int8.tflite"
 
