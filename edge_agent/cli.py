@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--fleet", help="fleet name (default: from --config, else 'default')")
     status.add_argument("--username", help="MQTT user with read access to the fleet's topics")
     status.add_argument("--password-file", type=Path, help="file holding that user's password")
-    status.add_argument("--state", type=Path, metavar="DB", help="the aggregator's state database (read-only)")
+    status.add_argument("--state", metavar="DB", help="the aggregator's state database (read-only): a SQLite file "
+                                                      "or the workers' postgresql:// URL")
     status.add_argument("--rounds", type=int, default=10, help="rounds of history to show")
     status.add_argument("--json", action="store_true", help="one JSON document (per --watch interval)")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="print again every SECONDS until interrupted")

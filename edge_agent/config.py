@@ -248,8 +248,13 @@ class AggregatorSigningConfig:
 
 @dataclass(frozen=True)
 class AggregatorConfig:
+    # A SQLite file (one aggregator process), or a PostgreSQL URL "postgresql://user@host:5432/db" that several
+    # aggregator workers share (docs/scale-out.md; needs the `postgres` extra).
     state: str
     fleet_name: str = "default"
+    # This process's name among the workers of a PostgreSQL state (its MQTT client id and durable session end in
+    # it, so keep it across restarts); unset: the host name. Unused with a SQLite state.
+    worker: str = ""
     embedding_dim: int = 64
     num_classes: int = 7
     # Status page, /api/status and Prometheus /metrics on this HOST:PORT (":9465" = loopback). Off unless set:
@@ -360,7 +365,7 @@ _NESTED: dict[str, type] = {"BackboneConfig": BackboneConfig, "BrokerConfig": Br
 def resolve_path(value: str | None, base: Path) -> str | None:
     """A path as a config file means it: `~` is the home directory, and a relative path is relative to the
     directory of the file that names it, not to wherever the service happens to start (systemd: /)."""
-    if value is None or value == "":
+    if value is None or value == "" or "://" in value:  # a URL (a PostgreSQL state) is not a path
         return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else base / path)
@@ -452,6 +457,7 @@ ENVIRONMENT: dict[str, dict[str, str]] = {
     "AggregatorConfig": {
         "EDGEFL_FLEET": "fleet_name",
         "EDGEFL_STATE": "state",
+        "EDGEFL_WORKER": "worker",
         "EDGEFL_BROKER_HOST": "broker.host",
         "EDGEFL_BROKER_PORT": "broker.port",
         "EDGEFL_BROKER_USERNAME": "broker.username",
@@ -636,6 +642,7 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (UploadConfig, "receipt_timeout_s"): _positive,
     (UploadConfig, "max_receipt_timeout_s"): _positive,
     (AggregatorConfig, "fleet_name"): _topic_name,
+    (AggregatorConfig, "worker"): lambda v: None if v == "" else _topic_name(v),
     (AggregatorConfig, "embedding_dim"): _at_least(1),
     (AggregatorConfig, "num_classes"): _at_least(2),
     (TrainingConfig, "strategy"): _one_of(*STRATEGIES),

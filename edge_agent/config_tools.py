@@ -274,7 +274,8 @@ def render_aggregator(a: AggregatorInit) -> str:
         "# edge-fl aggregator (written by `edge-fl init aggregator`; check it with `edge-fl check-config FILE`).",
         "# What is trained lives in [train] and reaches every device with each round task. Relative paths are",
         "# relative to this file's directory.",
-        f"state = {_q(a.state)}   # SQLite (WAL): rounds, accepted updates, global versions",
+        f"state = {_q(a.state)}   # SQLite (WAL): rounds, accepted updates, global versions; a postgresql:// URL "
+        f"for several workers (docs/scale-out.md)",
         f"fleet_name = {_q(a.fleet)}",
         "embedding_dim = 64                 # the backbone's embedding width",
         "num_classes = 7",

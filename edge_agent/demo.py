@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from .data.partition import CLIENT_SUBJECTS, PartitionConfig
+from .faults import ENV as CRASH_ENV
 from .learning.metrics import summarize
 from .learning.training import TrainingConfig
 from .messaging import TlsOptions
@@ -231,9 +232,11 @@ class Fleet:
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, tuple[str, ...]] = {}
+        self.envs: dict[str, dict[str, str]] = {}
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.args[name] = args
+        self.envs[name] = dict(env or {})
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(self.workdir / f"{name}.log", "ab") as logf:  # the child has its own descriptor
             # stdin=PIPE: the lifeline run_supervised watches; we never write to it.
@@ -243,13 +246,14 @@ class Fleet:
         return self.procs[name]
 
     def restart(self, name: str) -> subprocess.Popen[bytes]:
-        """Start `name` again with the arguments it had (and no crash point)."""
+        """Start `name` again with the arguments and environment it had (and no crash point)."""
         old = self.procs[name]
         if old.poll() is None:
             old.kill()
             old.wait()
         _close_lifeline(old)
-        return self.spawn(name, *self.args[name])
+        env = {k: v for k, v in self.envs[name].items() if k != CRASH_ENV}
+        return self.spawn(name, *self.args[name], env=env)
 
     def check(self) -> None:
         for name, p in self.procs.items():

@@ -133,6 +133,11 @@ class Topics:
     def receipt_filter(self) -> str:
         return f"{self.prefix}/receipt/+"
 
+    def shared(self, topic_filter: str) -> str:
+        """`topic_filter` as the MQTT v5 shared subscription of this fleet's aggregator workers: the broker hands
+        each matching message to ONE of them (docs/scale-out.md)."""
+        return f"$share/aggregators-{self.fleet}/{topic_filter}"
+
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device level of a `<prefix>/<kind>/<device>[/...]` topic, or None if it is not one."""
         parts = topic.split("/")

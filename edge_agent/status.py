@@ -110,8 +110,17 @@ class FleetWatcher:
 
 
 def read_database(path: str | Path, rounds: int) -> list[dict[str, Any]]:
-    from .aggregator.store import open_read_only, read_history
+    """The round history of an aggregator's state: a SQLite file, or the PostgreSQL URL workers share."""
+    from .aggregator.store import SCHEMA_VERSION, open_read_only, read_history
 
+    if str(path).startswith(("postgresql://", "postgres://")):
+        from .aggregator.pgstore import read_only_connection
+
+        pg = read_only_connection(str(path))
+        try:
+            return read_history(pg, rounds, SCHEMA_VERSION)
+        finally:
+            pg.close()
     db = open_read_only(path)
     try:
         return read_history(db, rounds)
@@ -196,7 +205,7 @@ def run_status(q: StatusQuery, out: TextIO, *, as_json: bool = False, watch_s: f
         from .transport import MqttLink
 
         link_factory = MqttLink
-    if q.state_db is not None and not Path(q.state_db).is_file():
+    if q.state_db is not None and "://" not in q.state_db and not Path(q.state_db).is_file():
         raise StatusError(f"aggregator state database not found: {q.state_db} (the `state` key of its config)")
     watcher = FleetWatcher(q.fleet, q.host, q.port, username=q.username, password=q.password,
                            link_factory=link_factory)

@@ -287,11 +287,13 @@ def accept(state: RoundState, update: UpdateLike) -> RoundState:
     return replace(state, accepted=state.counted.plus(update.device_id, update.update_id))
 
 
-def should_close(state: RoundState, now: float, config: RoundConfig) -> bool:
+def should_close(state: RoundState, now: float, config: RoundConfig, reported: int | None = None) -> bool:
     """Close when the quorum of selected devices reported (all of them by default), at the deadline, or at once
-    when no update is expected."""
+    when no update is expected. `reported`: the selected devices that reported, when `state` does not hold
+    them all (several aggregator workers count them; the store knows the total)."""
+    seen = state.reported if reported is None else reported
     return state.phase is Phase.COLLECTING and (
-        not config.expects_updates or state.reported >= quorum(state, config) or now >= state.deadline)
+        not config.expects_updates or seen >= quorum(state, config) or now >= state.deadline)
 
 
 def close(state: RoundState, config: RoundConfig) -> tuple[RoundState, list[ClientFailure], bool]:

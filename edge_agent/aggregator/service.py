@@ -27,12 +27,13 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TypeGuard
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from ..keys import KeyFileError, KeyRegistry, load_private_key
 from ..learning import dp, rng, robust
 from ..learning.aggregate import Sum, WeightedMean
 from ..learning.head import HeadConfig
-from ..learning.strategies import ClientUpdate, ServerState, make_strategy
+from ..learning.strategies import ClientFailure, ClientUpdate, ServerState, make_strategy
 from ..learning.validate import HARD_MAX_ABS, expected_shapes, head_problem
 from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttError
 from ..protocol import Topics
@@ -57,7 +58,10 @@ from .ingest import ChunkIntake
 from .metrics import Metrics, PrometheusMetrics, judge_reason
 from .presence import PresenceLog
 from .rounds import Outcome, Phase, RoundConfig, RoundState
-from .store import AggregatorStore
+from .store import AlreadyCounted, RoundNotCollecting, open_store
+
+if TYPE_CHECKING:
+    from .pgstore import PostgresStore
 from .view import FleetView
 from .web import StatusServer
 
@@ -70,6 +74,16 @@ BATCH_LIMIT = 32
 # many messages of at most the broker's packet limit, on top of the QoS 1 window (receive_maximum).
 QOS0_BACKLOG = 256
 CHUNK_MAGIC = b"EFLC"
+# A worker of a shared store looks at it this often (has the coordinator moved on? is the coordinator's lock
+# free? has the quorum reported?): one small query each, never per message.
+POLL_S = 0.25
+# A batch another worker overtook (it counted one of the batch's devices first, or the round closed) is judged
+# again knowing what the store holds; past this many tries the error propagates (nothing acknowledged).
+MAX_BATCH_TRIES = 3
+
+
+class RoundMoved(Exception):
+    """An update for a round this worker has not seen open yet (the coordinator opened it a moment ago)."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,13 @@ class AggregatorService:
                                         deadline_s=cfg.fleet.deadline_s, rounds=cfg.train.rounds,
                                         expects_updates=bool(self.strategy.shared_keys),
                                         min_reported_fraction=cfg.fleet.min_reported_fraction)
-        self.store = AggregatorStore(cfg.state)
+        self.worker = cfg.worker or socket.gethostname()
+        self.store = open_store(cfg.state, cfg.fleet_name, self.worker)
+        # Several workers share a PostgreSQL store (pgstore.py): each ingests what the broker hands it; only the
+        # coordinator opens, closes and publishes rounds; the others follow the store (`follow`).
+        self.shared: PostgresStore | None = cast("PostgresStore", self.store) if self.store.shared else None
+        self.next_poll = 0.0  # monotonic time a worker next looks at the shared store (POLL_S)
+        self.retrying = False
         self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
                                       "seed": cfg.train.seed, "fleet": cfg.fleet_name})
         # Announced in every task and model; no global model beyond it is published. Never above the bound every
@@ -131,11 +151,8 @@ class AggregatorService:
             self.store.save_global(0, server.params)
             latest = (0, server.params)
         self.server = ServerState(latest[0], latest[1])
-        self.state: RoundState | None = self.store.current_round()
-        if self.state is not None and self.state.phase is Phase.COLLECTING and cfg.train.fraction < 1.0:
-            # the sampled round's rule, as its task announced it: derived again, not stored
-            salt = rounds.round_salt(rng.selection(cfg.train.seed, self.state.round))
-            self.state = replace(self.state, rule=rounds.rule_for(self.state.selected, salt))
+        self.state: RoundState | None = None
+        self.load_round()
         recovered = self.global_problem(self.server.params) is not None
         if recovered:
             self._recover_global()
@@ -145,9 +162,8 @@ class AggregatorService:
         self.norm_history: list[float] = []
         self.count_history: list[int] = []
         self.norm_bound, self.count_cap = 0.0, 0
-        self.set_bounds_history(json.loads(self.store.read_meta("norm_history") or "[]"),
-                                json.loads(self.store.read_meta("count_history") or "[]"))
-        self.dp_rounds = int(self.store.read_meta("dp_rounds") or 0)
+        self.dp_rounds = 0
+        self.load_bounds()
         self.round_norms: list[float] = []  # the open round's accepted norms (durable in its accumulator)
         self.round_counts: list[int] = []  # ... and the example counts they claimed (capped at max_examples)
         self.acc = self.start_aggregation()
@@ -175,8 +191,9 @@ class AggregatorService:
         # chunks are acknowledged at once: partial messages are held in bounded memory, never as unacked messages
         self.intake = ChunkIntake(cfg.fleet, self.metrics, clock)
         b = cfg.broker
+        client_id = "edge-fl-aggregator-" + cfg.fleet_name + (f"-{self.worker}" if self.shared else "")
         self.link: BrokerLink = link_factory(
-            "edge-fl-aggregator-" + cfg.fleet_name, b.host, b.port, username=b.username, password=b.secret(),
+            client_id, b.host, b.port, username=b.username, password=b.secret(),
             clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256,
             keepalive_s=b.keepalive_s, tls=b.tls.options(), max_qos0_backlog=QOS0_BACKLOG)
         self.done = threading.Event()
@@ -245,6 +262,19 @@ class AggregatorService:
         if self.robust.rule != "mean" and not isinstance(acc, Sum):
             return robust.StackedUpdates(self.robust.rule, self.robust.trim_fraction)
         return acc
+
+    def load_round(self) -> None:
+        """The newest round as the store holds it, with a sampled round's rule (derived again, not stored)."""
+        self.state = self.store.current_round()
+        if self.state is not None and self.state.phase is Phase.COLLECTING and self.cfg.train.fraction < 1.0:
+            salt = rounds.round_salt(rng.selection(self.cfg.train.seed, self.state.round))
+            self.state = replace(self.state, rule=rounds.rule_for(self.state.selected, salt))
+
+    def load_bounds(self) -> None:
+        """The bounds' history and the privacy budget spent, as the last closed round stored them."""
+        self.set_bounds_history(json.loads(self.store.read_meta("norm_history") or "[]"),
+                                json.loads(self.store.read_meta("count_history") or "[]"))
+        self.dp_rounds = int(self.store.read_meta("dp_rounds") or 0)
 
     def set_bounds_history(self, norms: list[float], counts: list[int]) -> None:
         """The recent accepted norms and example counts, and the bounds they give every update of the next
@@ -397,8 +427,30 @@ class AggregatorService:
         self.publish_task()
 
     def maybe_close(self) -> None:
-        if self.state is None or not rounds.should_close(self.state, self.clock(), self.round_config):
+        if self.state is None or self.state.phase is not Phase.COLLECTING:
             return
+        if self.shared is None:
+            if rounds.should_close(self.state, self.clock(), self.round_config):
+                self.announce(*self.close_round())
+            return
+        _, reported = self.shared.round_progress(self.state.round)  # every worker's count, not this one's
+        if not rounds.should_close(self.state, self.clock(), self.round_config, reported):
+            return
+        try:
+            with self.shared.closing(self.state.round) as (accepted, merged):
+                self.state = replace(self.state, accepted=accepted)
+                self.adopt_accumulator(merged)
+                outcome = self.close_round()
+        except RoundNotCollecting as exc:  # closed by another coordinator: this one lost its lock
+            log.warning("%s; following the store", exc)
+            self.follow(force=True)
+            return
+        self.announce(*outcome)  # published only once the close is committed
+
+    def close_round(self) -> tuple[RoundState, list[ClientFailure], bool, float]:
+        """Close the open round: aggregate, store the result (a shared store: in the caller's transaction).
+        Returns (the closed round, its stragglers, whether it succeeded, when it opened) for `announce`."""
+        assert self.state is not None
         closed, failures, ok = rounds.close(self.state, self.round_config)
         t0 = self.state.opened_at
         self.refused_reason = None
@@ -426,6 +478,10 @@ class AggregatorService:
         self.metrics.model_version(self.server.version)
         self.view.model_version(self.server.version)
         self.view.round_closed(self.store.history(1)[-1])
+        return closed, failures, ok, t0
+
+    def announce(self, closed: RoundState, failures: list[ClientFailure], ok: bool, t0: float) -> None:
+        """Tell the fleet and the operator how a closed round ended, and open the next one."""
         # Name a few stragglers, then count the rest: a fleet with hundreds of absent devices must not flood the log.
         for f in failures[:MAX_NAMED_STRAGGLERS]:
             log.warning("round %d: %s sent no update (%s)", closed.round, f.client_id, f.reason)
@@ -502,10 +558,24 @@ class AggregatorService:
     def handle_updates(self, messages: Sequence[Message]) -> None:
         """Judge `messages` (updates and update chunks), commit what they bring in one transaction, then
         acknowledge every one of them, rejected and duplicate ones included (they need no commit, and waiting
-        costs them nothing)."""
-        with self.group_commit() as batch:
-            for msg in messages:
-                self.stage_message(msg, batch)
+        costs them nothing). A worker of a shared store that another worker overtook (a device of the batch
+        counted elsewhere first, the round closed or a newer one opened) learns what the store holds and judges
+        the batch again: a duplicate is then a duplicate, a late update late, as in a single aggregator."""
+        for attempt in range(1, MAX_BATCH_TRIES + 1):
+            self.retrying = attempt > 1  # judged again after following the store: a later round is early, not new
+            try:
+                with self.group_commit() as batch:
+                    for msg in messages:
+                        self.stage_message(msg, batch)
+                break
+            except (AlreadyCounted, RoundNotCollecting, RoundMoved) as exc:
+                if attempt == MAX_BATCH_TRIES:
+                    raise
+                log.info("a batch of %d update(s) is judged again: %s", len(messages), exc)
+                if isinstance(exc, AlreadyCounted):
+                    self.learn_counted(messages)
+                else:
+                    self.follow(force=True)
         for msg in messages:
             self.link.ack(msg)
 
@@ -528,8 +598,8 @@ class AggregatorService:
                 crash_point("aggregator.before_commit", self.state.round)
                 self.store.accept_many(self.state, batch.accepted, self.accumulator_snapshot(), self.clock())
                 crash_point("aggregator.after_commit", self.state.round)  # counted, but the broker has no PUBACK yet
-        except BaseException:
-            self.restore(batch)
+        except BaseException as exc:
+            self.restore(batch, overtaken=isinstance(exc, (AlreadyCounted, RoundNotCollecting, RoundMoved)))
             raise
         self.settle(batch)
 
@@ -540,19 +610,28 @@ class AggregatorService:
 
     def load_accumulator(self) -> None:
         """The open round's accumulator, norms and counts as the store last committed them (a fresh accumulator
-        when it committed none): at start, and after a batch that failed before its commit."""
-        assert self.state is not None
-        saved = self.store.accumulator(self.state.round)
-        self.acc = self.start_aggregation() if saved is None else type(self.acc).from_arrays(saved)
-        empty: dict[str, np.ndarray] = {}
+        when it committed none or no round is open): at start, and after a batch that failed before its commit.
+        A worker of a shared store loads its own part (pgstore.PostgresStore.accumulator)."""
+        saved = None
+        if self.state is not None and self.state.phase is Phase.COLLECTING:
+            saved = self.store.accumulator(self.state.round)
+        self.adopt_accumulator(saved)
+
+    def adopt_accumulator(self, saved: Mapping[str, np.ndarray] | None) -> None:
+        """Take `saved` (an accumulator_snapshot; None: nothing counted yet) as the running aggregate."""
+        fresh = self.start_aggregation()
+        self.acc = fresh if saved is None else type(fresh).from_arrays(saved)
+        empty: Mapping[str, np.ndarray] = {}
         self.round_norms = [float(n) for n in (saved or empty).get("__norms__", np.zeros(0))]
         self.round_counts = [int(n) for n in (saved or empty).get("__counts__", np.zeros(0, np.int64))]
 
-    def restore(self, batch: IngestBatch) -> None:
+    def restore(self, batch: IngestBatch, *, overtaken: bool = False) -> None:
+        """Back to the state before `batch`; `overtaken`: another worker moved the store on (it is judged again)."""
         self.state = batch.state
         self.counters = batch.counters
-        if self.state is not None and self.state.phase is Phase.COLLECTING:
-            self.load_accumulator()
+        self.load_accumulator()
+        if overtaken:
+            return
         log.error("a batch of %d accepted update(s) failed before its commit: none of it is counted, none "
                   "acknowledged (the broker delivers them again after a reconnection or restart)", len(batch.accepted))
 
@@ -600,6 +679,12 @@ class AggregatorService:
         if msg.payload[:4] != CHUNK_MAGIC:
             batch.settled.append(self.stage(msg.payload, msg.topic, device, batch))
             return
+        if self.shared is not None:  # the broker spreads one update's chunks over the workers
+            self.reject(f"a chunked update on {msg.topic}: chunked updates need a single aggregator (a SQLite "
+                        f"state); with several workers devices must send whole updates (docs/scale-out.md)",
+                        "malformed_chunk")
+            batch.settled.append(Settled(device, None, None, Outcome.REJECTED, self.last_rejection))
+            return
         try:
             whole = self.intake.feed(msg.payload, device)
         except ChunkError as exc:
@@ -608,6 +693,16 @@ class AggregatorService:
             return
         if whole is not None:  # the completing chunk is acknowledged after the commit, like a whole update
             batch.settled.append(self.stage(whole, msg.topic, device, batch))
+
+    def learn_counted(self, messages: Sequence[Message]) -> None:
+        """Add to the open round what other workers counted of these messages' devices."""
+        assert self.shared is not None and self.state is not None
+        devices = [d for m in messages if (d := self.topics.device_of(m.topic, "update")) is not None]
+        counted = self.state.counted
+        for device, update_id in self.shared.counted_among(self.state.round, devices).items():
+            if device not in counted:
+                counted = counted.plus(device, update_id)
+        self.state = replace(self.state, accepted=counted)
 
     def on_update_message(self, msg: Message) -> None:
         self.handle_updates([msg])
@@ -651,6 +746,9 @@ class AggregatorService:
             self.reject(f"update {env.update_id} on {topic}: kind {env.kind.name} from {env.device_id!r}; "
                         f"an update must be kind UPDATE from the device named in its topic", "wrong_sender")
             return replace(refused, reason=self.last_rejection)
+        if self.shared is not None and not self.retrying and (self.state is None or env.round > self.state.round):
+            raise RoundMoved(f"update {env.update_id} is for round {env.round}, this worker knows round "
+                             f"{None if self.state is None else self.state.round}")
         verdict = rounds.judge(self.state, env, strategy=self.strategy.name,
                                expected=self.strategy.upload_shapes(self.server))
         if verdict.outcome is Outcome.DUPLICATE:
@@ -728,14 +826,14 @@ class AggregatorService:
                 else:
                     log.info("back on the broker after %.1f s (%s)", time.monotonic() - self.lost_at, msg.reason)
                     self.lost_at = None
-                # A broker that crashed may have lost our retained messages: publish them again.
-                self.publish_model()
-                if self.state is not None and self.state.phase is Phase.COLLECTING:
-                    self.publish_task()
-                elif self.done.is_set():
-                    self._publish_retained(self.topics.round_current, b"")
-                if self.last_status:
-                    self._publish_retained(self.topics.status, self.last_status)
+                if self.leads:  # a broker that crashed may have lost our retained messages: publish them again
+                    self.publish_model()
+                    if self.state is not None and self.state.phase is Phase.COLLECTING:
+                        self.publish_task()
+                    elif self.done.is_set():
+                        self._publish_retained(self.topics.round_current, b"")
+                    if self.last_status:
+                        self._publish_retained(self.topics.status, self.last_status)
             else:
                 self.lost_at = time.monotonic()
                 log.warning("lost the broker (%s); paho reconnects with backoff", msg.reason)
@@ -754,11 +852,14 @@ class AggregatorService:
         `self.link.inbox`."""
         self.started = True
         self.link.connect(timeout=self.cfg.broker.connect_timeout_s if timeout is None else timeout)
-        self.link.subscribe(self.topics.update_filter, qos=1)
+        # Workers of a shared store share updates and telemetry (each message goes to one of them); every worker
+        # sees presence, so whichever coordinates knows who is online.
+        share = self.topics.shared if self.shared is not None else str
+        self.link.subscribe(share(self.topics.update_filter), qos=1)
         self.link.subscribe(self.topics.presence_filter, qos=1)
         # QoS 0: telemetry is for the operator, never decides anything, and must not queue for an absent
         # aggregator in front of the updates (Mosquitto's queue limits would then drop updates first).
-        self.link.subscribe(self.topics.telemetry_filter, qos=0)
+        self.link.subscribe(share(self.topics.telemetry_filter), qos=0)
         if self.cfg.http and self.http is None:
             self.http = StatusServer(self.cfg.http, self.view, self.metrics)
             self.http.start()
@@ -767,13 +868,67 @@ class AggregatorService:
 
     def tick(self) -> None:
         """What time alone decides: give up on chunked messages that never completed, close a round whose
-        deadline passed (or that is complete), open the next one."""
+        deadline passed (or that is complete), open the next one. A worker of a shared store does so only as
+        the coordinator, and otherwise follows what the coordinator decided."""
         self.intake.tick()  # partial messages whose other chunks never came
         if self.registry is not None:
             self.registry.refresh()  # enrolment and revocation without a restart (a stat per file, once a second)
         self.presence_log.flush()
+        if self.shared is not None:
+            now = time.monotonic()
+            if now < self.next_poll:
+                return
+            self.next_poll = now + POLL_S
+            if not self.coordinating():
+                self.follow()
+                return
         self.maybe_close()
         self.maybe_open()
+
+    @property
+    def leads(self) -> bool:
+        """Does this process open, close and publish rounds? (Always, with a SQLite store.)"""
+        return self.shared is None or self.shared.leading
+
+    def coordinating(self) -> bool:
+        """Is this worker the coordinator? Takes the role when it is free (the last one stopped or died)."""
+        assert self.shared is not None
+        if self.shared.leading or not self.shared.try_lead():
+            return self.shared.leading
+        log.info("worker %s now coordinates fleet %s: it opens, closes and publishes rounds", self.worker,
+                 self.cfg.fleet_name)
+        self.follow(force=True)
+        if self.link.connected:  # the last coordinator may have died between a commit and its publication
+            self.publish_model()
+            if self.state is not None and self.state.phase is Phase.COLLECTING:
+                self.publish_task()
+        return True
+
+    def follow(self, *, force: bool = False) -> None:
+        """Catch up with the shared store: the newest round (and who is counted in it), the global model it
+        trains from, the bounds, this worker's part of its aggregate. One query when nothing moved."""
+        assert self.shared is not None
+        head = self.shared.round_head()
+        mine = None if self.state is None else (self.state.round, self.state.phase.value)
+        if head == mine and not force:
+            return
+        self.load_round()
+        wanted = self.state.model_version if self.state is not None and self.state.phase is Phase.COLLECTING \
+            else None
+        if wanted is not None and wanted != self.server.version:
+            params = self.store.global_at(wanted)
+            if params is not None:
+                self.server = ServerState(wanted, params)
+        elif wanted is None and (latest := self.store.latest_global()) is not None:
+            self.server = ServerState(latest[0], latest[1])
+        self.metrics.model_version(self.server.version)
+        self.view.model_version(self.server.version)
+        self.load_bounds()
+        self.load_accumulator()
+        if head != mine:
+            self.counters = RoundCounters()
+        if self.state is not None and self.state.phase is Phase.CLOSED and self.state.round >= self.round_config.rounds:
+            self.done.set()
 
     def shutdown(self) -> None:
         if self.http is not None:

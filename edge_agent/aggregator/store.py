@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,22 @@ class StoreError(RuntimeError):
     """The state database belongs to another fleet configuration or is damaged."""
 
 
+class RoundNotCollecting(StoreError):
+    """A batch's round closed (the coordinator closed it) before the batch committed: nothing of it is stored."""
+
+
+class AlreadyCounted(StoreError):
+    """Another aggregator worker counted a device of the batch in this round first: nothing of it is stored."""
+
+
+_UPSERT_GLOBAL = ("INSERT INTO globals VALUES (?, ?, ?) ON CONFLICT (version) DO UPDATE SET blob=excluded.blob, "
+                  "created_at=excluded.created_at")
+
+
 _RAW = b"EFAR"  # accumulator snapshot: magic, u32 header length, JSON [[name, dtype, shape], ...], raw bytes
 
 
-def _arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+def arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The running aggregate, written with every accepted update: raw little-endian bytes behind a small
     JSON index. np.savez's zip container cost ~0.7 ms an update, a tenth of the aggregator's work."""
     items = [(k, np.asarray(v)) for k, v in arrays.items()]  # tobytes() is C order whatever the layout
@@ -86,7 +99,7 @@ def _arrays_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return b"".join([_RAW, struct.pack("<I", len(index)), index, *(v.tobytes() for _, v in items)])
 
 
-def _bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
+def bytes_to_arrays(blob: bytes) -> dict[str, np.ndarray]:
     if blob[:4] != _RAW:  # a snapshot written by an earlier version (np.savez)
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -121,23 +134,34 @@ def migrate(db: sqlite3.Connection, where: str) -> int:
 
 
 class AggregatorStore:
+    """The embedded store of a single aggregator process (SQLite). pgstore.PostgresStore shares this code (the
+    SQL here is portable: upserts, `?` placeholders its connection translates) for several worker processes."""
+
+    shared = False  # True: several aggregator processes write this store (one coordinator, see pgstore.py)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = connect(self.path, SCHEMA_V0)
+        self.where = str(self.path)
+        self.db: Any = connect(self.path, SCHEMA_V0)
         self.migrated_from = migrate(self.db, str(self.path))
 
     def close(self) -> None:
         self.db.close()
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """All statements inside commit together or not at all."""
+        return transaction(self.db)
 
     # --- configuration fingerprint -------------------------------------------------------------
     def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
         """Refuse to resume a state written for another strategy / head / fleet."""
         want = json.dumps(fingerprint, sort_keys=True)
         row = self.db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
-        if row is None:
-            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (want,))
-        elif row[0] != want:
-            raise StoreError(f"{self.path} holds the state of another configuration ({row[0]}); this aggregator "
+        if row is None:  # two workers starting together: the first insert wins, the other compares with it
+            self.db.execute("INSERT INTO meta VALUES ('fingerprint', ?) ON CONFLICT (key) DO NOTHING", (want,))
+            row = self.db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
+        if row[0] != want:
+            raise StoreError(f"{self.where} holds the state of another configuration ({row[0]}); this aggregator "
                              f"runs {want}. Use another state file or delete this one to start over.")
 
     def read_meta(self, key: str) -> str | None:
@@ -146,9 +170,8 @@ class AggregatorStore:
 
     # --- global versions -----------------------------------------------------------------------
     def save_global(self, version: int, params: Mapping[str, np.ndarray]) -> None:
-        with transaction(self.db):
-            self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
-                            (version, pack_tensors(params, int8=False), time.time()))
+        with self.transaction():
+            self.db.execute(_UPSERT_GLOBAL, (version, pack_tensors(params, int8=False), time.time()))
 
     def latest_global(self) -> tuple[int, dict[str, np.ndarray]] | None:
         row = self.db.execute("SELECT version, blob FROM globals ORDER BY version DESC LIMIT 1").fetchone()
@@ -164,7 +187,7 @@ class AggregatorStore:
 
     # --- rounds --------------------------------------------------------------------------------
     def open_round(self, state: RoundState) -> None:
-        with transaction(self.db):
+        with self.transaction():
             self.db.execute("INSERT INTO rounds (round, model_version, selected, opened_at, deadline, phase) "
                             "VALUES (?, ?, ?, ?, ?, ?)",
                             (state.round, state.model_version, json.dumps(list(state.selected)),
@@ -185,11 +208,12 @@ class AggregatorStore:
         """Record `updates` (accepted in `state`'s round) and the one accumulator that includes them all, in ONE
         transaction: a group commit pays one fsync and one snapshot of the accumulator for the whole batch. All
         or nothing: on any error (a device already counted, a full disk) nothing of the batch is stored."""
-        with transaction(self.db):
+        with self.transaction():
             self.db.executemany("INSERT INTO accepted VALUES (?, ?, ?, ?, ?)",
                                 [(state.round, u.device_id, u.update_id, u.num_examples, now) for u in updates])
-            self.db.execute("INSERT OR REPLACE INTO accumulator VALUES (?, ?)",
-                            (state.round, _arrays_to_bytes(accumulator)))
+            self.db.execute("INSERT INTO accumulator VALUES (?, ?) "
+                            "ON CONFLICT (round) DO UPDATE SET blob=excluded.blob",
+                            (state.round, arrays_to_bytes(accumulator)))
 
     def accept(self, state: RoundState, update: UpdateLike, accumulator: Mapping[str, np.ndarray], now: float) -> None:
         """Record one update and the accumulator that includes it, atomically (a batch of one)."""
@@ -197,7 +221,7 @@ class AggregatorStore:
 
     def accumulator(self, round_no: int) -> dict[str, np.ndarray] | None:
         row = self.db.execute("SELECT blob FROM accumulator WHERE round=?", (round_no,)).fetchone()
-        return None if row is None else _bytes_to_arrays(row[0])
+        return None if row is None else bytes_to_arrays(row[0])
 
     def close_round(self, state: RoundState, failures: Sequence[ClientFailure], succeeded: bool,
                     new_version: int | None, new_params: Mapping[str, np.ndarray] | None, now: float,
@@ -207,18 +231,22 @@ class AggregatorStore:
         `traffic` holds the round's bytes_in, bytes_out, rejected and duplicates for the history; `meta`, state
         that must move with the round (the norm history of adaptive bounds, the privacy budget's round count)."""
         t = dict(traffic or {})
-        with transaction(self.db):
+        with self.transaction():
             for key, value in (meta or {}).items():
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                                (key, value))
             self.db.execute("UPDATE rounds SET phase=?, closed_at=?, reported=?, failed=?, succeeded=?, "
                             "result_version=?, bytes_in=?, bytes_out=?, rejected=?, duplicates=? WHERE round=?",
                             (Phase.CLOSED.value, now, len(state.accepted), len(failures), int(succeeded),
                              new_version if succeeded else None, t.get("bytes_in"), t.get("bytes_out"),
                              t.get("rejected"), t.get("duplicates"), state.round))
             if new_version is not None and new_params is not None:
-                self.db.execute("INSERT OR REPLACE INTO globals VALUES (?, ?, ?)",
-                                (new_version, pack_tensors(new_params, int8=False), now))
-            self.db.execute("DELETE FROM accumulator WHERE round=?", (state.round,))
+                self.db.execute(_UPSERT_GLOBAL, (new_version, pack_tensors(new_params, int8=False), now))
+            self.forget_accumulator(state.round)
+
+    def forget_accumulator(self, round_no: int) -> None:
+        """A closed round's running aggregate is not needed any more (inside close_round's transaction)."""
+        self.db.execute("DELETE FROM accumulator WHERE round=?", (round_no,))
 
     def reliability(self) -> dict[str, float]:
         """Every device's reliability score (devices never selected have none: they count as 1)."""
@@ -227,24 +255,27 @@ class AggregatorStore:
     def record_reliability(self, outcomes: Mapping[str, bool], now: float) -> None:
         """After a round: each selected device reported (True) or not; scores move by rounds.updated_reliability."""
         old = self.reliability()
-        with transaction(self.db):
+        with self.transaction():
             for device, reported in outcomes.items():
                 self.db.execute(
                     "INSERT INTO reliability VALUES (?, ?, 1, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
-                    "score=excluded.score, selected=selected + 1, reported=reported + excluded.reported, "
+                    "score=excluded.score, selected=reliability.selected + 1, "
+                    "reported=reliability.reported + excluded.reported, "
                     "updated_at=excluded.updated_at",
                     (device, updated_reliability(old.get(device, 1.0), reported), int(reported), now))
 
     def record_telemetry(self, version: int, device_id: str, personal_acc: float | None, global_acc: float | None,
                          n_test: int, now: float) -> None:
         """A device's accuracies under global `version` (the latest report per device and version wins)."""
-        with transaction(self.db):
-            self.db.execute("INSERT OR REPLACE INTO telemetry VALUES (?, ?, ?, ?, ?, ?)",
+        with self.transaction():
+            self.db.execute("INSERT INTO telemetry VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (version, device_id) "
+                            "DO UPDATE SET personal_acc=excluded.personal_acc, global_acc=excluded.global_acc, "
+                            "n_test=excluded.n_test, received_at=excluded.received_at",
                             (version, device_id, personal_acc, global_acc, n_test, now))
 
     def history(self, limit: int = 100) -> list[dict[str, Any]]:
         """The last `limit` rounds, oldest first, with traffic and the devices' mean accuracies."""
-        return read_history(self.db, limit)
+        return read_history(self.db, limit, SCHEMA_VERSION)
 
     def round_history(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT round, model_version, phase, reported, failed, succeeded FROM rounds "
@@ -257,12 +288,22 @@ class AggregatorStore:
 
 
 
-def read_history(db: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+def open_store(state: str, fleet: str, worker: str) -> AggregatorStore:
+    """The store `state` names: a PostgreSQL URL (several aggregator workers, pgstore.py) or a SQLite file."""
+    if state.startswith(("postgresql://", "postgres://")):
+        from .pgstore import PostgresStore  # psycopg: only on an aggregator configured for it
+
+        return PostgresStore(state, fleet, worker)
+    return AggregatorStore(state)
+
+
+def read_history(db: Any, limit: int = 100, version: int | None = None) -> list[dict[str, Any]]:
     """The last `limit` rounds of a database of any schema version up to ours, oldest first, never writing
     (so `edge-fl status` can read a running aggregator's file read-only). Columns a version-0 database
-    lacks read as None. Accuracies are means over the devices that reported telemetry for the version the
+    lacks read as None. `version`: the schema version when the caller knows it (a PostgreSQL store).
+    Accuracies are means over the devices that reported telemetry for the version the
     round produced (n_test-weighted)."""
-    version = schema_version(db)
+    version = schema_version(db) if version is None else version
     if version > SCHEMA_VERSION:
         raise StoreError(f"history schema version {version} is newer than this edge-fl understands ({SCHEMA_VERSION})")
     if version >= 1:
@@ -276,7 +317,7 @@ def read_history(db: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any
         extra = "CASE WHEN r.succeeded = 1 THEN r.model_version + 1 END, NULL, NULL, NULL, NULL, NULL, NULL, 0"
     rows = db.execute(
         "SELECT * FROM (SELECT r.round, r.model_version, r.phase, r.opened_at, r.deadline, r.closed_at, r.selected, "
-        f"r.reported, r.failed, r.succeeded, {extra} FROM rounds r ORDER BY r.round DESC LIMIT ?) ORDER BY 1",
+        f"r.reported, r.failed, r.succeeded, {extra} FROM rounds r ORDER BY r.round DESC LIMIT ?) AS h ORDER BY 1",
         (limit,)).fetchall()
     out = []
     for row in rows:

@@ -151,17 +151,17 @@ def test_a_round_of_a_strategy_that_shares_nothing_closes_at_once_and_succeeds()
 def test_accumulator_snapshots_round_trip_exactly_and_old_npz_snapshots_still_load() -> None:
     import io
 
-    from edge_agent.aggregator.store import _arrays_to_bytes, _bytes_to_arrays
+    from edge_agent.aggregator.store import arrays_to_bytes, bytes_to_arrays
 
     arrays = {"sum:adapter.w": np.random.default_rng(0).standard_normal((64, 32)).T,  # not C-contiguous
               "__total_weight__": np.array(1234.5), "__count__": np.array(6), "sum:empty": np.zeros((0, 7))}
-    back = _bytes_to_arrays(_arrays_to_bytes(arrays))
+    back = bytes_to_arrays(arrays_to_bytes(arrays))
     assert set(back) == set(arrays)
     for k, v in arrays.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v), k
     old = io.BytesIO()
     np.savez(old, **arrays)
-    assert all(np.array_equal(_bytes_to_arrays(old.getvalue())[k], v) for k, v in arrays.items())
+    assert all(np.array_equal(bytes_to_arrays(old.getvalue())[k], v) for k, v in arrays.items())
 
 
 # --- selection that scales, quorum, reliability ------------------------------------------------------
