@@ -224,6 +224,10 @@ class FleetConfig:
     # Devices spread their first upload of a round over this many seconds (0: no spread), so a round of thousands
     # of devices does not reach the broker as one burst past its queue limits (broker_config/README.md).
     upload_window_s: float = 0.0
+    # Devices send an update the aggregator has not confirmed again no sooner than this (each at its own point of
+    # [retry_after_s, 2 * retry_after_s)), whatever their own [upload] receipt_timeout_s: announced in the task,
+    # for a fleet whose round takes the aggregator longer to ingest than the devices' timeout. 0: not announced.
+    retry_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.upload_window_s > 0 and self.upload_window_s >= self.deadline_s:
@@ -639,6 +643,7 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (FleetConfig, "max_partial_bytes"): _at_least(0),
     (FleetConfig, "max_partials_per_device"): _at_least(1),
     (FleetConfig, "upload_window_s"): _at_least(0),
+    (FleetConfig, "retry_after_s"): _at_least(0),
     (UploadConfig, "receipt_timeout_s"): _positive,
     (UploadConfig, "max_receipt_timeout_s"): _positive,
     (AggregatorConfig, "fleet_name"): _topic_name,

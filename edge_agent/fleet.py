@@ -89,6 +89,7 @@ class SelectionRule:
 
 
 UPLOAD_WINDOW_KEY = "upload_window_s"  # optional meta: absent (older aggregators, or no spread) means 0
+RETRY_AFTER_KEY = "retry_after_s"  # optional meta: absent means devices pace resends by their own config alone
 
 
 def upload_delay(window_s: float, device_id: str, round_no: int) -> float:
@@ -117,6 +118,10 @@ class RoundTask:
     # Devices spread their first upload over this many seconds after the task (upload_delay): thousands of devices
     # must not reach the broker's queues in one burst. 0: every device uploads as soon as it trained.
     upload_window_s: float = 0.0
+    # When devices should come back with an update the aggregator has not confirmed: not before this many seconds
+    # after a send, each device at its own point of [retry_after_s, 2 * retry_after_s) (`retry_delay`), so the
+    # resends of a round that overran the broker do not return as one burst either. 0: the device's own timeout.
+    retry_after_s: float = 0.0
 
     def selects(self, device_id: str) -> bool:
         if self.rule is not None:
@@ -125,6 +130,12 @@ class RoundTask:
 
     def upload_delay(self, device_id: str) -> float:
         return upload_delay(self.upload_window_s, device_id, self.round)
+
+    def retry_delay(self, device_id: str) -> float:
+        """The least wait before `device_id` sends an unconfirmed update of this round again (0: no steer)."""
+        if self.retry_after_s <= 0:
+            return 0.0
+        return self.retry_after_s + upload_delay(self.retry_after_s, device_id, -self.round)  # another draw
 
 
 def _meta(model: GlobalModel) -> dict[str, Any]:
@@ -161,6 +172,8 @@ def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
         bounds["quorum"] = task.quorum
     if task.upload_window_s > 0:  # absent when 0: a task without a window reads the same to every device
         bounds[UPLOAD_WINDOW_KEY] = float(task.upload_window_s)
+    if task.retry_after_s > 0:
+        bounds[RETRY_AFTER_KEY] = float(task.retry_after_s)
     return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected,
                                             **bounds}, sign)
 
@@ -221,9 +234,11 @@ def decode_task(env: Envelope) -> RoundTask:
     bounds = {k[len(BOUNDS_PREFIX):]: v for k, v in meta.items()
               if k.startswith(BOUNDS_PREFIX) and isinstance(v, (str, int, float))}
     quorum = meta.get("quorum")
-    window = meta.get(UPLOAD_WINDOW_KEY, 0.0)
-    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window < math.inf:
-        raise FleetMessageError(f"round task {env.round}: {UPLOAD_WINDOW_KEY} is {window!r:.40}, expected a "
-                                f"number of seconds >= 0")
+    window, retry = (meta.get(key, 0.0) for key in (UPLOAD_WINDOW_KEY, RETRY_AFTER_KEY))
+    for key, value in ((UPLOAD_WINDOW_KEY, window), (RETRY_AFTER_KEY, retry)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise FleetMessageError(f"round task {env.round}: {key} is {value!r:.40}, expected a number of "
+                                    f"seconds >= 0")
     return RoundTask(round_no, deadline, ids, model, bounds, rule,
-                     quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None, float(window))
+                     quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None, float(window),
+                     float(retry))

@@ -114,6 +114,7 @@ class UploadSchedule:
     max_timeout_s: float
     _due: dict[str, float] = field(default_factory=dict, init=False)
     _sends: dict[str, int] = field(default_factory=dict, init=False)
+    _least: dict[str, float] = field(default_factory=dict, init=False)  # the task's steer (RoundTask.retry_delay)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= self.max_timeout_s < math.inf):
@@ -123,6 +124,14 @@ class UploadSchedule:
         """The first send of `update_id` waits until `until` (a round's upload window)."""
         self._due[update_id] = until
 
+    def pace(self, update_id: str, least_wait_s: float) -> None:
+        """Never send `update_id` again sooner than `least_wait_s` after a send (what its round's task says)."""
+        self._least[update_id] = least_wait_s
+
+    def steered(self, update_id: str) -> bool:
+        """Did the task say when `update_id` may be sent again (`pace`)?"""
+        return update_id in self._least
+
     def due(self, update_id: str, now: float) -> bool:
         return now >= self._due.get(update_id, -math.inf)
 
@@ -130,7 +139,8 @@ class UploadSchedule:
         """Record that the broker took `update_id` at `now`; returns when to send it again without a receipt."""
         sends = self._sends.get(update_id, 0) + 1
         self._sends[update_id] = sends
-        self._due[update_id] = now + resend_delay(sends, self.timeout_s, self.max_timeout_s)
+        wait = resend_delay(sends, self.timeout_s, self.max_timeout_s)
+        self._due[update_id] = now + max(wait, self._least.get(update_id, 0.0))
         return self._due[update_id]
 
     def sends(self, update_id: str) -> int:
@@ -139,3 +149,4 @@ class UploadSchedule:
     def forget(self, update_id: str) -> None:
         self._due.pop(update_id, None)
         self._sends.pop(update_id, None)
+        self._least.pop(update_id, None)

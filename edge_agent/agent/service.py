@@ -276,6 +276,8 @@ class AgentService:
         if item is not None and delay > 0:  # the task's upload window: the fleet's uploads must not come as one burst
             self.uploads.hold(item.update_id, started + delay)
             queued += f", to be sent {delay:.1f} s after the task (upload window {task.upload_window_s:g} s)"
+        if item is not None and task.retry_after_s > 0:  # the aggregator steers when devices come back
+            self.uploads.pace(item.update_id, task.retry_delay(self.cfg.device_id))
         log.info("round %d: trained on %d windows in %.0f ms%s", round_no, data.y_train.size,
                  1000 * (time.perf_counter() - t0), queued)
         if self.source.runs_heads:  # an attached MCU runs this device's new personalized head
@@ -284,10 +286,12 @@ class AgentService:
 
     def flush_outbox(self, *, resend: bool = False) -> None:
         """Send what the outbox holds that no broker took yet (`resend`: also what one took, which may be lost):
-        at once, except an update whose first send waits for its place in the round's upload window."""
+        at once, except an update whose first send waits for its place in the round's upload window, and one
+        whose task said when to come back (a re-announced task must not bring the whole fleet back at once)."""
         now = self.timer()
         for item in self.store.outbox(include_sent=resend):
-            if self.uploads.sends(item.update_id) == 0 and not self.uploads.due(item.update_id, now):
+            waits = self.uploads.sends(item.update_id) == 0 or self.uploads.steered(item.update_id)
+            if waits and not self.uploads.due(item.update_id, now):
                 continue
             if not self.send(item):
                 return

@@ -392,7 +392,8 @@ class AggregatorService:
             rule = self.state.rule or rounds.rule_for(
                 self.state.selected, rounds.round_salt(rng.selection(self.cfg.train.seed, self.state.round)))
         task = RoundTask(self.state.round, self.state.deadline, None, self.model(), self.bounds(), rule,
-                         rounds.quorum(self.state, self.round_config), upload_window_s=self.cfg.fleet.upload_window_s)
+                         rounds.quorum(self.state, self.round_config), upload_window_s=self.cfg.fleet.upload_window_s,
+                         retry_after_s=self.cfg.fleet.retry_after_s)
         # The broker drops the retained task at its deadline: a device that connects later finds no stale
         # round to train for (the next task replaces it anyway).
         expiry = max(1, math.ceil(self.state.deadline - self.clock()))

@@ -77,12 +77,12 @@ def _data() -> ClientData:
     return ClientData(x[:45], y[:45], x[45:], y[45:])
 
 
-def _task(round_no: int = 1) -> bytes:
+def _task(round_no: int = 1, retry_after_s: float = 0.0) -> bytes:
     training = TrainingConfig(strategy="fedavg", seed=0, adapter_dim=0)
     head = HeadConfig(DIM, CLASSES, 0)
     server = make_strategy("fedavg", head, training.strategy_config()).init_server(np.random.default_rng(0))
     model = GlobalModel(0, training, head, server.params)
-    return encode_task(RoundTask(round_no, time.time() + 600, None, model))
+    return encode_task(RoundTask(round_no, time.time() + 600, None, model, retry_after_s=retry_after_s))
 
 
 @contextmanager
@@ -158,10 +158,10 @@ def no_update_within(link: MqttLink, seconds: float) -> None:
             f"the agent sent its update again after the receipt: {item.topic}"
 
 
-def aggregator(connect: Callable[[str], MqttLink]) -> MqttLink:
+def aggregator(connect: Callable[[str], MqttLink], retry_after_s: float = 0.0) -> MqttLink:
     link = connect("aggregator")
     link.subscribe(TOPICS.update_filter, qos=1)
-    assert link.publish(TOPICS.round_current, _task(), qos=1, retain=True) < 0x80
+    assert link.publish(TOPICS.round_current, _task(retry_after_s=retry_after_s), qos=1, retain=True) < 0x80
     return link
 
 
@@ -174,6 +174,14 @@ def test_without_a_receipt_the_agent_sends_the_same_update_again(
     assert {c.payload for c in copies} == {item.payload}  # the very same bytes, so the same update id
     assert {decode_envelope(c.payload).update_id for c in copies} == {item.update_id}
     assert copies[0].topic == TOPICS.update(DEVICE, 1) and item.deadline is not None
+
+
+def test_the_task_steers_when_the_agent_comes_back_over_its_own_timeout(
+        acl_broker: LocalBroker, connect: Callable[[str], MqttLink], tmp_path: Path) -> None:
+    agg = aggregator(connect, retry_after_s=5.0)  # this device comes back 5-10 s after a send, not 0.5 s
+    with running_agent(acl_broker, tmp_path / "a", timeout_s=0.5):
+        next_update(agg)
+        no_update_within(agg, 3.0)  # six of its own timeouts: without the steer, three copies came by now
 
 
 def test_a_receipt_empties_the_outbox_and_stops_the_resends_and_only_its_device_reads_it(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from edge_agent.codec.envelope import decode_envelope
 from edge_agent.fleet import (
+    RETRY_AFTER_KEY,
     UPLOAD_WINDOW_KEY,
     FleetMessageError,
     GlobalModel,
@@ -184,4 +185,37 @@ def test_a_task_with_a_bad_upload_window_is_refused(bad: object) -> None:
     env = decode_envelope(encode_task(_task()))
     env.meta[UPLOAD_WINDOW_KEY] = bad  # type: ignore[index]
     with pytest.raises(FleetMessageError, match="upload_window_s is .*, expected a number of seconds >= 0"):
+        decode_task(env)
+
+
+# --- when devices come back: the task's steer on resends -------------------------------------------------------
+
+def test_the_task_says_when_devices_come_back_and_each_device_comes_back_at_its_own_time() -> None:
+    task = decode_task(decode_envelope(encode_task(_task(retry_after_s=120.0))))
+    assert task.retry_after_s == 120.0 and task.bounds == {}
+    waits = np.array([task.retry_delay(f"dev-{i}") for i in range(5_000)])
+    assert waits.min() >= 120.0 and waits.max() < 240.0  # never sooner than asked, spread over one more window
+    counts, _ = np.histogram(waits, bins=10, range=(120.0, 240.0))
+    assert counts.min() > 400 and counts.max() < 600  # ~500 a bin: the resends do not come back as one burst
+    assert task.retry_delay("dev-1") != 120.0 + task.upload_delay("dev-1")  # not the upload window's draw again
+    plain = decode_envelope(encode_task(_task()))
+    assert RETRY_AFTER_KEY not in plain.meta and decode_task(plain).retry_delay("dev-1") == 0.0
+
+
+def test_the_schedule_waits_at_least_what_the_task_says_and_longer_if_its_own_timeout_is() -> None:
+    s = UploadSchedule(10.0, 300.0)
+    s.pace("u", 45.0)
+    assert s.sent("u", 0.0) == 45.0  # the task's steer beats the device's 10 s
+    assert s.sent("u", 45.0) == 90.0  # 20 s of its own: still 45
+    assert s.sent("u", 90.0) == 135.0
+    assert s.sent("u", 135.0) == 215.0  # 80 s of its own now: longer than the steer
+    s.forget("u")
+    assert s.sent("u", 0.0) == 10.0  # the steer went with the update
+
+
+@pytest.mark.parametrize("bad", [-1.0, "60", True, float("inf")])
+def test_a_task_with_a_bad_retry_steer_is_refused(bad: object) -> None:
+    env = decode_envelope(encode_task(_task()))
+    env.meta[RETRY_AFTER_KEY] = bad  # type: ignore[index]
+    with pytest.raises(FleetMessageError, match="retry_after_s is .*, expected a number of seconds >= 0"):
         decode_task(env)
