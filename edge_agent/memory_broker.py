@@ -262,11 +262,11 @@ class MemoryBroker:
                      max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                      reconnect_max_s: float = 30.0, manual_ack: bool = False,
                      receive_maximum: int | None = None, tls: TlsOptions | None = None,
-                     max_qos0_backlog: int | None = None) -> MemoryLink:
+                     max_qos0_backlog: int | None = None, max_inbox: int | None = None) -> MemoryLink:
         """A new, unconnected :class:`MemoryLink` to this broker: MqttLink's constructor signature.
 
-        ``tls`` and ``max_qos0_backlog`` are accepted and ignored: nothing crosses a network here, and the
-        simulation delivers each message as it is published."""
+        ``tls``, ``max_qos0_backlog`` and ``max_inbox`` are accepted and ignored: nothing crosses a network
+        here, and the simulation delivers each message as it is published."""
         return MemoryLink(self, client_id, host, port, username=username, password=password, will=will,
                           clean_start=clean_start, session_expiry_s=session_expiry_s, keepalive_s=keepalive_s,
                           max_payload_bytes=max_payload_bytes, reconnect_min_s=reconnect_min_s,

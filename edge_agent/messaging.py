@@ -219,7 +219,8 @@ class LinkFactory(Protocol):
                  password: str | None = None, will: tuple[str, bytes, bool] | None = None,
                  clean_start: bool = False, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
                  manual_ack: bool = False, receive_maximum: int | None = None, keepalive_s: int = 30,
-                 tls: TlsOptions | None = None, max_qos0_backlog: int | None = None) -> BrokerLink: ...
+                 tls: TlsOptions | None = None, max_qos0_backlog: int | None = None,
+                 max_inbox: int | None = None) -> BrokerLink: ...
 
 
 # -- sizes -------------------------------------------------------------------------------------

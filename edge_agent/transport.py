@@ -146,8 +146,13 @@ class MqttLink:
     receive_maximum
         How many QoS 1 messages the broker may send us before we acknowledge them (MQTT v5
         Receive-Maximum). Default: the broker's choice (Mosquitto: ``max_inflight_messages``,
-        20 in our configs). With ``manual_ack`` this bounds how many messages the application
-        may hold unacknowledged: past it, delivery stalls until it acknowledges one.
+        20 in our configs). With ``manual_ack`` this should bound how many messages the application
+        may hold unacknowledged; Mosquitto 2.0.11 does not keep to it (see ``max_inbox``).
+    max_inbox
+        Past this many items waiting in ``inbox``, stop reading from the broker until the application
+        takes some (TCP flow control then holds the broker back, whatever its version); None: never.
+        Only for a consumer that never waits on this link while its inbox is full, except in
+        publish() / subscribe() (they are let through).
 
     Attributes
     ----------
@@ -163,9 +168,11 @@ class MqttLink:
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, manual_ack: bool = False,
                  receive_maximum: int | None = None, tls: TlsOptions | None = None,
-                 max_qos0_backlog: int | None = None) -> None:
+                 max_qos0_backlog: int | None = None, max_inbox: int | None = None) -> None:
         if max_qos0_backlog is not None and max_qos0_backlog < 1:
             raise ValueError(f"max_qos0_backlog must be at least 1, not {max_qos0_backlog}")
+        if max_inbox is not None and max_inbox < 1:
+            raise ValueError(f"max_inbox must be at least 1, not {max_inbox}")
         self.client_id = client_id
         self.host = host
         self.port = port
@@ -202,6 +209,13 @@ class MqttLink:
         # this many items waiting in the inbox a QoS 0 message is dropped (counted, logged at most every 10 s),
         # so a device flooding a QoS 0 topic cannot grow the process's memory.
         self._max_qos0_backlog = max_qos0_backlog
+        # Past this many items waiting in the inbox, paho's network thread stops reading the connection until the
+        # application takes some (`_hold_back`): TCP then holds the broker back. Receive-Maximum alone does not:
+        # Mosquitto 2.0.11 (Debian 12) sends its queued messages past it once acknowledgements flow (its 2.0.13
+        # fixed the "inflight quota management", eclipse/mosquitto#2306); measured here, a client acknowledging
+        # slowly held ~1,000 unacknowledged messages with Receive-Maximum 20, 64 or 256 alike.
+        self._max_inbox = max_inbox
+        self.held_back_s = 0.0  # time the network thread waited for room in the inbox (for tests and metrics)
         self.qos0_dropped = 0
         self._qos0_drop_logged_at: float | None = None
         self._qos0_dropped_since_log = 0
@@ -681,6 +695,8 @@ class MqttLink:
         if message.qos == 0 and self._max_qos0_backlog is not None and self.inbox.qsize() >= self._max_qos0_backlog:
             self._drop_qos0(message.topic)
             return
+        if message.qos > 0 and self._max_inbox is not None:
+            self._hold_back(self._max_inbox)
         msg = Message(topic=message.topic, payload=bytes(message.payload), qos=message.qos,
                       retain=bool(message.retain), user_properties=user_props)
         if self._manual_ack and message.qos > 0:
@@ -688,6 +704,19 @@ class MqttLink:
                 self._unacked[id(msg)] = (msg, message.mid, self._connection_no)
         self.inbox.put(msg)
 
+
+    def _hold_back(self, limit: int) -> None:
+        """Wait (in paho's network thread, so nothing more is read from the broker) while the inbox holds `limit`
+        items, the link is open and nobody waits for an acknowledgement: a caller blocked in publish() or
+        subscribe() needs this thread to read its answer, so it is let through (a bounded overshoot, a few
+        messages per such call). Never holds our lock: ack() from the application must go on."""
+        started = None
+        while self.inbox.qsize() >= limit and not self._closed and not self._waiters:
+            if started is None:
+                started = time.monotonic()
+            time.sleep(0.002)
+        if started is not None:
+            self.held_back_s += time.monotonic() - started
 
     def _drop_qos0(self, topic: str) -> None:
         self.qos0_dropped += 1

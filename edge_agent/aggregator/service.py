@@ -73,6 +73,10 @@ BATCH_LIMIT = 32
 # Telemetry (QoS 0) is dropped past this many waiting messages: what a flood can make the process hold is this
 # many messages of at most the broker's packet limit, on top of the QoS 1 window (receive_maximum).
 QOS0_BACKLOG = 256
+# What the process holds of QoS 1 traffic, whatever the broker does: past this many waiting messages the link
+# stops reading from the broker (transport.MqttLink max_inbox). Receive-Maximum (256) should bound it alone;
+# Mosquitto 2.0.11 does not keep to it.
+MAX_INBOX = 512
 CHUNK_MAGIC = b"EFLC"
 # A worker of a shared store looks at it this often (has the coordinator moved on? is the coordinator's lock
 # free? has the quorum reported?): one small query each, never per message.
@@ -195,7 +199,7 @@ class AggregatorService:
         self.link: BrokerLink = link_factory(
             client_id, b.host, b.port, username=b.username, password=b.secret(),
             clean_start=False, max_payload_bytes=b.max_payload_bytes, manual_ack=True, receive_maximum=256,
-            keepalive_s=b.keepalive_s, tls=b.tls.options(), max_qos0_backlog=QOS0_BACKLOG)
+            keepalive_s=b.keepalive_s, tls=b.tls.options(), max_qos0_backlog=QOS0_BACKLOG, max_inbox=MAX_INBOX)
         self.done = threading.Event()
         self.last_status: bytes | None = None
         s = cfg.signing

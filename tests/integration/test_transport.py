@@ -292,3 +292,29 @@ def test_a_qos0_flood_is_dropped_past_the_backlog_and_qos1_still_arrives(make_li
     assert sub.qos0_dropped == 45
     assert_inbox_empty(sub)
     assert any("QoS 0 message(s) dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_inbox_holds_the_broker_back_and_loses_nothing(make_link: LinkFactory) -> None:
+    # Receive-Maximum should keep a broker from sending more unacknowledged messages than a client asked for;
+    # Mosquitto 2.0.11 sends its queue past it once acknowledgements flow. max_inbox stops reading the
+    # connection instead: the rest waits in the broker (and TCP), and every message still arrives once.
+    sub = make_link("aggregator", manual_ack=True, receive_maximum=256, max_inbox=40)
+    sub.subscribe("edgefl/f1/update/+/+", qos=1)
+    pub = make_link("device")
+    for i in range(400):
+        pub.publish_nowait(f"edgefl/f1/update/dev-{i}/1", b"u%d" % i, qos=1)
+    deadline = time.monotonic() + 10
+    while sub.inbox.qsize() < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # a moment in which an unbounded link would take in the whole queue
+    assert sub.inbox.qsize() == 40
+    seen: set[bytes] = set()
+    peak = 0
+    while len(seen) < 400:
+        msg = next_message(sub)
+        peak = max(peak, sub.inbox.qsize())
+        sub.ack(msg)  # acknowledgements flow: the case in which the broker oversteps Receive-Maximum
+        seen.add(msg.payload)
+    assert seen == {b"u%d" % i for i in range(400)} and peak <= 40
+    assert sub.held_back_s > 0.5  # the network thread waited for room, then went on
+    assert_inbox_empty(sub)
