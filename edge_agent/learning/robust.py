@@ -90,7 +90,19 @@ class RobustConfig:
 
 def out_of_range(tensors: Mapping[str, np.ndarray], max_abs: float) -> str | None:
     """Why an update's values are not sane (the first offending tensor), or None: the same check devices and
-    the aggregator apply to a global model (learning/validate.py), on values only."""
+    the aggregator apply to a global model (learning/validate.py), on values only. One reduction per tensor when
+    all is well (this runs for every update); the full check, which says what is wrong, only when it is not."""
+    for value in tensors.values():
+        v = np.asarray(value)
+        if v.dtype.kind not in "fiu":
+            break
+        if v.size == 0:
+            continue
+        peak = float(np.max(np.abs(v)))  # NaN and inf carry through the reduction
+        if not (math.isfinite(peak) and peak <= max_abs):
+            break
+    else:
+        return None
     return head_problem(tensors, None, max_abs=max_abs, what="update")
 
 
