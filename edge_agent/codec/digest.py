@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Hasher(Protocol):
@@ -33,3 +33,22 @@ def _resolve() -> Callable[[], Hasher]:
 
 
 sha256: Callable[[], Hasher] = _resolve()
+
+
+def shake_256(data: bytes, nbytes: int) -> bytes:
+    """SHAKE-256 of `data`, `nbytes` long: CPython's builtin _sha3 (no OpenSSL), else hashlib's."""
+    out: bytes = _SHAKE(data).digest(nbytes)
+    return out
+
+
+def _resolve_shake() -> Callable[[bytes], Any]:
+    try:
+        factory: Callable[[bytes], Any] = importlib.import_module("_sha3").shake_256
+        return factory
+    except (ImportError, AttributeError):
+        import hashlib
+
+        return hashlib.shake_256
+
+
+_SHAKE = _resolve_shake()

@@ -1,10 +1,12 @@
-"""Ed25519 signatures of envelopes, as pure functions: bytes and keys in, bytes or a verdict out.
+"""Ed25519 signatures of envelopes and update frames, as pure functions: bytes and keys in, bytes or a verdict out.
 
 No files, no clock, no registry: key files and the device registry are `edge_agent.keys`; the services
 decide what to require. The crypto is the `cryptography` package's (no hand-written primitives).
 
 What is signed: a context string, then every byte of the envelope before its signature trailer (prefix with
-the FLAG_SIGNED bit, digest, header, payload; see `codec.envelope`). The context names the purpose and the
+the FLAG_SIGNED bit, digest, header, payload; see `codec.envelope`), or of the update frame before its trailer
+(header with the FLAG_SIGNED bit, digest, body; see `codec.update_frame`). `verify` tells the two formats apart
+by their magic (b"EFLE" or b"EU") and gives the same verdicts for both. The context names the purpose and the
 fleet, so a signature cannot be moved between purposes (a global model replayed as a round task, an update
 as a model) or between fleets that share a key::
 
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import envelope
 from .digest import sha256
-from .envelope import EnvelopeError, digest_matches, signed_parts
+from .envelope import EnvelopeError
 
 
 class Purpose(str, enum.Enum):
@@ -36,7 +39,8 @@ def context(purpose: Purpose, fleet: str) -> bytes:
 
 
 def signer(key: Ed25519PrivateKey, ctx: bytes) -> Callable[[bytes], bytes]:
-    """The `sign` argument of `codec.envelope.encode_envelope`: signs ctx + the envelope's bytes."""
+    """The `sign` argument of `codec.envelope.encode_envelope` and `codec.update_frame.encode_update_frame`:
+    signs ctx + the bytes before the trailer."""
     return lambda body: key.sign(ctx + body)
 
 
@@ -74,17 +78,47 @@ def _readable(ctx: bytes) -> str:
     return ctx.rstrip(b"\0").replace(b"\0", b" for fleet ").decode(errors="replace")
 
 
-def verify(data: bytes | bytearray | memoryview, keys: Sequence[Ed25519PublicKey], ctx: bytes) -> SignatureVerdict:
-    """Check an envelope's signature against each of `keys` (at most a few: rotation overlaps two).
+def _is_frame(data: bytes | bytearray | memoryview) -> bool:
+    view = memoryview(data).cast("B")
+    if bytes(view[:len(envelope.MAGIC)]) == envelope.MAGIC:
+        return False
+    # imported only for what is not an envelope: update_frame pulls in the lossy codecs and their hashing, which
+    # a process that only ever sees envelopes need not hold in memory
+    from . import update_frame
 
-    Only the envelope's fixed prefix is parsed before the signature is checked, so a forgery costs the
-    receiver one hash and at most len(keys) verifications, never a JSON or tensor parse."""
+    return update_frame.is_update_frame(view)
+
+
+def _parts(data: bytes | bytearray | memoryview, frame: bool) -> tuple[memoryview, bytes | None]:
+    if not frame:
+        return envelope.signed_parts(data)
+    from . import update_frame
+
+    return update_frame.signed_parts(data)
+
+
+def _intact(body: memoryview, frame: bool) -> bool:
+    if not frame:
+        return envelope.digest_matches(body)
+    from . import update_frame
+
+    return update_frame.digest_matches(body)
+
+
+def verify(data: bytes | bytearray | memoryview, keys: Sequence[Ed25519PublicKey], ctx: bytes) -> SignatureVerdict:
+    """Check the signature of an envelope or an update frame against each of `keys` (at most a few: rotation
+    overlaps two).
+
+    Only the fixed prefix is parsed before the signature is checked, so a forgery costs the receiver one hash
+    and at most len(keys) verifications, never a JSON or tensor parse."""
+    frame = _is_frame(data)
     try:
-        body, signature = signed_parts(data)
+        body, signature = _parts(data, frame)
     except EnvelopeError as exc:
         return SignatureVerdict(Refusal.MALFORMED, detail=str(exc))
     if signature is None:
-        return SignatureVerdict(Refusal.UNSIGNED, detail="the envelope carries no signature")
+        what = "update frame" if frame else "envelope"
+        return SignatureVerdict(Refusal.UNSIGNED, detail=f"the {what} carries no signature")
     if not keys:
         return SignatureVerdict(Refusal.UNKNOWN_SIGNER, detail="no public key is enrolled to check it with")
     message = ctx + bytes(body)
@@ -94,7 +128,7 @@ def verify(data: bytes | bytearray | memoryview, keys: Sequence[Ed25519PublicKey
             return SignatureVerdict(None, key_index=i)
         except InvalidSignature:
             continue
-    if digest_matches(body):
+    if _intact(body, frame):
         return SignatureVerdict(Refusal.WRONG_KEY, detail=f"intact, but signed by none of the {len(keys)} enrolled "
                                                           f"key(s) for {_readable(ctx)}")
     return SignatureVerdict(Refusal.TAMPERED, detail="its bytes changed after signing (signature and SHA-256 fail)")

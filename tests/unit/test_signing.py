@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.codec.envelope import FLAG_SIGNED, SIGNATURE_SIZE, Envelope, Kind, decode_envelope, encode_envelope
+from edge_agent.codec.compression import CodecSpec
+from edge_agent.codec.envelope import (
+    FLAG_SIGNED,
+    SIGNATURE_SIZE,
+    Envelope,
+    EnvelopeError,
+    Kind,
+    decode_envelope,
+    encode_envelope,
+)
 from edge_agent.codec.signing import Purpose, Refusal, context, signer, verify
+from edge_agent.codec.update_frame import (
+    UpdateFrame,
+    decode_update_frame,
+    encode_update_frame,
+    frame_seeds,
+    is_update_frame,
+)
 from edge_agent.keys import (
     KeyFileError,
     KeyRegistry,
@@ -31,7 +49,8 @@ CTX = context(Purpose.UPDATE, "f1")
 
 def _update(device: str = "dev-1", round_no: int = 3) -> Envelope:
     return Envelope(kind=Kind.UPDATE, device_id=device, round=round_no, model_version=2, strategy="fedavg",
-                    update_id="u1", num_examples=10, codec="float32", tensors={"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+                    update_id="u1", num_examples=10, codec="float32",
+                    tensors={"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
 
 
 SIGNED = encode_envelope(_update(), sign=signer(KEY, CTX))
@@ -75,6 +94,94 @@ def test_any_flipped_bit_fails_verification(data: st.DataObject) -> None:
     i = data.draw(st.integers(0, len(SIGNED) - 1), label="byte")
     bit = data.draw(st.integers(0, 7), label="bit")
     flipped = bytearray(SIGNED)
+    flipped[i] ^= 1 << bit
+    assert not verify(bytes(flipped), [KEY.public_key()], CTX).ok
+
+
+# --- the compact update frame: the same signatures, the same verdicts ---------------------------------------------
+
+FRAME_SHAPES = {"w": (2, 3), "b": (3,)}
+FRAME_SEEDS = frame_seeds("dev-1")
+
+
+def _frame_update() -> UpdateFrame:
+    return UpdateFrame(device_id="dev-1", round=3, model_version=2, strategy="fedavg", update_id="ab" * 16,
+                       num_examples=10, codec=CodecSpec.parse("int8"),
+                       tensors={"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)})
+
+
+SIGNED_FRAME = encode_update_frame(_frame_update(), FRAME_SHAPES, FRAME_SEEDS, sign=signer(KEY, CTX))
+
+
+def test_a_signed_frame_verifies_and_decodes_to_the_same_update() -> None:
+    unsigned = encode_update_frame(_frame_update(), FRAME_SHAPES, FRAME_SEEDS)
+    assert len(SIGNED_FRAME) == len(unsigned) + SIGNATURE_SIZE
+    assert SIGNED_FRAME[3] == 1 and unsigned[3] == 0
+    assert SIGNED_FRAME[52:-SIGNATURE_SIZE] == unsigned[52:]  # same body; the header differs by the flag
+    verdict = verify(SIGNED_FRAME, [KEY.public_key()], CTX)
+    assert verdict.ok and verdict.key_index == 0
+    back = decode_update_frame(SIGNED_FRAME, device_id="dev-1", strategy="fedavg", shapes=FRAME_SHAPES,
+                               seed_of=FRAME_SEEDS)
+    plain = decode_update_frame(unsigned, device_id="dev-1", strategy="fedavg", shapes=FRAME_SHAPES,
+                                seed_of=FRAME_SEEDS)
+    assert (back.round, back.update_id) == (3, "ab" * 16)
+    for name in FRAME_SHAPES:
+        np.testing.assert_array_equal(back.tensors[name], plain.tensors[name])
+
+
+def test_each_refusal_is_named_for_frames_too() -> None:
+    pub = KEY.public_key()
+    unsigned = encode_update_frame(_frame_update(), FRAME_SHAPES, FRAME_SEEDS)
+    verdict = verify(unsigned, [pub], CTX)
+    assert verdict.refusal is Refusal.UNSIGNED and "update frame" in verdict.detail
+    assert verify(SIGNED_FRAME, [], CTX).refusal is Refusal.UNKNOWN_SIGNER
+    assert verify(SIGNED_FRAME, [OTHER.public_key()], CTX).refusal is Refusal.WRONG_KEY
+    assert verify(SIGNED_FRAME, [pub], context(Purpose.UPDATE, "f2")).refusal is Refusal.WRONG_KEY
+    for offset in (8, 40, 60, len(SIGNED_FRAME) - 1):  # round, digest, body, signature
+        tampered = bytearray(SIGNED_FRAME)
+        tampered[offset] ^= 1
+        expected = Refusal.WRONG_KEY if offset >= len(SIGNED_FRAME) - SIGNATURE_SIZE else Refusal.TAMPERED
+        assert verify(bytes(tampered), [pub], CTX).refusal is expected  # a bad signature on intact bytes
+    for malformed in (b"EU", SIGNED_FRAME[:52], SIGNED_FRAME[:2] + b"\x01\x04" + SIGNED_FRAME[4:],
+                      SIGNED_FRAME[:52 + SIGNATURE_SIZE - 1]):
+        assert verify(malformed, [pub], CTX).refusal is Refusal.MALFORMED
+    assert verify(SIGNED_FRAME[:52 + SIGNATURE_SIZE], [pub], CTX).refusal is Refusal.TAMPERED
+
+
+def test_stripping_a_frames_signature_leaves_an_unsigned_frame_the_digest_refuses() -> None:
+    stripped = SIGNED_FRAME[:3] + b"\x00" + SIGNED_FRAME[4:-SIGNATURE_SIZE]
+    assert verify(stripped, [KEY.public_key()], CTX).refusal is Refusal.UNSIGNED
+    with pytest.raises(EnvelopeError, match="corrupted"):  # the flag is covered by the digest
+        decode_update_frame(stripped, device_id="dev-1", strategy="fedavg", shapes=FRAME_SHAPES,
+                            seed_of=FRAME_SEEDS)
+
+
+def test_envelope_verdicts_are_unchanged_by_frames() -> None:
+    assert not is_update_frame(SIGNED)
+    assert verify(encode_envelope(_update()), [KEY.public_key()], CTX).detail == "the envelope carries no signature"
+    assert verify(b"garbage", [KEY.public_key()], CTX).detail == (
+        "envelope truncated: 7 bytes, expected at least 48")
+
+
+def test_verifying_envelopes_does_not_load_the_frame_codecs() -> None:
+    # the lossy codecs import hashlib, whose OpenSSL costs a device about 3.5 MB: not for envelope-only traffic
+    code = ("import sys\n"
+            "from edge_agent.codec.signing import verify\n"
+            "from edge_agent.codec.envelope import Envelope, Kind, encode_envelope\n"
+            "import numpy as np\n"
+            "env = Envelope(Kind.UPDATE, 'd', 1, 0, 's', 'u', 1, {'b': np.zeros(2, np.float32)})\n"
+            "verify(encode_envelope(env), [], b'')\n"
+            "print('edge_agent.codec.update_frame' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_flipped_bit_of_a_frame_fails_verification(data: st.DataObject) -> None:
+    i = data.draw(st.integers(0, len(SIGNED_FRAME) - 1), label="byte")
+    bit = data.draw(st.integers(0, 7), label="bit")
+    flipped = bytearray(SIGNED_FRAME)
     flipped[i] ^= 1 << bit
     assert not verify(bytes(flipped), [KEY.public_key()], CTX).ok
 
