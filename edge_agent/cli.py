@@ -270,6 +270,11 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ditto-lambda", type=float, default=defaults.ditto_lambda,
                    help="ditto: pull of the personal head towards the global head")
     p.add_argument("--float-updates", action="store_true", help="send float32 instead of int8 tensors")
+    p.add_argument("--codec", type=_codec_text, default="", metavar="CODEC",
+                   help="compress updates: the change from the global model, with error feedback, in the compact "
+                        "update frame: float32, float16, int8[+sr], int4[+sr], sign1[+rot][+sr], topk:F, "
+                        "subsample:F[+sr] (F a fraction, e.g. topk:0.05); default: whole tensors, int8 per channel "
+                        "(README, 'Compressed updates')")
 
 
 def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
@@ -279,10 +284,23 @@ def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
 
     train = TrainingConfig(strategy=strategy, rounds=args.rounds, seed=args.seed, fraction=args.fraction,
                            adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
-                           ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates)
+                           ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates, codec=args.codec)
     partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
                                 classes_per_client=args.classes_per_client, alpha=args.alpha)
     return train, partition
+
+
+def _codec_text(text: str) -> str:
+    """`--codec`: a codec the compression layer knows (argparse turns the error into a usage message, exit 2)."""
+    from .codec.compression import CodecSpec
+    from .codec.tensor_pack import CodecError
+
+    if text == "":  # the default: whole tensors in the envelope
+        return ""
+    try:
+        return str(CodecSpec.parse(text))
+    except CodecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _demo_agents(text: str) -> int:

@@ -585,6 +585,19 @@ def _one_of(*choices: str) -> Check:
     return lambda v: None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
 
 
+def _codec_spec(v: str) -> str | None:
+    if not v:
+        return None
+    from .codec.compression import CodecSpec
+    from .codec.tensor_pack import CodecError
+
+    try:
+        CodecSpec.parse(v)
+    except CodecError as exc:
+        return str(exc)
+    return None
+
+
 def _topic_name(v: str) -> str | None:
     try:
         check_name("name", v)
@@ -662,4 +675,5 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (TrainingConfig, "finetune_epochs"): _at_least(0),
     (TrainingConfig, "fedrep_head_epochs"): _at_least(0),
     (TrainingConfig, "ditto_lambda"): _at_least(0),
+    (TrainingConfig, "codec"): _codec_spec,
 }

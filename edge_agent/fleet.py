@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .codec.compression import CodecSpec
 from .codec.envelope import AGGREGATOR_ID, Envelope, Kind, encode_envelope
 from .learning.head import HeadConfig
 from .learning.strategies import ServerState, Strategy, make_strategy
@@ -51,7 +52,25 @@ class GlobalModel:
 
     @property
     def codec(self) -> str:
+        """The envelope codec of a legacy update (no `training.codec`): int8 or float32 whole tensors."""
         return "int8" if self.training.int8_updates else "float32"
+
+    @property
+    def update_codec(self) -> CodecSpec | None:
+        """The lossy codec updates use (a compact update frame of the change, with error feedback), or None."""
+        return CodecSpec.parse(self.training.codec) if self.training.codec else None
+
+
+def update_base(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """What a compressed update (a compact update frame) is the change from, tensor by tensor: the global model's
+    tensor of that name and shape, or zeros for what the global model does not hold (class statistics, which are
+    sent whole). The device and the aggregator both call this on the same global version."""
+    out = {}
+    for name, shape in shapes.items():
+        base = params.get(name)
+        out[name] = (np.asarray(base, np.float32) if base is not None and tuple(np.shape(base)) == tuple(shape)
+                     else np.zeros(shape, np.float32))
+    return out
 
 
 SELECTION_RULE_PREFIX = "hash1:"  # `selected` of a sampled round: "hash1:<salt hex>:<threshold>"
@@ -179,6 +198,8 @@ def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
 
 
 _DEFAULTS = TrainingConfig()
+# Training fields added after the first release: a task from an older aggregator lacks them (their defaults hold).
+_OPTIONAL_TRAINING = frozenset({"codec"})
 
 
 def _typed(name: str, value: object) -> Any:
@@ -198,7 +219,10 @@ def decode_global(env: Envelope) -> GlobalModel:
         raise FleetMessageError(f"expected a GLOBAL envelope, got kind {env.kind.name} from {env.device_id!r}")
     meta = env.meta
     try:
-        training = TrainingConfig(**{f.name: _typed(f.name, meta[f"train.{f.name}"]) for f in fields(TrainingConfig)})
+        training = TrainingConfig(**{f.name: _typed(f.name, meta[f"train.{f.name}"]) for f in fields(TrainingConfig)
+                                     if f.name not in _OPTIONAL_TRAINING or f"train.{f.name}" in meta})
+        if training.codec:
+            CodecSpec.parse(training.codec)  # a codec this build does not know: refused here, said clearly
         head = HeadConfig(int(meta["head.in_dim"]), int(meta["head.num_classes"]), int(meta["head.adapter_dim"]))
     except KeyError as exc:
         raise FleetMessageError(f"global model version {env.model_version} lacks the training configuration "

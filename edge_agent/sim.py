@@ -1,7 +1,8 @@
 """In-process federation: the same strategies and codecs as the MQTT path, without a broker.
 
-Every tensor that crosses the (simulated) network goes through `pack_tensors`/`unpack_tensors`, so the
-bytes counted and the int8 rounding are the ones a real deployment sees.
+Every message crosses the (simulated) network in the bytes a real deployment sends (envelopes, compact update
+frames), so the rounding of every codec is the real one, and the bytes counted are whole MQTT payloads, header
+included: what a device pays for.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from .codec.envelope import decode_envelope, encode_envelope, read_header
-from .codec.tensor_pack import pack_tensors
 from .data.federated import FederatedData
 from .db import MEMORY
 from .fleet import GlobalModel, decode_global
@@ -50,11 +50,6 @@ class FakeClock:
         return self.now
 
 
-def _packed_size(params: Mapping[str, np.ndarray], int8: bool) -> int:
-    """The bytes a set of tensors takes in the int8 (or float32) tensor codec: what the results count."""
-    return len(pack_tensors(dict(params), int8=int8)) if params else 0
-
-
 @dataclass
 class _RoundRecord:
     round: int
@@ -69,13 +64,12 @@ class _RoundRecord:
 class _Observer:
     """What an operator subscribed to the fleet's topics sees: tasks, updates, models, status, telemetry."""
 
-    def __init__(self, link: MemoryLink, topics: Topics, int8: bool, watch_uplink: Uplink | None) -> None:
-        self.link, self.topics, self.int8, self.watch_uplink = link, topics, int8, watch_uplink
+    def __init__(self, link: MemoryLink, topics: Topics, watch_uplink: Uplink | None) -> None:
+        self.link, self.topics, self.watch_uplink = link, topics, watch_uplink
         self.rounds: dict[int, _RoundRecord] = {}
         self.models: dict[int, GlobalModel] = {}
         self.personal_acc: dict[int, dict[str, float]] = {}  # version -> device -> accuracy
         self.task_bytes: dict[int, int] = {}
-        self.sizes: dict[str, int] = {}  # tensor layout -> its packed size
 
     def subscribe(self) -> None:
         t = self.topics
@@ -94,14 +88,6 @@ class _Observer:
             if isinstance(msg, Message) and msg.payload:
                 self._see(msg)
 
-    def _size_of(self, header: dict[str, Any], payload: bytes) -> int:
-        """The packed size of a message's tensors, by their layout in the header: decoding every update's
-        tensors again would cost the simulation a third of its time."""
-        layout = json.dumps(header["tensors"], sort_keys=True)
-        if layout not in self.sizes:
-            self.sizes[layout] = _packed_size(decode_envelope(payload).tensors, self.int8)
-        return self.sizes[layout]
-
     def _see(self, msg: Message) -> None:
         t = self.topics
         if msg.topic == t.status:
@@ -109,16 +95,15 @@ class _Observer:
             rec = self.record(int(doc["round"]))
             rec.version, rec.reporting, rec.selected, rec.closed = (int(doc["model_version"]), int(doc["reporting"]),
                                                                     int(doc["selected"]), True)
-        elif msg.topic == t.round_current:
+        elif msg.topic == t.round_current:  # what each selected device downloads: the whole payload
             header = read_header(msg.payload)
-            self.task_bytes[int(header["meta"]["round"])] = self._size_of(header, msg.payload)
+            self.task_bytes[int(header["meta"]["round"])] = len(msg.payload)
         elif msg.topic == t.model_current:
             model = decode_global(decode_envelope(msg.payload))
             self.models[model.version] = model
         elif (device := t.device_of(msg.topic, "update")) is not None:
-            header = read_header(msg.payload)
-            round_no = int(header["round"])
-            self.record(round_no).uplink += self._size_of(header, msg.payload)
+            round_no = int(msg.topic.rsplit("/", 1)[1])  # update/<device>/<round>: an envelope or a compact frame
+            self.record(round_no).uplink += len(msg.payload)  # what the device pays for: header and all
             if self.watch_uplink is not None:
                 self.watch_uplink(device, round_no, msg.payload)
         elif (device := t.device_of(msg.topic, "telemetry")) is not None:
@@ -241,7 +226,7 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
     agents = [AgentService(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
                            FixedSource(cd, cid), link_factory=link_factory(cid), clock=clock)
               for i, (cid, cd) in enumerate(zip(data.client_ids, data.clients, strict=True))]
-    observer = _Observer(broker.link_factory("observer", "memory", 1883), topics, config.int8_updates, watch_uplink)
+    observer = _Observer(broker.link_factory("observer", "memory", 1883), topics, watch_uplink)
     observer.link.connect()
     observer.subscribe()
     aggregator.start()

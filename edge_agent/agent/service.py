@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,15 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..codec.chunking import split_message
+from ..codec.compression import ErrorFeedback
 from ..codec.digest import sha256
 from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope, encode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
+from ..codec.update_frame import frame_seeds, pack_update_frame
 from ..config import AgentConfig, ConfigError
 from ..db import MEMORY
 from ..faults import crash_point
-from ..fleet import FleetMessageError, GlobalModel, RoundTask, Signer, decode_global, decode_task
+from ..fleet import FleetMessageError, GlobalModel, RoundTask, Signer, decode_global, decode_task, update_base
 from ..keys import KeyFileError, load_fleet_keys, load_private_key
 from ..learning import rng
 from ..learning.head import quantize_head
@@ -75,12 +77,16 @@ from ..protocol import Topics
 from ..receipts import ReceiptError, UploadSchedule, decode_receipt
 from ..transport import MqttLink
 from .sources import DataSource, open_source
-from .store import AgentStore, OutboxItem
+from .store import AgentStore, OutboxItem, Residual
 
 log = logging.getLogger("edge_fl.agent")
 # Refusals reported to the aggregator: each (kind, version, round) once, and at most this many a minute, so a
 # flood of bad messages costs the device a log line each, not a publish each.
 REFUSAL_REPORTS_PER_MINUTE = 10
+# Error feedback's residual is dropped when the update it was kept for trained from a global model more than this
+# many versions older than the one the device trains from now (a device that was away for many rounds).
+MAX_RESIDUAL_AGE = 8
+MAX_FRAME_EXAMPLES = 2**32 - 1  # a compact update frame's u32 (the aggregator caps far below: max_examples)
 
 
 def _message_id(update_id: str) -> bytes:
@@ -261,15 +267,20 @@ class AgentService:
         if problem is not None:  # rolled back: nothing is committed, the stored state is the last good one
             self.refuse("training", model.version, round_no, f"training diverged: {problem}")
             return
-        item = None
+        item, residual = None, None
         if update is not None:
-            envelope = Envelope(
-                kind=Kind.UPDATE, device_id=self.cfg.device_id, round=round_no, model_version=model.version,
-                strategy=strategy.name, update_id=uuid.uuid4().hex, num_examples=update.num_examples,
-                tensors=update.tensors, codec=model.codec)
-            item = OutboxItem(envelope.update_id, round_no, self.topics.update(self.cfg.device_id, round_no),
-                              encode_envelope(envelope, sign=self.sign_update), task.deadline)
-        self.store.commit_round(round_no, model.version, state, item)
+            update_id = uuid.uuid4().hex
+            if model.update_codec is None:
+                envelope = Envelope(
+                    kind=Kind.UPDATE, device_id=self.cfg.device_id, round=round_no, model_version=model.version,
+                    strategy=strategy.name, update_id=update_id, num_examples=update.num_examples,
+                    tensors=update.tensors, codec=model.codec)
+                payload = encode_envelope(envelope, sign=self.sign_update)
+            else:
+                payload, residual = self.compress(model, round_no, update_id, update)
+            item = OutboxItem(update_id, round_no, self.topics.update(self.cfg.device_id, round_no), payload,
+                              task.deadline)
+        self.store.commit_round(round_no, model.version, state, item, residual)
         crash_point("agent.after_commit", round_no)
         queued = f", update {item.update_id} ({len(item.payload)} B) queued" if item else ""
         delay = task.upload_delay(self.cfg.device_id)
@@ -283,6 +294,34 @@ class AgentService:
         if self.source.runs_heads:  # an attached MCU runs this device's new personalized head
             self.source.push(strategy.personalized(server, state, data,
                                                    rng.personalize(model.training.seed, round_no, self.cfg.rng_stream)))
+
+    def compress(self, model: GlobalModel, round_no: int, update_id: str,
+                 update: ClientUpdate) -> tuple[bytes, Residual]:
+        """The update as the round's codec sends it: the change from the global model plus what earlier rounds'
+        compression left out (error feedback), in a compact update frame; and the residual to keep with it."""
+        spec = model.update_codec
+        assert spec is not None
+        shapes = model.strategy().upload_shapes(model.server())
+        base = update_base(model.params, shapes)
+        delta = {k: np.asarray(update.tensors[k], np.float32) - base[k] for k in shapes}
+        feedback = self.error_feedback(model, str(spec), shapes)
+        seed_of = frame_seeds(self.cfg.device_id)
+        encoded, _ = feedback.compress(delta, spec, {k: seed_of(round_no, update_id, k) for k in shapes})
+        payload = pack_update_frame(round_no=round_no, model_version=model.version, update_id=update_id,
+                                    num_examples=min(update.num_examples, MAX_FRAME_EXAMPLES), codec=spec,
+                                    encoded=encoded, shapes=shapes, sign=self.sign_update)
+        return payload, Residual(str(spec), model.version, feedback.to_arrays())
+
+    def error_feedback(self, model: GlobalModel, codec: str, shapes: Mapping[str, tuple[int, ...]]) -> ErrorFeedback:
+        """The residual of earlier rounds, unless it no longer means anything (store.Residual.stale)."""
+        saved = self.store.residual()
+        if saved is None:
+            return ErrorFeedback()
+        why = saved.stale(codec, shapes, model.version, MAX_RESIDUAL_AGE)
+        if why is not None:
+            log.info("error feedback starts again: %s", why)
+            return ErrorFeedback()
+        return ErrorFeedback.from_arrays(saved.arrays)
 
     def flush_outbox(self, *, resend: bool = False) -> None:
         """Send what the outbox holds that no broker took yet (`resend`: also what one took, which may be lost):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,32 @@ CREATE TABLE IF NOT EXISTS windows (
 CREATE TABLE IF NOT EXISTS embeddings (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL, codes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS embedding_space (id INTEGER PRIMARY KEY CHECK (id = 1), space TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS residual (
+    id INTEGER PRIMARY KEY CHECK (id = 1), codec TEXT NOT NULL, model_version INTEGER NOT NULL, blob BLOB NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Error feedback's memory (codec/compression.ErrorFeedback): what the lossy codec `codec` has not sent yet of
+    this device's changes, as of the update it sent against global `model_version`."""
+
+    codec: str
+    model_version: int
+    arrays: dict[str, np.ndarray]
+
+    def stale(self, codec: str, shapes: Mapping[str, tuple[int, ...]], version: int, max_age: int) -> str | None:
+        """Why this residual means nothing to an update of `codec` and `shapes` trained from global `version`
+        (None: it still does): another codec (its errors are not this one's), other tensors (a new head or
+        strategy), or changes against a global model more than `max_age` versions older (a device away for many
+        rounds: the fleet has moved on, and sending them now would push stale directions)."""
+        if self.codec != codec:
+            return f"the codec changed from {self.codec} to {codec}"
+        if {k: tuple(v.shape) for k, v in self.arrays.items()} != {k: tuple(s) for k, s in shapes.items()}:
+            return "the shared tensors changed"
+        if version - self.model_version > max_age:
+            return f"it dates from global version {self.model_version}, {version - self.model_version} behind"
+        return None
 
 
 @dataclass(frozen=True)
@@ -83,8 +109,11 @@ class AgentStore:
     def trained(self, round_no: int) -> bool:
         return self.db.execute("SELECT 1 FROM round_log WHERE round=?", (round_no,)).fetchone() is not None
 
-    def commit_round(self, round_no: int, model_version: int, state: ClientState, item: OutboxItem | None) -> None:
-        """New personal state + round log + outbox row, all or nothing."""
+    def commit_round(self, round_no: int, model_version: int, state: ClientState, item: OutboxItem | None,
+                     residual: Residual | None = None) -> None:
+        """New personal state + round log + outbox row (+ the codec's residual after that update), all or nothing:
+        a residual that ran ahead of, or fell behind, the update it belongs to would send a change twice or lose
+        it."""
         blob = pack_tensors({k: np.asarray(v, np.float32) for k, v in state.personal.items()}, int8=False)
         with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO personal VALUES (1, ?, ?)", (blob, state.rounds_done))
@@ -94,6 +123,16 @@ class AgentStore:
                 self.db.execute("INSERT INTO outbox (update_id, round, topic, payload, created_at, sent, deadline) "
                                 "VALUES (?, ?, ?, ?, ?, 0, ?)",
                                 (item.update_id, item.round, item.topic, item.payload, time.time(), item.deadline))
+            if residual is not None:
+                self.db.execute("INSERT OR REPLACE INTO residual VALUES (1, ?, ?, ?)",
+                                (residual.codec, residual.model_version, pack_tensors(residual.arrays, int8=False)))
+
+    def residual(self) -> Residual | None:
+        row = self.db.execute("SELECT codec, model_version, blob FROM residual WHERE id=1").fetchone()
+        return None if row is None else Residual(str(row[0]), int(row[1]), unpack_tensors(row[2]))
+
+    def drop_residual(self) -> None:
+        self.db.execute("DELETE FROM residual")
 
     def save_initial_state(self, state: ClientState) -> None:
         blob = pack_tensors({k: np.asarray(v, np.float32) for k, v in state.personal.items()}, int8=False)

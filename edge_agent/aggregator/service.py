@@ -40,9 +40,10 @@ import numpy as np
 from ..codec.chunking import ChunkError, Reassembler
 from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
+from ..codec.update_frame import decode_update_frame, frame_seeds, is_update_frame
 from ..config import AggregatorConfig, ConfigError
 from ..faults import crash_point
-from ..fleet import GlobalModel, RoundTask, Signer, encode_global, encode_task
+from ..fleet import GlobalModel, RoundTask, Signer, encode_global, encode_task, update_base
 from ..keys import KeyFileError, KeyRegistry, load_private_key
 from ..learning import dp, rng, robust
 from ..learning.aggregate import Sum, WeightedMean
@@ -742,7 +743,10 @@ class AggregatorService:
         if not self.check_signature(payload, topic, device):
             return replace(refused, reason=self.last_rejection)
         try:
-            env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
+            if is_update_frame(payload):
+                env = self.decode_frame(payload, device)
+            else:
+                env = decode_envelope(payload, max_bytes=self.cfg.fleet.max_update_bytes)
         except EnvelopeError as exc:
             self.reject(f"a malformed update on {topic} (device {device}): {exc}", "malformed")
             return replace(refused, reason=self.last_rejection)
@@ -776,6 +780,22 @@ class AggregatorService:
         self.state = rounds.accept(self.state, env)
         batch.accepted.append(env)
         return replace(refused, outcome=Outcome.ACCEPTED)
+
+    def decode_frame(self, payload: bytes, device: str) -> Envelope:
+        """A compact update frame (a compressed change, codec/update_frame.py) as the envelope of the whole tensors
+        it stands for: the global model this round trains from plus the decoded change. The tensors' names and
+        shapes come from the round's strategy, not from the bytes. EnvelopeError if it is not a valid frame."""
+        shapes = self.strategy.upload_shapes(self.server)
+        frame = decode_update_frame(payload, device_id=device, strategy=self.strategy.name, shapes=shapes,
+                                    seed_of=frame_seeds(device),
+                                    max_bytes=self.cfg.fleet.max_update_bytes)
+        tensors = dict(frame.tensors)
+        if frame.model_version == self.server.version:  # another version: judged late or early, never added
+            base = update_base(self.server.params, shapes)
+            tensors = {k: (base[k] + v).astype(np.float32) for k, v in tensors.items()}
+        return Envelope(kind=Kind.UPDATE, device_id=frame.device_id, round=frame.round,
+                        model_version=frame.model_version, strategy=frame.strategy, update_id=frame.update_id,
+                        num_examples=frame.num_examples, tensors=tensors, codec=str(frame.codec))
 
     def on_presence(self, msg: Message) -> None:
         device = self.topics.device_of(msg.topic, "presence")

@@ -28,6 +28,10 @@ class TrainingConfig:
     fedrep_head_epochs: int = StrategyConfig.fedrep_head_epochs
     ditto_lambda: float = StrategyConfig.ditto_lambda
     int8_updates: bool = True
+    # How devices compress their updates (codec/compression.py CodecSpec text, e.g. "topk:0.05", "sign1+rot"):
+    # the change from the global model, with error feedback, in the compact update frame. "": today's envelope,
+    # the whole shared tensors, int8 per output channel (or float32 without int8_updates).
+    codec: str = ""
 
     def __post_init__(self) -> None:
         # Values arrive from TOML and from round-task meta: refuse a bad one here, where the config is read.

@@ -37,10 +37,10 @@ class Run:
     """An aggregator and agents started against one broker, watched through a monitor link."""
 
     def __init__(self, broker: LocalBroker, workdir: Path, *, strategy: str = "fedavg", rounds: int = 3,
-                 seed: int = 0, deadline_s: float = 60.0) -> None:
+                 seed: int = 0, deadline_s: float = 60.0, codec: str = "") -> None:
         self.broker, self.workdir = broker, workdir
         self.fleet = Fleet(workdir)
-        self.rounds, self.strategy, self.seed = rounds, strategy, seed
+        self.rounds, self.strategy, self.seed, self.codec = rounds, strategy, seed, codec
         self.monitor = MqttLink("monitor", broker.host, broker.port, username="aggregator",
                                 password=broker.users["aggregator"], clean_start=True,
                                 reconnect_min_s=0.1, reconnect_max_s=0.5)
@@ -49,7 +49,8 @@ class Run:
         b = (broker.host, broker.port)
         self.agg_config = write_aggregator_config(workdir, *b, "aggregator", broker.users["aggregator"], fleet=FLEET,
                                                   clients=len(CLIENTS),
-                                                  train=TrainingConfig(strategy=strategy, rounds=rounds, seed=seed),
+                                                  train=TrainingConfig(strategy=strategy, rounds=rounds, seed=seed,
+                                                                       codec=codec),
                                                   deadline_s=deadline_s)
         self.agent_configs = {
             cid: write_agent_config(workdir, *b, "device", broker.users["device"], fleet=FLEET, subject=s,
@@ -111,16 +112,17 @@ def natural(embedded):  # type: ignore[no-untyped-def]
     return federate(embedded, PartitionConfig("natural", seed=0))
 
 
-def simulated_global(data, strategy: str, rounds: int, seed: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+def simulated_global(data, strategy: str, rounds: int, seed: int, codec: str = "") -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     servers = []
-    run_simulation(data, TrainingConfig(strategy=strategy, rounds=rounds, seed=seed), watch_server=servers.append)
+    run_simulation(data, TrainingConfig(strategy=strategy, rounds=rounds, seed=seed, codec=codec),
+                   watch_server=servers.append)
     return servers[-1].params
 
 
 def assert_same_global(run: Run, natural) -> None:  # type: ignore[no-untyped-def]
     version, params = run.final_global()
     assert version == run.rounds
-    want = simulated_global(natural, run.strategy, run.rounds, run.seed)
+    want = simulated_global(natural, run.strategy, run.rounds, run.seed, run.codec)
     assert set(params) == set(want)
     for k in want:
         np.testing.assert_allclose(params[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -155,6 +157,31 @@ def test_sigkill_and_restart_lose_nothing_and_count_nothing_twice(run: Run, natu
     if point in ("agent.after_puback", "aggregator.after_commit"):
         agg_log = (run.workdir / "aggregator.log").read_text()
         assert "ignored a redelivery" in agg_log or "late or early" in agg_log
+
+
+@pytest.fixture
+def compressed(broker: LocalBroker, tmp_path: Path) -> Iterator[Run]:
+    # sign1+rot: lossy (one bit a value), seeded (the rotation), with error feedback carried from round to round
+    r = Run(broker, tmp_path, codec="sign1+rot")
+    yield r
+    r.close()
+
+
+def test_compressed_updates_over_the_broker_compute_what_the_simulation_computes(compressed: Run, natural) -> None:  # type: ignore[no-untyped-def]
+    compressed.start_all()
+    status = compressed.wait_status(compressed.rounds)
+    assert status["reporting"] == len(CLIENTS) and status["rejected"] == 0 and status["last"]
+    assert_same_global(compressed, natural)  # the seeds, the residuals and the frames agree across processes
+
+
+def test_a_compressing_agent_killed_after_its_commit_keeps_its_update_and_residual_together(
+        compressed: Run, natural) -> None:  # type: ignore[no-untyped-def]
+    compressed.start_all(crash={"subject-05": "agent.after_commit@2"})
+    assert compressed.fleet.procs["subject-05"].wait(timeout=90) == -9
+    compressed.fleet.restart("subject-05")  # sends round 2's frame from its outbox, then trains round 3 from the
+    status = compressed.wait_status(compressed.rounds)  # residual committed with it: the simulation's numbers
+    assert status["last"]
+    assert_same_global(compressed, natural)
 
 
 def test_broker_restart_mid_run(run: Run, natural) -> None:  # type: ignore[no-untyped-def]

@@ -161,7 +161,11 @@ def test_the_default_bounds_change_nothing_for_an_honest_fleet(embedded: Any, st
     cfg = TrainingConfig(strategy=strategy, rounds=3, seed=0)
     default = run_simulation(data, cfg)
     unbounded = run_simulation(data, cfg, robust=RobustConfig(max_abs=3e38, max_examples=2**63 - 1, count_factor=0))
-    assert default["rounds"] == unbounded["rounds"]
+    # Bytes aside: the task announces the bounds, so its payload (and the digits of what it says) differ.
+    def learning(result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if not k.endswith("_bytes")} for r in result["rounds"]]
+
+    assert learning(default) == learning(unbounded)
 
 
 def test_without_bounds_a_poisoned_aggregate_is_never_published_and_the_simulation_finishes(embedded: Any) -> None:
