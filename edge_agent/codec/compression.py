@@ -176,6 +176,12 @@ class CodecSpec:
         return self.name == "float32"
 
     @property
+    def seeded(self) -> bool:
+        """Does the codec draw from its seed (a subsample mask, a rotation, rounding noise)? The others ignore it,
+        so a caller may pass b"" and skip deriving one."""
+        return self.name == "subsample" or self.rotate or self.stochastic
+
+    @property
     def fixed_size(self) -> bool:
         """Does every non-constant tensor of a shape encode to exactly `tensor_bytes` bytes? (topk: at most.)"""
         return self.name != "topk"

@@ -357,7 +357,8 @@ def encode_update_frame(frame: UpdateFrame, shapes: Shapes, seed_of: SeedOf, *,
         if np.shape(value) != shape:
             raise ValueError(f"tensor {name!r} has shape {np.shape(value)}, the shapes say {shape}")
         try:
-            encoded[name] = encode_tensor(value, frame.codec, seed_of(frame.round, frame.update_id, name))
+            seed = seed_of(frame.round, frame.update_id, name) if frame.codec.seeded else b""
+            encoded[name] = encode_tensor(value, frame.codec, seed)
         except CodecError as exc:
             raise ValueError(f"tensor {name!r}: {exc}") from None
     return pack_update_frame(round_no=frame.round, model_version=frame.model_version, update_id=frame.update_id,
@@ -456,7 +457,8 @@ def decode_update_frame(data: bytes | bytearray | memoryview, *, device_id: str,
             # hostile floats (a signalling-NaN scale) must end as the CodecError below, whatever the caller's
             # numpy error settings: a warning turned into an error, or np.seterr(all="raise"), would escape it
             with np.errstate(all="ignore"):
-                value = decode_tensor(view[start:start + length], shape, spec, seed_of(round_no, update_id, name))
+                seed = seed_of(round_no, update_id, name) if spec.seeded else b""  # a SHA-256 each, when needed
+                value = decode_tensor(view[start:start + length], shape, spec, seed)
         except CodecError as exc:
             raise EnvelopeError(f"tensor {name[:128]!r} at offset {start}: {exc}") from None
         if not np.all(np.isfinite(value)):  # compression promises this; a poisoned update must never pass
