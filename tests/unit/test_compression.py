@@ -469,12 +469,23 @@ def test_error_feedback_residual_stays_zero_for_float32() -> None:
 def test_stochastic_codecs_go_without_error_feedback() -> None:
     feedback, *_ = _run_feedback(CodecSpec("topk", 0.05), 3)
     before = feedback.to_arrays()
-    for text in ("int4+sr", "sign1+sr", "subsample:0.1+sr"):
+    for text in ("int4+sr", "sign1+sr"):
         assert not CodecSpec.parse(text).error_feedback
         _run_feedback(CodecSpec.parse(text), 3, feedback)
         after = feedback.to_arrays()
         for k in before:  # untouched: still owed when the next round's codec uses error feedback again
             np.testing.assert_array_equal(after[k], before[k])
+
+
+def test_subsample_keeps_error_feedback_with_stochastic_rounding() -> None:
+    # +sr rounds the values subsample sends; the 1 - F it does not send must stay owed, or they are lost for good
+    spec = CodecSpec.parse("subsample:0.1+sr")
+    assert spec.error_feedback
+    feedback, sent, received, norms = _run_feedback(spec, 100)
+    residual = feedback.to_arrays()
+    for k in sent:
+        np.testing.assert_allclose(sent[k] - received[k], residual[k], atol=1e-5)
+    assert max(norms[50:]) <= 1.3 * max(norms[:50])  # bounded, as without +sr
 
 
 def test_error_feedback_would_amplify_unbiased_sign1_noise() -> None:
