@@ -681,10 +681,11 @@ class MemoryLink:
         with self.broker._lock:
             return self._send(topic, payload, qos, retain, expiry_s, user_properties)
 
-    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> None:
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
+                       expiry_s: int | None = None) -> None:
         """Publish without looking at the acknowledgement (same checks and errors as :meth:`publish`)."""
         with self.broker._lock:
-            self._send(topic, payload, qos, retain, None, ())
+            self._send(topic, payload, qos, retain, expiry_s, ())
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS 1 message received with ``manual_ack=True``.

@@ -396,8 +396,11 @@ class MqttLink:
         return code
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0,
-                       retain: bool = False) -> None:
-        """Publish without waiting for an acknowledgement (telemetry).
+                       retain: bool = False, expiry_s: int | None = None) -> None:
+        """Publish without waiting for an acknowledgement (telemetry, receipts, and the aggregator's retained
+        state: a caller that waits for a PUBACK needs the network thread to read it, past whatever the broker
+        queued in front of it). A QoS 1 refusal is logged when its PUBACK comes; paho sends an unacknowledged
+        QoS 1 message again after a reconnection.
 
         Raises
         ------
@@ -406,7 +409,7 @@ class MqttLink:
         NotConnected
             Not connected: the message is dropped (QoS 0 is only worth anything live).
         """
-        info = self._send(topic, payload, qos, retain, None, ())
+        info = self._send(topic, payload, qos, retain, expiry_s, ())
         if qos:
             with self._lock:
                 self._nowait_topics[info.mid] = topic  # so that a refusal is logged, not lost

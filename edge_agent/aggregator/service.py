@@ -372,9 +372,12 @@ class AggregatorService:
         return GlobalModel(self.server.version, self.cfg.train, self.head, self.server.params, self.max_abs)
 
     def _publish_retained(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> bool:
-        """Retained state: if the broker is away now, it is published again on reconnection."""
+        """Retained state: if the broker is away now, it is published again on reconnection. Not waited for:
+        the PUBACK can only be read past every update the broker queued before it, and the link reads no more
+        than MAX_INBOX of those until this loop takes them (a wait here timed out after 10 s at 100,000
+        devices and let the backlog into memory). A refusal is logged when its PUBACK comes."""
         try:
-            self.link.publish(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
+            self.link.publish_nowait(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
             return True
         except MqttError as exc:
             log.warning("could not publish %s now (%s); it is published again when the broker is back", topic, exc)
