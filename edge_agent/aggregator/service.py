@@ -74,10 +74,11 @@ BATCH_LIMIT = 32
 # Telemetry (QoS 0) is dropped past this many waiting messages: what a flood can make the process hold is this
 # many messages of at most the broker's packet limit, on top of the QoS 1 window (receive_maximum).
 QOS0_BACKLOG = 256
-# What the process holds of QoS 1 traffic, whatever the broker does: past this many waiting messages the link
-# stops reading from the broker (transport.MqttLink max_inbox). Receive-Maximum (256) should bound it alone;
-# Mosquitto 2.0.11 does not keep to it.
-MAX_INBOX = 512
+# What the process holds of QoS 1 traffic should be bounded by Receive-Maximum (256); Mosquitto 2.0.11 does not
+# keep to it once acknowledgements flow (transport.MqttLink, max_inbox), so the aggregator's inbox can hold up to
+# its session's queue (max_queued_messages, broker_config/README.md). The link's own bound (max_inbox) is NOT
+# used here yet: with it, an aggregator of 100,000 devices stalled in its second round, a wait not yet understood.
+MAX_INBOX: int | None = None
 CHUNK_MAGIC = b"EFLC"
 # A worker of a shared store looks at it this often (has the coordinator moved on? is the coordinator's lock
 # free? has the quorum reported?): one small query each, never per message.
@@ -373,9 +374,9 @@ class AggregatorService:
 
     def _publish_retained(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> bool:
         """Retained state: if the broker is away now, it is published again on reconnection. Not waited for:
-        the PUBACK can only be read past every update the broker queued before it, and the link reads no more
-        than MAX_INBOX of those until this loop takes them (a wait here timed out after 10 s at 100,000
-        devices and let the backlog into memory). A refusal is logged when its PUBACK comes."""
+        the PUBACK can only be read past every update the broker queued before it (a wait here timed out after
+        10 s at 100,000 devices, and the round's model went out only on the next reconnection). A refusal is
+        logged when its PUBACK comes."""
         try:
             self.link.publish_nowait(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
             return True
