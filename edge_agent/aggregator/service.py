@@ -7,8 +7,9 @@ update messages already waiting are committed together (group commit, `serve`, u
 transaction and one accumulator snapshot per batch, never a wait for more.
 
 What the process holds, at most (backpressure): QoS 1 messages (updates, chunks, presence) delivered and
-not yet acknowledged are bounded by the link's receive_maximum (256): past it the broker holds the rest
-(Mosquitto's max_queued_messages / max_queued_bytes). So the inbox holds at most 256 x max_update_bytes of
+not yet acknowledged should be bounded by the link's receive_maximum (256), the broker holding the rest
+(Mosquitto's max_queued_messages / max_queued_bytes); Mosquitto 2.0.11 overruns it once acknowledgements flow,
+up to what it queued for this session (see MAX_INBOX). So the inbox holds at most 256 x max_update_bytes of
 QoS 1 payload; a batch at most BATCH_LIMIT updates; partial chunked messages fleet.max_partial_bytes
 (ingest.ChunkIntake). Telemetry is QoS 0, outside that window: past QOS0_BACKLOG items waiting in the inbox
 the link drops it (counted, logged; telemetry never decides anything). Per device, and so growing with the
