@@ -11,7 +11,7 @@ against it (tests/unit/test_docs.py). Every topic lives under `edgefl/<fleet>/`:
 | presence | `presence/<device>` | 1 | yes | device | `online` on connect; `offline` as its last will (3) |
 | telemetry | `telemetry/<device>` | 1 | no | device | JSON: the device's head accuracies per global version |
 | aggregator status | `status` | 1 | yes | aggregator | JSON: the last closed round (reporting, rejected, bytes) |
-| update receipt | `receipt/<device>` | 1 | no | aggregator | JSON: update id, round, counted or refused, reason (4) |
+| update receipt | `receipt/<device>` | 0 | no | aggregator | JSON: update id, round, counted or refused, reason (4) |
 
 Envelopes are `codec.envelope.Envelope`. (1) The tensors to train from; its meta holds the round, deadline,
 selected devices and training configuration. The broker drops it at the deadline (message expiry); the aggregator
@@ -62,7 +62,7 @@ TOPIC_TABLE: tuple[TopicSpec, ...] = (
               "JSON: the device's head accuracies per global version", "telemetry"),
     TopicSpec("aggregator status", "status", 1, True, "aggregator",
               "JSON: the last closed round (reporting, rejected, bytes)", "status"),
-    TopicSpec("update receipt", "receipt/<device>", 1, False, "aggregator",
+    TopicSpec("update receipt", "receipt/<device>", 0, False, "aggregator",
               "JSON: update id, round, counted or refused, reason (4)", "receipt"),
 )
 

@@ -146,6 +146,7 @@ class AggregatorService:
         self.shared: PostgresStore | None = cast("PostgresStore", self.store) if self.store.shared else None
         self.next_poll = 0.0  # monotonic time a worker next looks at the shared store (POLL_S)
         self.retrying = False
+        self.unpublished: dict[str, tuple[bytes, float | None]] = {}  # retained state to publish again (tick)
         self.store.check_fingerprint({"strategy": cfg.train.strategy, "head": asdict(self.head),
                                       "seed": cfg.train.seed, "fleet": cfg.fleet_name})
         # Announced in every task and model; no global model beyond it is published. Never above the bound every
@@ -373,6 +374,18 @@ class AggregatorService:
     def model(self) -> GlobalModel:
         return GlobalModel(self.server.version, self.cfg.train, self.head, self.server.params, self.max_abs)
 
+    def retry_retained(self) -> None:
+        """Publish again what could not be published (a full client queue, a broker away): from `tick`, so the
+        fleet's task, model and status never wait for a reconnection that may not come."""
+        now = self.clock()
+        for topic, (payload, expires_at) in list(self.unpublished.items()):
+            if expires_at is not None and expires_at <= now:
+                del self.unpublished[topic]  # a task past its deadline: nothing to announce any more
+                continue
+            expiry = None if expires_at is None else max(1, math.ceil(expires_at - now))
+            if not self._publish_retained(topic, payload, expiry_s=expiry):
+                return  # still failing: the rest waits for the next tick too
+
     def _publish_retained(self, topic: str, payload: bytes, *, expiry_s: int | None = None) -> bool:
         """Retained state: if the broker is away now, it is published again on reconnection. Not waited for:
         the PUBACK can only be read past every update the broker queued before it (a wait here timed out after
@@ -380,10 +393,14 @@ class AggregatorService:
         logged when its PUBACK comes."""
         try:
             self.link.publish_nowait(topic, payload, qos=1, retain=True, expiry_s=expiry_s)
-            return True
         except MqttError as exc:
-            log.warning("could not publish %s now (%s); it is published again when the broker is back", topic, exc)
+            if topic not in self.unpublished:  # one line per topic, not one per retry
+                log.warning("could not publish %s now (%s); trying again every tick", topic, exc)
+            self.unpublished[topic] = (payload, None if expiry_s is None else self.clock() + expiry_s)
             return False
+        if self.unpublished.pop(topic, None) is not None:
+            log.info("published %s after all", topic)
+        return True
 
     def publish_model(self) -> None:
         payload = encode_global(self.model(), self.sign_model)
@@ -657,14 +674,18 @@ class AggregatorService:
     def send_receipt(self, settled: Settled) -> None:
         """Tell the device its update's final verdict (receipts.py): until then it keeps the update and sends it
         again, because a broker's PUBACK does not mean the aggregator got it (a full queue drops it silently).
-        Not waited for: a receipt lost on the way only means one more copy, counted as a duplicate."""
+        Not waited for: a receipt lost on the way only means one more copy, counted as a duplicate. QoS 0: one
+        receipt per update at QoS 1 waits in paho for its PUBACK behind the broker's small inflight window (20),
+        and at 100,000 devices they filled paho's 65,535 packet ids ("Message queue full"), after which the
+        round's model and status could not be published; a device that misses a receipt sends again, and the
+        copy's receipt comes back."""
         if settled.update_id is None or settled.round is None:
             return  # nothing the device could match; it retries until its round ends
         refused = settled.outcome is Outcome.REJECTED
         try:
             receipt = Receipt(settled.update_id, settled.round, "refused" if refused else "counted",
                               settled.reason[:500] if refused else "")
-            self.link.publish_nowait(self.topics.receipt(settled.device), encode_receipt(receipt), qos=1)
+            self.link.publish_nowait(self.topics.receipt(settled.device), encode_receipt(receipt), qos=0)
         except (MqttError, ReceiptError, ValueError) as exc:
             log.debug("no receipt for update %s from %s: %s", settled.update_id, settled.device, exc)
 
@@ -904,6 +925,8 @@ class AggregatorService:
         if self.registry is not None:
             self.registry.refresh()  # enrolment and revocation without a restart (a stat per file, once a second)
         self.presence_log.flush()
+        if self.unpublished and self.link.connected:
+            self.retry_retained()
         if self.shared is not None:
             now = time.monotonic()
             if now < self.next_poll:

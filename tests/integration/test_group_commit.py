@@ -12,6 +12,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -319,4 +320,40 @@ def test_ingest_returns_the_final_verdict(tmp_path: Path) -> None:
     assert svc.ingest(messages[0].payload, topic, "d000").outcome is Outcome.DUPLICATE
     bad = svc.ingest(b"not an envelope", topic, "d000")
     assert bad.outcome is Outcome.REJECTED and bad.update_id is None and "malformed" in bad.reason
+    svc.shutdown()
+
+
+def test_retained_state_that_could_not_be_published_goes_out_at_the_next_tick(tmp_path: Path) -> None:
+    # paho refuses a publish when its queue is full ("Message queue full": 65,535 QoS 1 messages waiting, seen at
+    # 100,000 devices). Too costly to cause here: the link refuses the first publish of the status, as paho did.
+    from edge_agent.messaging import MqttError
+
+    broker = MemoryBroker()
+    devices = _devices(2)
+    svc = _service(tmp_path / "agg.db", broker, devices)
+    real = svc.link.publish_nowait
+    refused: list[str] = []
+
+    def once_full(topic: str, payload: bytes, **kwargs: Any) -> None:
+        if topic.endswith("/status") and not refused:
+            refused.append(topic)
+            raise MqttError("paho could not queue the message: Message queue full")
+        real(topic, payload, **kwargs)
+
+    svc.link.publish_nowait = once_full  # type: ignore[method-assign]
+    watcher = broker.link_factory("watcher")
+    watcher.connect()
+    watcher.subscribe(f"{svc.topics.status}", qos=1)
+    updates, messages = _messages(svc, devices)
+    svc.handle_updates(messages)
+    svc.maybe_close()  # the round closes; its status is refused once
+    assert refused and svc.unpublished and svc.topics.status in svc.unpublished
+    svc.tick()  # and goes out at the next tick, not at a reconnection
+    assert not svc.unpublished
+    got = []
+    while not watcher.inbox.empty():
+        item = watcher.inbox.get_nowait()
+        if isinstance(item, Message) and item.topic == svc.topics.status:
+            got.append(json.loads(item.payload))
+    assert [g["round"] for g in got] == [1]
     svc.shutdown()
