@@ -9,7 +9,8 @@ a duplicate, and it answers each copy with the same receipt ("counted" also for 
 already counted).
 
 Payload: UTF-8 JSON `{"update_id": str, "round": int, "verdict": "counted" | "refused", "reason": str}`.
-The aggregator publishes `encode_receipt(Receipt(...))` on `Topics.receipt(device)`, QoS 0, not retained (a lost receipt costs one more copy of the update; at QoS 1 they filled paho's packet ids at 100,000 devices).
+The aggregator publishes `encode_receipt(Receipt(...))` on `Topics.receipt(device)`, QoS 0, not retained (a
+lost receipt costs one more copy of the update; at QoS 1 they filled paho's packet ids at 100,000 devices).
 """
 
 from __future__ import annotations
