@@ -35,6 +35,7 @@ bench head_training
 bench device_footprint      # measures the device env .venv (and .venv-bench for comparison) in subprocesses
 bench embedding_throughput
 bench round_bookkeeping    # the per-update round bookkeeping at 1,000 to 100,000 selected devices (pure, seconds)
-bench aggregator_throughput # real aggregator process + private Mosquitto, 10/100/1000 simulated devices (~25 s)
+bench aggregator_throughput # real aggregator workers + private Mosquitto/PostgreSQL, 100 to 100,000 devices (~30 min)
+bench compression           # every update codec on the real recordings, validation and test seeds (~30 min)
 echo "== done in $((SECONDS - start)) s; results:"
 for name in head_training device_footprint embedding_throughput; do echo "  bench/results/$name.json  bench/results/$name.md"; done
