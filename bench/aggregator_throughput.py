@@ -1508,11 +1508,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, setup in enumerate(setups, 1):
             print(f"[{i}/{len(setups)}] {setup.label} ({(time.perf_counter() - t0) / 60:.1f} min so far)",
                   file=sys.stderr)
+            # Which run and which product commit measured it: a --merge'd file holds entries of several runs.
+            provenance = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "git": env.get("git")}
             try:
-                results.append(run_entry(setup, args, root))
+                results.append({**run_entry(setup, args, root), **provenance})
             except Exception as exc:  # one setup failing must not lose the others: recorded, the run goes on
                 print(f"  {setup.label} FAILED: {exc}", file=sys.stderr)
-                failed.append({**dataclasses.asdict(setup), "error": str(exc)[:4000],
+                failed.append({**dataclasses.asdict(setup), "error": str(exc)[:4000], **provenance,
                                **(exc.partial if isinstance(exc, SetupFailed) else {})})
             write_all(results, skipped, failed, args, env, {**extra, "wall_s": time.perf_counter() - t0}, previous)
             if not args.keep:
@@ -1579,7 +1582,8 @@ def write_all(results: list[dict[str, Any]], skipped: list[str], failed: list[di
     done = {setup_key(e) for e in (*results, *failed)}
     results, failed = merged(previous, "results", results, done), merged(previous, "failed", failed, done)
     earlier = [] if previous is None else [*previous.get("earlier_runs", []), {
-        "date_utc": previous.get("environment", {}).get("date_utc"), "config": previous.get("config"),
+        "date_utc": previous.get("environment", {}).get("date_utc"), "git": previous.get("environment", {}).get("git"),
+        "config": previous.get("config"),
         "wall_s": previous.get("environment", {}).get("wall_s")}]
     markdown = render(results, skipped + [failure_note(f) for f in failed], args, env, extra)
     if earlier:
