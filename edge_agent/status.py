@@ -111,9 +111,9 @@ class FleetWatcher:
 
 def read_database(path: str | Path, rounds: int) -> list[dict[str, Any]]:
     """The round history of an aggregator's state: a SQLite file, or the PostgreSQL URL workers share."""
-    from .aggregator.store import SCHEMA_VERSION, open_read_only, read_history
+    from .aggregator.store import SCHEMA_VERSION, is_postgres_url, open_read_only, read_history
 
-    if str(path).startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(str(path)):
         from .aggregator.pgstore import read_only_connection
 
         pg = read_only_connection(str(path))

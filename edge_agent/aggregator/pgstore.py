@@ -37,8 +37,6 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise StoreError("a PostgreSQL state needs psycopg: pip install 'edge-fl[postgres]'") from exc
 
-URL_PREFIXES = ("postgresql://", "postgres://")
-
 # The tables of store.py's schema version 2, in PostgreSQL types, plus what several workers need: who counted
 # an update and whether its device was selected (accepted.worker, accepted.selected) and the workers' partial
 # aggregates. DOUBLE PRECISION where SQLite's REAL is 8 bytes (PostgreSQL's REAL is 4).
@@ -65,10 +63,6 @@ CREATE TABLE IF NOT EXISTS reliability (
     reported INTEGER NOT NULL, updated_at DOUBLE PRECISION NOT NULL);
 """
 PG_SCHEMA_VERSION = 1  # of PG_SCHEMA, in meta 'pg_schema'; its own numbering (no older layout to migrate)
-
-
-def is_postgres_url(state: str) -> bool:
-    return state.startswith(URL_PREFIXES)
 
 
 def lock_key(*parts: str) -> int:

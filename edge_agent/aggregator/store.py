@@ -288,9 +288,14 @@ class AggregatorStore:
 
 
 
+def is_postgres_url(state: str) -> bool:
+    """Does an aggregator's `state` name a PostgreSQL database (several workers) rather than a SQLite file?"""
+    return state.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(state: str, fleet: str, worker: str) -> AggregatorStore:
     """The store `state` names: a PostgreSQL URL (several aggregator workers, pgstore.py) or a SQLite file."""
-    if state.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(state):
         from .pgstore import PostgresStore  # psycopg: only on an aggregator configured for it
 
         return PostgresStore(state, fleet, worker)
