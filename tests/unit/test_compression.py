@@ -111,7 +111,8 @@ def _tensors(draw: st.DrawFn) -> np.ndarray:
 def test_round_trip_error_within_the_stated_bound(spec: CodecSpec, x: np.ndarray, seed: bytes) -> None:
     with np.errstate(over="ignore"):
         beyond_float16 = not np.all(np.isfinite(x.astype(np.float16)))
-    if spec.name == "float16" and beyond_float16:
+    constant = bool(np.all(x == x.flat[0]))  # sent as one exact float32 whatever the codec: no float16 involved
+    if spec.name == "float16" and beyond_float16 and not constant:
         with pytest.raises(CodecError, match="float16"):
             encode_tensor(x, spec, seed)
         return
