@@ -262,11 +262,12 @@ class MemoryBroker:
                      max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                      reconnect_max_s: float = 30.0, manual_ack: bool = False,
                      receive_maximum: int | None = None, tls: TlsOptions | None = None,
-                     max_qos0_backlog: int | None = None, max_inbox: int | None = None) -> MemoryLink:
+                     max_qos0_backlog: int | None = None, max_inbox: int | None = None,
+                     topic_aliases: bool = False) -> MemoryLink:
         """A new, unconnected :class:`MemoryLink` to this broker: MqttLink's constructor signature.
 
-        ``tls``, ``max_qos0_backlog`` and ``max_inbox`` are accepted and ignored: nothing crosses a network
-        here, and the simulation delivers each message as it is published."""
+        ``tls``, ``max_qos0_backlog``, ``max_inbox`` and ``topic_aliases`` are accepted and ignored: nothing
+        crosses a network here, and the simulation delivers each message as it is published."""
         return MemoryLink(self, client_id, host, port, username=username, password=password, will=will,
                           clean_start=clean_start, session_expiry_s=session_expiry_s, keepalive_s=keepalive_s,
                           max_payload_bytes=max_payload_bytes, reconnect_min_s=reconnect_min_s,
@@ -417,6 +418,9 @@ class MemoryBroker:
         session = self._session_of(link)
         self._state.subscriptions[(link.client_id, topic_filter)] = qos
         self._send_retained(session, topic_filter, qos)  # retain handling 0: on every SUBSCRIBE
+
+    def _unsubscribe(self, link: MemoryLink, topic_filter: str) -> None:
+        self._state.subscriptions.pop((link.client_id, topic_filter), None)
 
     def _publish(self, link: MemoryLink, topic: str, payload: bytes, qos: int, retain: bool,
                  expiry_s: int | None, user_properties: tuple[tuple[str, str], ...]) -> int:
@@ -605,6 +609,9 @@ class MemoryLink:
         self._connection_no = 0
         # Delivered, not yet acknowledged (manual_ack): id(message) -> (message, token, connection number).
         self._unacked: dict[int, tuple[Message, int, int]] = {}
+        # Called with every message delivered to this client, as it is delivered (edge-fl simulate counts what
+        # each device downloads, and in which round).
+        self.on_delivery: Callable[[Message], None] | None = None
 
     # -- public API (MqttLink's) -------------------------------------------------------------
 
@@ -663,6 +670,13 @@ class MemoryLink:
             self._subscriptions[topic] = qos
             if self._up:
                 self.broker._subscribe(self, topic, qos)
+
+    def unsubscribe(self, topic: str, *, timeout: float = 10.0) -> None:
+        """Forget the subscription: no message published afterwards is delivered for it, connected or not."""
+        check_topic_filter(topic)
+        with self.broker._lock:
+            self._subscriptions.pop(topic, None)
+            self.broker._unsubscribe(self, topic)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry_s: int | None = None, timeout: float = 10.0,
@@ -775,6 +789,8 @@ class MemoryLink:
     def _on_message(self, message: Message, token: int | None) -> None:
         if token is not None:
             self._unacked[id(message)] = (message, token, self._connection_no)
+        if self.on_delivery is not None:
+            self.on_delivery(message)
         self.inbox.put(message)
 
 

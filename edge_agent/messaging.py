@@ -202,6 +202,8 @@ class BrokerLink(Protocol):
 
     def subscribe(self, topic: str, qos: int = 1, *, timeout: float = 10.0) -> None: ...
 
+    def unsubscribe(self, topic: str, *, timeout: float = 10.0) -> None: ...
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry_s: int | None = None, timeout: float = 10.0) -> int: ...
 
@@ -221,7 +223,7 @@ class LinkFactory(Protocol):
                  clean_start: bool = False, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD,
                  manual_ack: bool = False, receive_maximum: int | None = None, keepalive_s: int = 30,
                  tls: TlsOptions | None = None, max_qos0_backlog: int | None = None,
-                 max_inbox: int | None = None) -> BrokerLink: ...
+                 max_inbox: int | None = None, topic_aliases: bool = False) -> BrokerLink: ...
 
 
 # -- sizes -------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ Delivery contract (see DESIGN.md section 4)
 - Incoming QoS 1 messages are acknowledged when they reach the inbox, or with
   ``manual_ack=True`` only when the application calls :meth:`MqttLink.ack` (after committing
   them), so that a crash in between makes the broker deliver them again.
+- With ``topic_aliases=True`` a topic published on (QoS 1) more than once gets an MQTT v5 Topic Alias, up to the
+  broker's Topic-Alias-Maximum, and later messages on it travel without their topic: see :class:`_TopicAliases`
+  and docs/topic-aliases.md. Subscribers still see the full topic.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -100,6 +104,91 @@ class _Waiter:
         self.done.set()
 
 
+class _TopicAliases:
+    """The outgoing topic aliases of one link: which topic has which alias on the current connection.
+
+    paho only encodes what it is given (a TopicAlias property, an empty topic): choosing aliases is ours. Aliases
+    live as long as one connection, so the table is emptied at every CONNACK. Rules that keep the broker from ever
+    seeing an alias it does not know (Mosquitto DISCONNECTs the client for that, "protocol error", and paho would
+    then send the same message after every reconnection, for ever):
+
+    - Only QoS 1 messages use aliases: paho sends those in publish order (a message beyond its in-flight window
+      waits in order), while a QoS 0 one goes straight to the socket and could overtake the message that
+      introduces its alias.
+    - An alias, once given, is never given to another topic during the connection (no remapping to race with).
+    - A topic gets one only when it is published a second time (a topic used once, like an update's
+      ``update/<device>/<round>``, would only cost the 3 bytes of the property), and while the broker has slots.
+    - QoS 1 messages still in paho's hands when a new connection starts are given back their full topic and lose
+      their alias before paho sends them again (:meth:`forget_connection`).
+
+    Guarded by ``lock``, which a publishing thread holds from the choice of alias until paho has queued the message,
+    and the network thread takes at every connection and disconnection: so no message chosen for one connection is
+    handed to paho once the next one has started.
+    """
+
+    #: How many recently published topics are remembered to recognise a second publish (bounds memory: update
+    #: topics change every round).
+    RECENT = 64
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.maximum = 0  # the broker's Topic-Alias-Maximum on the current connection; 0 while disconnected
+        self.assigned: dict[str, int] = {}
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.sent_with_alias = 0  # messages sent without their topic (for tests and metrics)
+
+    def choose(self, topic: str, qos: int) -> tuple[int | None, bool]:
+        """``(alias, topic_omitted)`` for a message on ``topic``; nothing is recorded until :meth:`commit`."""
+        if qos != 1 or self.maximum == 0:
+            return None, False
+        alias = self.assigned.get(topic)
+        if alias is not None:
+            return alias, True
+        if topic in self.recent and len(self.assigned) < self.maximum:
+            return len(self.assigned) + 1, False  # this message carries the topic and introduces the alias
+        return None, False
+
+    def commit(self, topic: str, alias: int | None, omitted: bool) -> None:
+        """Record what was handed to paho: the alias it introduced, or one more message sent without its topic."""
+        self.recent[topic] = None
+        self.recent.move_to_end(topic)
+        while len(self.recent) > self.RECENT:
+            self.recent.popitem(last=False)
+        if alias is not None and not omitted:
+            self.assigned[topic] = alias
+        elif omitted:
+            self.sent_with_alias += 1
+
+    @staticmethod
+    def supported(client: paho.Client) -> bool:
+        """Whether ``client`` keeps its unacknowledged messages where :meth:`forget_connection` fixes them (paho
+        1.x and 2.x do; a version that does not must get no alias, or reconnections would fail for ever)."""
+        return hasattr(client, "_out_messages") and hasattr(client, "_out_message_mutex")
+
+    def forget_connection(self, client: paho.Client, maximum: int) -> None:
+        """A new connection (from paho's thread, before paho sends its unacknowledged messages again): empty the
+        table and give every message still waiting in paho its full topic back, without the alias."""
+        topics = {alias: topic for topic, alias in self.assigned.items()}
+        self.assigned = {}
+        self.maximum = maximum
+        # paho keeps unacknowledged QoS 1 messages in _out_messages and sends them again after a reconnection as
+        # they were built (topic and properties): an alias from the last connection would be unknown on this one.
+        with client._out_message_mutex:
+            for mid, message in list(client._out_messages.items()):
+                props = message.properties
+                alias = getattr(props, "TopicAlias", None) if props is not None else None
+                if alias is None:
+                    continue
+                if not message.topic:
+                    topic = topics.get(alias)
+                    if topic is None:  # cannot happen: every alias sent on the last connection is in the table
+                        log.error("dropped message %d: its topic alias %d is unknown", mid, alias)
+                        del client._out_messages[mid]  # sent as it is, it would end every connection
+                        continue
+                    message.topic = topic.encode()
+                delattr(props, "TopicAlias")
+
+
 def _rc(reason: ReasonCode | int) -> tuple[int, str]:
     if isinstance(reason, ReasonCode):
         return reason.value, reason.getName()
@@ -153,6 +242,10 @@ class MqttLink:
         takes some (TCP flow control then holds the broker back, whatever its version); None: never.
         Only for a consumer that never waits on this link while its inbox is full, except in
         publish() / subscribe() (they are let through).
+    topic_aliases
+        Send a topic that is published on more than once (QoS 1) as an MQTT v5 Topic Alias from its
+        third message on, up to the broker's Topic-Alias-Maximum (Mosquitto: ``max_topic_alias``, 10):
+        ``len(topic) - 3`` bytes less per message. Default off; see docs/topic-aliases.md.
 
     Attributes
     ----------
@@ -168,7 +261,8 @@ class MqttLink:
                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, reconnect_min_s: float = 0.5,
                  reconnect_max_s: float = 30.0, manual_ack: bool = False,
                  receive_maximum: int | None = None, tls: TlsOptions | None = None,
-                 max_qos0_backlog: int | None = None, max_inbox: int | None = None) -> None:
+                 max_qos0_backlog: int | None = None, max_inbox: int | None = None,
+                 topic_aliases: bool = False) -> None:
         if max_qos0_backlog is not None and max_qos0_backlog < 1:
             raise ValueError(f"max_qos0_backlog must be at least 1, not {max_qos0_backlog}")
         if max_inbox is not None and max_inbox < 1:
@@ -226,6 +320,7 @@ class MqttLink:
         self._tls = tls
         self._tls_failure: TlsError | None = None  # the last failed handshake (set from paho's thread)
         self._closed_before_connack = 0  # connections the broker closed before any CONNACK
+        self._aliases = _TopicAliases() if topic_aliases else None
 
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv5, reconnect_on_failure=True,
@@ -248,7 +343,12 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         self._client = client
+        if self._aliases is not None and not _TopicAliases.supported(client):
+            log.warning("%s: topic aliases stay off: this paho-mqtt does not keep its unacknowledged messages where "
+                        "edge-fl looks for them (see _TopicAliases)", client_id)
+            self._aliases = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -316,6 +416,11 @@ class MqttLink:
     def broker_max_packet_size(self) -> int | None:
         """Maximum-Packet-Size announced by the broker in its last CONNACK, if any."""
         return self._broker_max_packet
+
+    @property
+    def sent_with_alias(self) -> int:
+        """How many messages went out as a topic alias, without their topic (0 without ``topic_aliases``)."""
+        return 0 if self._aliases is None else self._aliases.sent_with_alias
 
     def subscribe(self, topic: str, qos: int = 1, *, timeout: float = 10.0) -> None:
         """Subscribe and remember the subscription (restored after every reconnection).
@@ -395,6 +500,28 @@ class MqttLink:
                                code, name)
         return code
 
+    def unsubscribe(self, topic: str, *, timeout: float = 10.0) -> None:
+        """Forget a subscription (not restored any more) and, when connected, wait for the broker's UNSUBACK.
+
+        Raises
+        ------
+        MqttError
+            No UNSUBACK within ``timeout``.
+        NotConnected
+            Not connected, or the connection dropped before the UNSUBACK: a persistent session may still hold
+            the subscription on the broker, so messages for it can keep arriving; call again later.
+        """
+        check_topic_filter(topic)
+        with self._lock:
+            self._subscriptions.pop(topic, None)
+        if not self.connected:
+            raise NotConnected(f"not connected to {self.host}:{self.port}: the broker's session may still "
+                               f"subscribe {topic!r}")
+        rc, mid = self._client.unsubscribe(topic)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(f"connection to {self.host}:{self.port} lost before unsubscribing {topic!r}")
+        self._await(mid, timeout, f"UNSUBACK for {topic!r}", MqttError)
+
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 0,
                        retain: bool = False, expiry_s: int | None = None) -> None:
         """Publish without waiting for an acknowledgement (telemetry, receipts, and the aggregator's retained
@@ -468,12 +595,17 @@ class MqttLink:
             props.MessageExpiryInterval = expiry_s
         if user_properties:
             props.UserProperty = [(str(k), str(v)) for k, v in user_properties]
-        check_publish_size(topic, len(payload), qos, max_payload_bytes=self.max_payload_bytes,
-                           broker_max_packet=self._broker_max_packet, properties=lambda: _pack(props))
-        if not self.connected:
-            raise NotConnected(f"not connected to {self.host}:{self.port} ({self._last_reason}): "
-                               f"nothing sent to {topic!r}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if self._aliases is None:
+            info = self._publish(topic, payload, qos, retain, props)
+        else:
+            with self._aliases.lock:  # see _TopicAliases
+                alias, omitted = self._aliases.choose(topic, qos)
+                if alias is not None:
+                    props.TopicAlias = alias
+                # The size is checked with the full topic: an upper bound when it is omitted.
+                info = self._publish(topic, payload, qos, retain, props, omit_topic=omitted)
+                if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    self._aliases.commit(topic, alias, omitted)  # paho holds it: it goes out, or is resent
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             # Lost between our check and paho's send. paho keeps a QoS 1 message and sends it
             # after reconnecting; nobody will wait for that acknowledgement.
@@ -485,6 +617,16 @@ class MqttLink:
             raise MqttError(f"paho could not queue the message for {topic!r}: "
                             f"{paho.error_string(info.rc)}")
         return info
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, *,
+                 omit_topic: bool = False) -> paho.MQTTMessageInfo:
+        check_publish_size(topic, len(payload), qos, max_payload_bytes=self.max_payload_bytes,
+                           broker_max_packet=self._broker_max_packet, properties=lambda: _pack(props))
+        if not self.connected:
+            raise NotConnected(f"not connected to {self.host}:{self.port} ({self._last_reason}): "
+                               f"nothing sent to {topic!r}")
+        return self._client.publish("" if omit_topic else topic, payload, qos=qos, retain=retain,
+                                    properties=props)
 
     def _await(self, mid: int, timeout: float, what: str,
                timeout_error: type[MqttError]) -> tuple[list[int], list[str]]:
@@ -574,6 +716,11 @@ class MqttLink:
         code, name = _rc(reason_code)
         self._resolve(mid, [code], [name])
 
+    def _on_unsubscribe(self, client: paho.Client, userdata: object, mid: int,
+                        reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        pairs = [_rc(rc) for rc in reason_codes]
+        self._resolve(mid, [c for c, _ in pairs], [n for _, n in pairs])
+
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         pairs = [_rc(rc) for rc in reason_codes]
@@ -607,6 +754,10 @@ class MqttLink:
                 self._ready.set()
             return
         self._ever_connected = True
+        if self._aliases is not None:
+            maximum = getattr(properties, "TopicAliasMaximum", None)
+            with self._aliases.lock:
+                self._aliases.forget_connection(client, int(maximum) if maximum is not None else 0)
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             # paho leaves Nagle on: a small QoS 1 publish then waits ~40 ms for the previous ACK.
@@ -668,6 +819,11 @@ class MqttLink:
                        flags: paho.DisconnectFlags, reason_code: ReasonCode,
                        properties: Properties | None) -> None:
         code, name = _rc(reason_code)
+        if self._aliases is not None:
+            # Waits for a publish() between choosing an alias and handing the message to paho: paho then still
+            # holds this connection's state, so the message is sent again after reconnecting, without its alias.
+            with self._aliases.lock:
+                self._aliases.maximum = 0
         with self._lock:
             was_up, self._up = self._up, False
             self._resubscribe_mid = None

@@ -228,6 +228,25 @@ def test_publish_subscribe_with_wildcards(links: Harness) -> None:
         both.subscribe("a/#/c")
 
 
+def test_unsubscribe_stops_delivery_and_is_not_restored(links: Harness) -> None:
+    agg = links("aggregator")
+    dev = links("device", client_id="dev-unsub", clean_start=False)
+    dev.subscribe("edgefl/f1/model/current")
+    dev.subscribe("edgefl/f1/round/current")
+    dev.unsubscribe("edgefl/f1/model/current")
+    dev.unsubscribe("edgefl/f1/not/subscribed")  # nothing to forget: no error
+    assert agg.publish("edgefl/f1/model/current", b"m1") == 0x10  # nobody reads it any more
+    agg.publish("edgefl/f1/round/current", b"r1")
+    assert next_message(dev).payload == b"r1"
+    assert_quiet(links, dev)
+    dev.close()  # the session stays: a persistent session must not bring the subscription back either
+    again = links("device", client_id="dev-unsub", clean_start=False)
+    assert agg.publish("edgefl/f1/model/current", b"m2") == 0x10
+    agg.publish("edgefl/f1/round/current", b"r2")
+    assert next_message(again).payload == b"r2"
+    assert_quiet(links, again)
+
+
 def test_puback_reports_no_matching_subscribers(links: Harness) -> None:
     pub = links("device")
     assert pub.publish("edgefl/f1/nobody/listens", b"x") == 0x10
