@@ -275,6 +275,10 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
                         "update frame: float32, float16, int8[+sr], int4[+sr], sign1[+rot][+sr], topk:F, "
                         "subsample:F[+sr] (F a fraction, e.g. topk:0.05); default: whole tensors, int8 per channel "
                         "(README, 'Compressed updates')")
+    p.add_argument("--downlink-codec", type=_codec_text, default="", metavar="CODEC",
+                   help="compress the global model on its way down: each version as its change from the one "
+                        "before, in CODEC (same names as --codec), with error feedback on the aggregator; devices "
+                        "fetch the whole model only to start or to resync; default: the whole model in every task")
 
 
 def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
@@ -284,7 +288,8 @@ def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
 
     train = TrainingConfig(strategy=strategy, rounds=args.rounds, seed=args.seed, fraction=args.fraction,
                            adapter_dim=args.adapter_dim, local_epochs=args.local_epochs, lr=args.lr,
-                           ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates, codec=args.codec)
+                           ditto_lambda=args.ditto_lambda, int8_updates=not args.float_updates, codec=args.codec,
+                           downlink_codec=args.downlink_codec)
     partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
                                 classes_per_client=args.classes_per_client, alpha=args.alpha)
     return train, partition

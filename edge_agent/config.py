@@ -96,6 +96,9 @@ class BrokerConfig:
     max_payload_bytes: int = 256 * 1024 - 1024  # below mosquitto-dev.conf's max_packet_size
     keepalive_s: int = 30  # MQTT keepalive: the broker declares this client gone after 1.5x this without traffic
     connect_timeout_s: float = 30.0  # how long the first connection may take (TLS failures are reported at once)
+    # A device sends a topic it publishes every round (telemetry) as an MQTT v5 topic alias: about 29 bytes a
+    # round less (docs/topic-aliases.md). Off by default: it relies on how paho keeps unacknowledged messages.
+    topic_aliases: bool = False
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def secret(self, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -228,6 +231,9 @@ class FleetConfig:
     # [retry_after_s, 2 * retry_after_s)), whatever their own [upload] receipt_timeout_s: announced in the task,
     # for a fleet whose round takes the aggregator longer to ingest than the devices' timeout. 0: not announced.
     retry_after_s: float = 0.0
+    # With [train] downlink_codec: the changes of this many latest versions stay retained (model/delta/<v>), so a
+    # device this many versions behind catches up from them; one further behind reads the whole model.
+    downlink_keep: int = 8
 
     def __post_init__(self) -> None:
         if self.upload_window_s > 0 and self.upload_window_s >= self.deadline_s:
@@ -657,6 +663,7 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (FleetConfig, "max_partials_per_device"): _at_least(1),
     (FleetConfig, "upload_window_s"): _at_least(0),
     (FleetConfig, "retry_after_s"): _at_least(0),
+    (FleetConfig, "downlink_keep"): _at_least(1),
     (UploadConfig, "receipt_timeout_s"): _positive,
     (UploadConfig, "max_receipt_timeout_s"): _positive,
     (AggregatorConfig, "fleet_name"): _topic_name,
@@ -676,4 +683,5 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (TrainingConfig, "fedrep_head_epochs"): _at_least(0),
     (TrainingConfig, "ditto_lambda"): _at_least(0),
     (TrainingConfig, "codec"): _codec_spec,
+    (TrainingConfig, "downlink_codec"): _codec_spec,
 }

@@ -10,10 +10,12 @@ signature itself is codec/signing.py's business.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,20 @@ class GlobalModel:
     def codec(self) -> str:
         """The envelope codec of a legacy update (no `training.codec`): int8 or float32 whole tensors."""
         return "int8" if self.training.int8_updates else "float32"
+
+    @property
+    def model_codec(self) -> str:
+        """The envelope codec of this model as a whole: float32 when versions go down as deltas (a device must
+        hold exactly what the aggregator holds, to apply the next delta), else the updates' envelope codec."""
+        return "float32" if self.training.downlink_codec else self.codec
+
+    @property
+    def downlink_codec(self) -> CodecSpec | None:
+        """The codec each new version goes down in, as a delta (codec/downlink.py), or None: whole models."""
+        return CodecSpec.parse(self.training.downlink_codec) if self.training.downlink_codec else None
+
+    def with_params(self, params: Mapping[str, np.ndarray]) -> GlobalModel:
+        return replace(self, params=dict(params))
 
     @property
     def update_codec(self) -> CodecSpec | None:
@@ -109,6 +125,11 @@ class SelectionRule:
 
 UPLOAD_WINDOW_KEY = "upload_window_s"  # optional meta: absent (older aggregators, or no spread) means 0
 RETRY_AFTER_KEY = "retry_after_s"  # optional meta: absent means devices pace resends by their own config alone
+# With a downlink codec, a task carries no tensors: the digest of the model to train from (codec.downlink.model_digest),
+# which a device holds by applying the deltas, and how many versions' deltas the aggregator keeps retained.
+DIGEST_KEY = "model.digest"
+DOWNLINK_KEEP_KEY = "downlink.keep"
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 
 
 def upload_delay(window_s: float, device_id: str, round_no: int) -> float:
@@ -141,6 +162,11 @@ class RoundTask:
     # after a send, each device at its own point of [retry_after_s, 2 * retry_after_s) (`retry_delay`), so the
     # resends of a round that overran the broker do not return as one burst either. 0: the device's own timeout.
     retry_after_s: float = 0.0
+    # With a downlink codec (model.training.downlink_codec): `model` holds no tensors; the device trains from the
+    # version it holds once its digest is this (codec/downlink.py), and resyncs from model/current when it is
+    # more than `downlink_keep` versions behind.
+    model_digest: str | None = None
+    downlink_keep: int = 0
 
     def selects(self, device_id: str) -> bool:
         if self.rule is not None:
@@ -157,8 +183,24 @@ class RoundTask:
         return self.retry_after_s + upload_delay(self.retry_after_s, device_id, -self.round)  # another draw
 
 
+CONFIG_DIGEST_KEY = "train.digest"
+
+
+def training_digest(training: TrainingConfig) -> str:
+    """16 hex digits naming a training configuration: both sides compute it over every field."""
+    text = json.dumps(asdict(training), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _meta(model: GlobalModel) -> dict[str, Any]:
-    meta: dict[str, Any] = {f"train.{k}": v for k, v in asdict(model.training).items()}
+    config = asdict(model.training)
+    if model.training.downlink_codec:
+        # A fleet paying for its downlink: only what differs from the defaults (the whole list was half of every
+        # task), with the digest of the whole, so a device whose defaults differ (another edge-fl release) finds
+        # out instead of training with other settings.
+        config = {k: v for k, v in config.items() if v != getattr(_DEFAULTS, k)}
+        config["digest"] = training_digest(model.training)
+    meta: dict[str, Any] = {f"train.{k}": v for k, v in config.items()}
     meta.update({"head.in_dim": model.head.in_dim, "head.num_classes": model.head.num_classes,
                  "head.adapter_dim": model.head.adapter_dim})
     if model.max_abs is not None:
@@ -166,11 +208,13 @@ def _meta(model: GlobalModel) -> dict[str, Any]:
     return meta
 
 
-def _encode(model: GlobalModel, round_no: int, extra: dict[str, Any], sign: Signer | None) -> bytes:
+def _encode(model: GlobalModel, round_no: int, extra: dict[str, Any], sign: Signer | None, *,
+            tensors: bool = True) -> bytes:
     return encode_envelope(Envelope(
         kind=Kind.GLOBAL, device_id=AGGREGATOR_ID, round=round_no, model_version=model.version,
-        strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0, tensors=dict(model.params),
-        codec=model.codec, meta={**_meta(model), **extra}), sign=sign)
+        strategy=model.training.strategy, update_id=uuid.uuid4().hex, num_examples=0,
+        tensors=dict(model.params) if tensors else {}, codec=model.model_codec, meta={**_meta(model), **extra}),
+        sign=sign)
 
 
 def encode_global(model: GlobalModel, sign: Signer | None = None) -> bytes:
@@ -193,13 +237,20 @@ def encode_task(task: RoundTask, sign: Signer | None = None) -> bytes:
         bounds[UPLOAD_WINDOW_KEY] = float(task.upload_window_s)
     if task.retry_after_s > 0:
         bounds[RETRY_AFTER_KEY] = float(task.retry_after_s)
+    whole = task.model.downlink_codec is None
+    if not whole:  # the device holds the model already, or gets it from the deltas: the task names it only
+        if task.model_digest is None or not _DIGEST.fullmatch(task.model_digest):
+            raise ValueError(f"a task of a fleet with a downlink codec needs the model's digest, not "
+                             f"{task.model_digest!r}")
+        bounds[DIGEST_KEY] = task.model_digest
+        bounds[DOWNLINK_KEEP_KEY] = int(task.downlink_keep)
     return _encode(task.model, task.round, {"round": task.round, "deadline": task.deadline, "selected": selected,
-                                            **bounds}, sign)
+                                            **bounds}, sign, tensors=whole)
 
 
 _DEFAULTS = TrainingConfig()
 # Training fields added after the first release: a task from an older aggregator lacks them (their defaults hold).
-_OPTIONAL_TRAINING = frozenset({"codec"})
+_OPTIONAL_TRAINING = frozenset({"codec", "downlink_codec"})
 
 
 def _typed(name: str, value: object) -> Any:
@@ -218,11 +269,14 @@ def decode_global(env: Envelope) -> GlobalModel:
     if env.kind is not Kind.GLOBAL:
         raise FleetMessageError(f"expected a GLOBAL envelope, got kind {env.kind.name} from {env.device_id!r}")
     meta = env.meta
+    digest = meta.get(CONFIG_DIGEST_KEY)
     try:
         training = TrainingConfig(**{f.name: _typed(f.name, meta[f"train.{f.name}"]) for f in fields(TrainingConfig)
-                                     if f.name not in _OPTIONAL_TRAINING or f"train.{f.name}" in meta})
-        if training.codec:
-            CodecSpec.parse(training.codec)  # a codec this build does not know: refused here, said clearly
+                                     if (f.name not in _OPTIONAL_TRAINING and digest is None)
+                                     or f"train.{f.name}" in meta})
+        for codec in (training.codec, training.downlink_codec):
+            if codec:
+                CodecSpec.parse(codec)  # a codec this build does not know: refused here, said clearly
         head = HeadConfig(int(meta["head.in_dim"]), int(meta["head.num_classes"]), int(meta["head.adapter_dim"]))
     except KeyError as exc:
         raise FleetMessageError(f"global model version {env.model_version} lacks the training configuration "
@@ -230,6 +284,11 @@ def decode_global(env: Envelope) -> GlobalModel:
     except (TypeError, ValueError) as exc:
         raise FleetMessageError(f"global model version {env.model_version}: bad training configuration: "
                                 f"{exc}") from None
+    if digest is not None and digest != training_digest(training):
+        raise FleetMessageError(f"global model version {env.model_version}: the training configuration sent as its "
+                                f"differences from the defaults does not match its digest {digest!r:.40}: this "
+                                f"device's defaults differ from the aggregator's (another edge-fl release); install "
+                                f"the aggregator's release on the device")
     max_abs = meta.get(MAX_ABS_KEY)
     if max_abs is not None and (isinstance(max_abs, bool) or not isinstance(max_abs, (int, float))):
         raise FleetMessageError(f"global model version {env.model_version}: {MAX_ABS_KEY} is {max_abs!r}, "
@@ -263,6 +322,20 @@ def decode_task(env: Envelope) -> RoundTask:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise FleetMessageError(f"round task {env.round}: {key} is {value!r:.40}, expected a number of "
                                     f"seconds >= 0")
+    digest, keep = None, 0
+    if model.downlink_codec is not None:
+        digest, keep = _downlink_fields(meta, env.round)
     return RoundTask(round_no, deadline, ids, model, bounds, rule,
                      quorum if isinstance(quorum, int) and not isinstance(quorum, bool) else None, float(window),
-                     float(retry))
+                     float(retry), digest, keep)
+
+
+def _downlink_fields(meta: Mapping[str, Any], round_no: int) -> tuple[str, int]:
+    """(model digest, versions kept) of a task whose model goes down as deltas."""
+    digest, keep = meta.get(DIGEST_KEY), meta.get(DOWNLINK_KEEP_KEY, 0)
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise FleetMessageError(f"round task {round_no}: {DIGEST_KEY} is {digest!r:.40}, expected 32 hex digits")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise FleetMessageError(f"round task {round_no}: {DOWNLINK_KEEP_KEY} is {keep!r:.40}, expected a number "
+                                f"of versions >= 0")
+    return digest, keep

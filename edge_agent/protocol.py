@@ -6,6 +6,7 @@ against it (tests/unit/test_docs.py). Every topic lives under `edgefl/<fleet>/`:
 | message | topic | QoS | retained | written by | payload |
 |---|---|---|---|---|---|
 | global model (latest) | `model/current` | 1 | yes | aggregator | envelope kind GLOBAL; version = rounds done |
+| global model change | `model/delta/<version>` | 1 | yes | aggregator | frame: the change from `<version>` - 1 (5) |
 | round task | `round/current` | 1 | yes | aggregator | envelope kind GLOBAL (1) |
 | update upload | `update/<device>/<round>` | 1 | no | device | envelope kind UPDATE, or its chunks (2) |
 | presence | `presence/<device>` | 1 | yes | device | `online` on connect; `offline` as its last will (3) |
@@ -19,7 +20,9 @@ empties it once the last round closed. (2) Chunks (`codec.chunking`), all on the
 envelope is larger than the broker's packet limit. (3) Published by the broker when the device's connection
 is lost, and by the device itself on a clean exit. (4) `receipts.encode_receipt`: the aggregator's answer to
 each update it read (every copy of it), readable only by that device; the device keeps the update in its outbox
-and sends it again until one arrives (edge_agent/receipts.py).
+and sends it again until one arrives (edge_agent/receipts.py). (5) Only with `[train] downlink_codec`
+(codec/downlink.py): the aggregator keeps the last `[fleet] downlink_keep` versions' changes retained (older ones
+are emptied), devices apply them to the version they hold and read `model/current` only to start or resync.
 
 Telemetry is QoS 1 rather than 0 because `edge-fl demo` builds its per-round table from it.
 """
@@ -51,6 +54,8 @@ class TopicSpec:
 TOPIC_TABLE: tuple[TopicSpec, ...] = (
     TopicSpec("global model (latest)", "model/current", 1, True, "aggregator",
               "envelope kind GLOBAL; version = rounds done", "model_current"),
+    TopicSpec("global model change", "model/delta/<version>", 1, True, "aggregator",
+              "frame: the change from `<version>` - 1 (5)", "model_delta"),
     TopicSpec("round task", "round/current", 1, True, "aggregator",
               "envelope kind GLOBAL (1)",
               "round_current"),
@@ -96,6 +101,18 @@ class Topics:
     @property
     def model_current(self) -> str:
         return f"{self.prefix}/model/current"
+
+    def model_delta(self, version: int) -> str:
+        return f"{self.prefix}/model/delta/{int(version)}"
+
+    @property
+    def model_delta_filter(self) -> str:
+        return f"{self.prefix}/model/delta/+"
+
+    def version_of_delta(self, topic: str) -> int | None:
+        """The version of a `model/delta/<version>` topic, or None if it is not one."""
+        head, _, tail = topic.rpartition("/")
+        return int(tail) if head == f"{self.prefix}/model/delta" and tail.isdigit() else None
 
     @property
     def round_current(self) -> str:

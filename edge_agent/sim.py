@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import queue
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from .codec.envelope import decode_envelope, encode_envelope, read_header
+from .codec.envelope import decode_envelope, encode_envelope
 from .data.federated import FederatedData
 from .db import MEMORY
 from .fleet import GlobalModel, decode_global
@@ -69,11 +70,10 @@ class _Observer:
         self.rounds: dict[int, _RoundRecord] = {}
         self.models: dict[int, GlobalModel] = {}
         self.personal_acc: dict[int, dict[str, float]] = {}  # version -> device -> accuracy
-        self.task_bytes: dict[int, int] = {}
 
     def subscribe(self) -> None:
         t = self.topics
-        for topic in (t.round_current, t.model_current, t.status, t.update_filter, t.telemetry_filter):
+        for topic in (t.model_current, t.status, t.update_filter, t.telemetry_filter):
             self.link.subscribe(topic, qos=0)
 
     def record(self, round_no: int) -> _RoundRecord:
@@ -95,9 +95,6 @@ class _Observer:
             rec = self.record(int(doc["round"]))
             rec.version, rec.reporting, rec.selected, rec.closed = (int(doc["model_version"]), int(doc["reporting"]),
                                                                     int(doc["selected"]), True)
-        elif msg.topic == t.round_current:  # what each selected device downloads: the whole payload
-            header = read_header(msg.payload)
-            self.task_bytes[int(header["meta"]["round"])] = len(msg.payload)
         elif msg.topic == t.model_current:
             model = decode_global(decode_envelope(msg.payload))
             self.models[model.version] = model
@@ -217,7 +214,8 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
             return broker.link_factory
 
         def attacker(client_id: str, host: str = "memory", port: int = 1883, **kwargs: Any) -> MemoryLink:
-            kwargs.pop("tls", None)
+            for ignored in ("tls", "topic_aliases"):
+                kwargs.pop(ignored, None)
             link = _AttackerLink(broker, client_id, host, port, **kwargs)
             link.rewrite = rewrite
             return link
@@ -226,6 +224,15 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
     agents = [AgentService(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
                            FixedSource(cd, cid), link_factory=link_factory(cid), clock=clock)
               for i, (cid, cd) in enumerate(zip(data.client_ids, data.clients, strict=True))]
+    # What every device downloads (tasks, whole models or their changes, receipts), by the round open when the
+    # broker delivered it; what came before round 1 (the retained model at connection) counts in round 1.
+    downlink: Counter[int] = Counter()
+
+    def count_downlink(msg: Message) -> None:
+        downlink[max(1, aggregator.rounds_opened())] += len(msg.payload)
+
+    for agent in agents:
+        cast(MemoryLink, agent.link).on_delivery = count_downlink
     observer = _Observer(broker.link_factory("observer", "memory", 1883), topics, watch_uplink)
     observer.link.connect()
     observer.subscribe()
@@ -273,7 +280,7 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
             client_acc = {cid: accs[cid] for cid in data.client_ids}
             record = {"round": rec.round, "client_acc": client_acc, **summarize(list(client_acc.values())),
                       "new_user_acc": new_acc, "clients_reporting": rec.reporting, "uplink_bytes": rec.uplink,
-                      "downlink_bytes": observer.task_bytes.get(rec.round, 0) * rec.selected}
+                      "downlink_bytes": downlink[rec.round]}
             rounds.append(record)
             if progress:
                 progress(rec.round, config.rounds, record)
@@ -299,7 +306,8 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
     summary = {k: rounds[-1][k] for k in ("mean_acc", "p10_acc", "worst_acc", "new_user_acc")}
     selected = max(1, round(config.fraction * n_clients))
     summary["uplink_bytes_per_client_round"] = sum(r["uplink_bytes"] for r in rounds) / (config.rounds * selected)
-    summary["downlink_bytes_per_client_round"] = sum(r["downlink_bytes"] for r in rounds) / (config.rounds * selected)
+    # Every device downloads the task and the model, selected or not: per device and round.
+    summary["downlink_bytes_per_client_round"] = sum(r["downlink_bytes"] for r in rounds) / (config.rounds * n_clients)
     strategy = make_strategy(config.strategy, HeadConfig(data.embedding_dim, data.num_classes, config.adapter_dim),
                              config.strategy_config())
     return {

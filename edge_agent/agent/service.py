@@ -35,6 +35,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from ..codec.chunking import split_message
 from ..codec.compression import ErrorFeedback
 from ..codec.digest import sha256
+from ..codec.downlink import DownlinkError, apply_delta, model_digest
 from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope, encode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
 from ..codec.update_frame import frame_seeds, pack_update_frame
 from ..config import AgentConfig, ConfigError
 from ..db import MEMORY
 from ..faults import crash_point
-from ..fleet import FleetMessageError, GlobalModel, RoundTask, Signer, decode_global, decode_task, update_base
+from ..fleet import (
+    FleetMessageError,
+    GlobalModel,
+    RoundTask,
+    Signer,
+    decode_global,
+    decode_task,
+    encode_global,
+    update_base,
+)
 from ..keys import KeyFileError, load_fleet_keys, load_private_key
 from ..learning import rng
 from ..learning.head import quantize_head
@@ -87,6 +98,10 @@ REFUSAL_REPORTS_PER_MINUTE = 10
 # many versions older than the one the device trains from now (a device that was away for many rounds).
 MAX_RESIDUAL_AGE = 8
 MAX_FRAME_EXAMPLES = 2**32 - 1  # a compact update frame's u32 (the aggregator caps far below: max_examples)
+# With a downlink codec: how long a task waits for the retained changes that bring the held model to its version
+# before the device reads the whole model instead (they arrive at once unless one is missing: a recovered model).
+DELTA_WAIT_S = 10.0
+MAX_BUFFERED_DELTAS = 64  # changes ahead of the held model, waiting for the ones before them
 
 
 def _message_id(update_id: str) -> bytes:
@@ -112,7 +127,8 @@ class AgentService:
         self.link: BrokerLink = link_factory(
             cfg.device_id, b.host, b.port, username=b.username, password=b.secret(),
             will=(self.topics.presence(cfg.device_id), b"offline", True), clean_start=False,
-            max_payload_bytes=b.max_payload_bytes, keepalive_s=b.keepalive_s, tls=b.tls.options())
+            max_payload_bytes=b.max_payload_bytes, keepalive_s=b.keepalive_s, tls=b.tls.options(),
+            topic_aliases=b.topic_aliases)
         self.lost_at: float | None = None  # monotonic time the broker connection was lost (for the reconnect log)
         self.refusals: Counter[str] = Counter()  # refused models, tasks, diverged trainings, messages that raised
         self._reported: deque[tuple[str, int, int]] = deque(maxlen=64)
@@ -123,6 +139,15 @@ class AgentService:
         self.require_signatures = bool(s.key) and s.required
         self.contexts = {self.topics.round_current: context(Purpose.TASK, cfg.fleet),
                          self.topics.model_current: context(Purpose.MODEL, cfg.fleet)}
+        # The global model when versions go down as deltas (codec/downlink.py): the one held, changes that came
+        # ahead of it, whether model/current is subscribed (to start, to resync, or in a fleet without deltas),
+        # and since when a task waits for the changes that bring the held model to its version.
+        self.held: GlobalModel | None = self._load_held()
+        self.deltas: dict[int, bytes] = {}
+        self.whole_models = False
+        self.behind_since: float | None = None
+        self.held_whole = False  # the held model came whole from model/current (not rebuilt from changes)
+        self.refused_digests: deque[str] = deque(maxlen=16)  # tasks naming a model that model/current is not
         if s.key:
             try:
                 self.fleet_keys = load_fleet_keys(s.fleet_keys)
@@ -428,6 +453,11 @@ class AgentService:
         if msg.topic == self.topics.receipt(self.cfg.device_id):
             self.on_receipt(msg.payload)
             return
+        delta_version = self.topics.version_of_delta(msg.topic)
+        if delta_version is not None:
+            if msg.payload and self.signed_by_fleet(msg):  # empty: a version no longer kept
+                self.on_delta(delta_version, msg.payload)
+            return
         if not msg.payload:
             if msg.topic == self.topics.round_current:  # the aggregator cleared the task: the fleet is done
                 self.waiting = None
@@ -444,37 +474,181 @@ class AgentService:
         except (EnvelopeError, FleetMessageError) as exc:
             log.error("ignored a malformed message on %s: %s", msg.topic, exc)
             return
-        high_round, high_version = self.store.high_water()
-        is_task = msg.topic == self.topics.round_current
-        incoming = task.model if is_task else model
-        problem = self.model_problem(incoming)
-        if problem is not None:
-            self.refuse("task" if is_task else "model", incoming.version, task.round if is_task else high_round,
-                        problem)
-            return
-        version, round_no = (task.model.version, task.round) if is_task else (model.version, high_round)
-        if version < high_version or round_no < high_round:
-            log.error("refused a rollback on %s: %s, but this device already accepted round %d and model version %d "
-                      "(a replayed old message)", msg.topic,
-                      f"round {round_no} from version {version}" if is_task else f"model version {version}",
-                      high_round, high_version)
-            return
-        self.store.raise_high_water(round_no, version)
-        if is_task:
+        if msg.topic != self.topics.round_current:
+            self.accept_model(model)
+        elif not self.unresolved(task):
+            self.subscribe_whole_models("the fleet sends the whole model with every task")
+            self.accept_task(task)
+        elif not self.rollback(task.model.version, task.round, msg.topic):
             self.waiting = None  # a newer task replaces one we could not train yet
-            self.give_up(self.store.forget_rounds_before(task.round), f"round {task.round} began")
-            self.train(task)
-            # Also what was sent before: the aggregator publishes its task again when it (re)connects, and an
-            # update sent while it was away may be lost (a broker crash) or acknowledged with nobody to get it.
-            self.flush_outbox(resend=True)
-        else:
+            resolved = self.resolve(task)
+            if resolved is None:
+                self.waiting = task  # resolved from the idle loop once the model it names is here
+            else:
+                self.accept_task(resolved)
+
+    def rollback(self, version: int, round_no: int | None, topic: str) -> bool:
+        """Is a task (`round_no`) or model (None) of `version` older than what this device accepted? Logs it."""
+        high_round, high_version = self.store.high_water()
+        if version >= high_version and (round_no is None or round_no >= high_round):
+            return False
+        log.error("refused a rollback on %s: %s, but this device already accepted round %d and model version %d "
+                  "(a replayed old message)", topic,
+                  f"model version {version}" if round_no is None else f"round {round_no} from version {version}",
+                  high_round, high_version)
+        return True
+
+    def accept_task(self, task: RoundTask) -> None:
+        """A task whose model holds its tensors: checked, then trained for."""
+        problem = self.model_problem(task.model)
+        if problem is not None:
+            self.refuse("task", task.model.version, task.round, problem)
+            return
+        if self.rollback(task.model.version, task.round, self.topics.round_current):
+            return
+        self.store.raise_high_water(task.round, task.model.version)
+        self.waiting = None  # a newer task replaces one we could not train yet
+        self.give_up(self.store.forget_rounds_before(task.round), f"round {task.round} began")
+        self.train(task)
+        # Also what was sent before: the aggregator publishes its task again when it (re)connects, and an
+        # update sent while it was away may be lost (a broker crash) or acknowledged with nobody to get it.
+        self.flush_outbox(resend=True)
+
+    def accept_model(self, model: GlobalModel) -> None:
+        """A whole global model (model/current): checked, then scored, and held when versions go down as deltas."""
+        high_round, _ = self.store.high_water()
+        problem = self.model_problem(model)
+        if problem is not None:
+            self.refuse("model", model.version, high_round, problem)
+            return
+        if self.rollback(model.version, None, self.topics.model_current):
+            return
+        self.store.raise_high_water(high_round, model.version)
+        if model.downlink_codec is None:
             self.evaluate(model)
+            return
+        self.hold(model)
+        self.held_whole = True
+        try:  # held: from now on the changes are enough
+            self.link.unsubscribe(self.topics.model_current)
+            self.whole_models = False
+        except MqttError as exc:  # the broker may still send whole models: tried again with the next one
+            log.warning("still reading %s (%s)", self.topics.model_current, exc)
+        log.info("holding global version %d; following its changes on %s", model.version,
+                 self.topics.model_delta_filter)
+        self.catch_up()
+        if self.held is not None:
+            self.evaluate(self.held)
+
+    # --- the global model as deltas (codec/downlink.py) ---------------------------------------------
+    @staticmethod
+    def unresolved(task: RoundTask) -> bool:
+        """Does `task` name its model by digest only (a fleet whose versions go down as deltas)?"""
+        return task.model.downlink_codec is not None and not task.model.params
+
+    def _load_held(self) -> GlobalModel | None:
+        payload = self.store.held_model()
+        if payload is None:
+            return None
+        try:
+            return decode_global(decode_envelope(payload))
+        except (EnvelopeError, FleetMessageError) as exc:  # a store written by a broken build: start afresh
+            log.error("the held global model cannot be read (%s); reading the whole model again", exc)
+            return None
+
+    def hold(self, model: GlobalModel) -> None:
+        self.store.hold_model(model.version, encode_global(model))
+        self.held = model
+        self.behind_since = None
+        self.deltas = {v: f for v, f in self.deltas.items() if v > model.version}
+
+    def subscribe_whole_models(self, why: str, level: int = logging.INFO) -> None:
+        """Read model/current (its retained message comes at once): to start, to resync (`level` WARNING when
+        that means something went wrong), or for good in a fleet that sends whole models."""
+        if self.whole_models:
+            return
+        log.log(level, "reading the whole global model from %s: %s", self.topics.model_current, why)
+        self.whole_models = True
+        self.link.subscribe(self.topics.model_current, qos=1)
+
+    def on_delta(self, version: int, frame: bytes) -> None:
+        if self.held is not None and version <= self.held.version:
+            return  # a retained change this device applied already
+        if len(self.deltas) < MAX_BUFFERED_DELTAS or version in self.deltas:
+            self.deltas[version] = frame
+        self.catch_up()
+
+    def catch_up(self) -> None:
+        """Apply the changes that follow the held version, in order; score the version reached."""
+        held = self.held
+        if held is None:
+            return
+        start = held.version
+        while (frame := self.deltas.pop(held.version + 1, None)) is not None:
+            try:
+                version, params = apply_delta(held.params, held.version, frame,
+                                              max_bytes=self.cfg.broker.max_payload_bytes)
+            except (EnvelopeError, DownlinkError) as exc:
+                self.refuse("model", held.version + 1, self.store.high_water()[0], f"the change to version "
+                            f"{held.version + 1}: {exc}")
+                self.subscribe_whole_models("a change could not be applied", logging.WARNING)
+                return
+            new = replace(held, version=version, params=params)
+            problem = self.model_problem(new)
+            if problem is not None:  # the same model would come whole: keep the last good one, no resync
+                self.refuse("model", version, self.store.high_water()[0], problem)
+                self.deltas.clear()
+                return
+            self.hold(new)
+            self.held_whole = False
+            held = new
+        if held.version > start:
+            log.info("global version %d rebuilt from version %d and %d change(s)", held.version, start,
+                     held.version - start)
+            self.evaluate(held)
+
+    def resolve(self, task: RoundTask) -> RoundTask | None:
+        """`task` with the tensors of the model it names, once this device holds exactly that model; None while
+        it does not (the changes are on their way, or the whole model is: see DELTA_WAIT_S)."""
+        if task.model_digest in self.refused_digests:
+            return None
+        self.catch_up()
+        held, version = self.held, task.model.version
+        if held is not None and held.version == version:
+            digest = model_digest(held.params)
+            if digest == task.model_digest:
+                self.behind_since = None
+                return replace(task, model=task.model.with_params(held.params))
+            if self.held_whole:  # not even the whole model is the one the task names: reading it again won't help
+                assert task.model_digest is not None
+                self.refused_digests.append(task.model_digest)
+                self.refuse("task", version, task.round, f"it names model digest {task.model_digest}, but version "
+                            f"{version} on {self.topics.model_current} has digest {digest}")
+                return None
+            self.subscribe_whole_models(f"the held version {version} is not the aggregator's (digest "
+                                        f"{model_digest(held.params)}, the task says {task.model_digest})",
+                                        logging.WARNING)
+        elif held is None:
+            self.subscribe_whole_models("this device holds no global model yet")
+        elif version - held.version > task.downlink_keep:
+            self.subscribe_whole_models(f"the held version {held.version} is {version - held.version} behind, "
+                                        f"more than the {task.downlink_keep} whose changes are kept")
+        elif version > held.version:
+            now = self.timer()
+            if self.behind_since is None:
+                self.behind_since = now
+            elif now - self.behind_since > DELTA_WAIT_S:
+                self.subscribe_whole_models(f"the changes from version {held.version} to {version} did not arrive "
+                                            f"within {DELTA_WAIT_S:g} s", logging.WARNING)
+        return None
 
     def signed_by_fleet(self, msg: Message) -> bool:
         """Is a task or model signed by a fleet key this device trusts (or may it be unsigned)? Logs a refusal."""
         if not self.fleet_keys:
             return True
-        verdict = verify(msg.payload, self.fleet_keys, self.contexts[msg.topic])
+        # a change of the model (model/delta/<version>) is signed like the whole model
+        verdict = verify(msg.payload, self.fleet_keys,
+                         self.contexts.get(msg.topic, self.contexts[self.topics.model_current]))
         if verdict.ok or (verdict.refusal is Refusal.UNSIGNED and not self.require_signatures):
             return True
         if verdict.refusal is Refusal.MALFORMED:
@@ -490,13 +664,20 @@ class AgentService:
         `self.link.inbox`."""
         self.link.connect(timeout=self.cfg.broker.connect_timeout_s if timeout is None else timeout)
         self.link.subscribe(self.topics.round_current, qos=1)
-        self.link.subscribe(self.topics.model_current, qos=1)
+        self.link.subscribe(self.topics.model_delta_filter, qos=1)
+        if self.held is None:  # a device that holds a model follows the deltas and reads the whole one on demand
+            self.subscribe_whole_models("this device holds no global model yet")
         self.link.subscribe(self.topics.receipt(self.cfg.device_id), qos=1)
         log.info("agent %s up: data from %s, fleet %s", self.cfg.device_id, self.source.description, self.cfg.fleet)
 
     def idle(self) -> None:
         """Nothing arrived for a while: retry what waits for data, then send what is due from the outbox."""
-        if self.waiting is not None:
+        if self.waiting is not None and self.unresolved(self.waiting):
+            resolved = self.resolve(self.waiting)
+            if resolved is not None:
+                self.waiting = None
+                self.accept_task(resolved)
+        elif self.waiting is not None:
             self.train(self.waiting)
         self.give_up(self.store.forget_expired(self.clock()), "its round's deadline passed")
         if self.link.connected:

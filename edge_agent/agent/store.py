@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS embeddings (
 CREATE TABLE IF NOT EXISTS embedding_space (id INTEGER PRIMARY KEY CHECK (id = 1), space TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS residual (
     id INTEGER PRIMARY KEY CHECK (id = 1), codec TEXT NOT NULL, model_version INTEGER NOT NULL, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS held_model (
+    id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, payload BLOB NOT NULL);
 """
 
 
@@ -268,6 +270,21 @@ class AgentStore:
         self.db.execute("INSERT INTO high_water VALUES (1, ?, ?) ON CONFLICT(id) DO UPDATE SET round = "
                         "MAX(round, excluded.round), model_version = MAX(model_version, excluded.model_version)",
                         (round_no, model_version))
+
+    def held_model(self) -> bytes | None:
+        """The global model this device holds when versions go down as deltas (codec/downlink.py): an unsigned
+        float32 GLOBAL envelope, what the next delta applies to."""
+        row = self.db.execute("SELECT payload FROM held_model WHERE id=1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def hold_model(self, version: int, payload: bytes) -> None:
+        """Keep `payload` as the held model and raise the high-water version to it, together."""
+        with transaction(self.db):
+            self.db.execute("INSERT OR REPLACE INTO held_model VALUES (1, ?, ?)", (version, payload))
+            self.raise_high_water(0, version)
+
+    def drop_held_model(self) -> None:
+        self.db.execute("DELETE FROM held_model")
 
     def record_evaluation(self, version: int, report: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?)", (version, report))

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, TypeGuard, cast
 import numpy as np
 
 from ..codec.chunking import ChunkError, Reassembler
+from ..codec.compression import CodecSpec
+from ..codec.downlink import compress_version, model_digest
 from ..codec.envelope import Envelope, EnvelopeError, Kind, decode_envelope
 from ..codec.signing import Purpose, Refusal, context, key_id, signer, verify
 from ..codec.update_frame import decode_update_frame, frame_seeds, is_update_frame
@@ -55,7 +57,7 @@ from ..messaging import BrokerLink, ConnectionEvent, LinkFactory, Message, MqttE
 from ..protocol import Topics
 from ..receipts import Receipt, ReceiptError, encode_receipt
 from ..transport import MqttLink
-from . import privacy, rounds
+from . import downlink_store, privacy, rounds
 from .ingest import ChunkIntake
 from .metrics import Metrics, PrometheusMetrics, judge_reason
 from .presence import PresenceLog
@@ -153,6 +155,7 @@ class AggregatorService:
         # device enforces whatever it is told (HARD_MAX_ABS): a model the whole fleet refuses would stall it.
         self.max_abs = min(cfg.aggregator.max_abs, HARD_MAX_ABS)
         self.refused_reason: str | None = None  # why the last round's new global model was not published
+        self.downlink = CodecSpec.parse(cfg.train.downlink_codec) if cfg.train.downlink_codec else None
         latest = self.store.latest_global()
         if latest is None:
             server = self.strategy.init_server(rng.server_init(cfg.train.seed))
@@ -402,10 +405,41 @@ class AggregatorService:
             log.info("published %s after all", topic)
         return True
 
-    def publish_model(self) -> None:
+    def publish_model(self, *, every_delta: bool = False) -> None:
+        """The whole model on model/current, and with a downlink codec the delta that gives it (`every_delta`: the
+        deltas of every version kept, after a reconnection or a change of coordinator)."""
         payload = encode_global(self.model(), self.sign_model)
         if self._publish_retained(self.topics.model_current, payload):
             self.counters.bytes_out += len(payload)
+        if self.downlink is None:
+            return
+        version, keep = self.server.version, self.cfg.fleet.downlink_keep
+        frames = downlink_store.kept_frames(self.store.read_meta, version, keep)
+        for v, frame in sorted(frames.items()):
+            if every_delta or v == version:
+                self._publish_retained(self.topics.model_delta(v), frame)
+        if version - keep >= 1:  # the oldest no longer kept: a device that far behind reads model/current
+            self._publish_retained(self.topics.model_delta(version - keep), b"")
+
+    # --- the global model on its way down (codec/downlink.py) ------------------------------------
+    def compress_downlink(self, candidate: ServerState) -> tuple[ServerState, dict[str, str]]:
+        """With a downlink codec: the new version as devices will hold it (the last one plus its compressed
+        change, the rest kept as the residual), and the meta that stores the residual and the delta frame with
+        the round's close. Without one, or when the tensors changed: `candidate` as it is, with no delta."""
+        if self.downlink is None:
+            return candidate, {}
+        residual = downlink_store.decode_residual(self.store.read_meta(downlink_store.RESIDUAL_KEY),
+                                                  self.server.version)
+        step = compress_version(self.server.params, candidate.params, residual, self.downlink,
+                                version=candidate.version, sign=self.sign_model)
+        if step is None:
+            log.warning("global version %d holds other tensors than version %d: it goes down whole, devices resync "
+                        "from %s", candidate.version, self.server.version, self.topics.model_current)
+            return candidate, {downlink_store.RESIDUAL_KEY: ""}
+        keep = self.cfg.fleet.downlink_keep
+        return replace(candidate, params=step.params), {
+            downlink_store.RESIDUAL_KEY: downlink_store.encode_residual(step.version, step.residual),
+            downlink_store.frame_key(step.version, keep): downlink_store.encode_frame(step.frame)}
 
     def publish_task(self) -> None:
         assert self.state is not None
@@ -420,7 +454,9 @@ class AggregatorService:
                 self.state.selected, rounds.round_salt(rng.selection(self.cfg.train.seed, self.state.round)))
         task = RoundTask(self.state.round, self.state.deadline, None, self.model(), self.bounds(), rule,
                          rounds.quorum(self.state, self.round_config), upload_window_s=self.cfg.fleet.upload_window_s,
-                         retry_after_s=self.cfg.fleet.retry_after_s)
+                         retry_after_s=self.cfg.fleet.retry_after_s,
+                         model_digest=None if self.downlink is None else model_digest(self.server.params),
+                         downlink_keep=self.cfg.fleet.downlink_keep)
         # The broker drops the retained task at its deadline: a device that connects later finds no stale
         # round to train for (the next task replaces it anyway).
         expiry = max(1, math.ceil(self.state.deadline - self.clock()))
@@ -482,14 +518,16 @@ class AggregatorService:
         closed, failures, ok = rounds.close(self.state, self.round_config)
         t0 = self.state.opened_at
         self.refused_reason = None
+        downlink_meta: dict[str, str] = {}
         if ok:
             candidate = self.add_privacy_noise(self.strategy.finish_aggregation(self.server, self.acc, failures))
+            candidate, downlink_meta = self.compress_downlink(candidate)
             self.refused_reason = self.global_problem(candidate.params, candidate.version)
             ok = self.refused_reason is None
         if ok:
             self.server = candidate
             self.store.close_round(closed, failures, True, self.server.version, self.server.params, self.clock(),
-                                   self._traffic(), self.bounds_state_after_round())
+                                   self._traffic(), {**self.bounds_state_after_round(), **downlink_meta})
         elif self.refused_reason is not None:  # never published: every device would refuse it, or worse, use it
             self.store.close_round(closed, failures, False, None, None, self.clock(), self._traffic())
             self.metrics.global_refused()
@@ -878,7 +916,7 @@ class AggregatorService:
                     log.info("back on the broker after %.1f s (%s)", time.monotonic() - self.lost_at, msg.reason)
                     self.lost_at = None
                 if self.leads:  # a broker that crashed may have lost our retained messages: publish them again
-                    self.publish_model()
+                    self.publish_model(every_delta=True)
                     if self.state is not None and self.state.phase is Phase.COLLECTING:
                         self.publish_task()
                     elif self.done.is_set():
@@ -952,7 +990,7 @@ class AggregatorService:
                  self.cfg.fleet_name)
         self.follow(force=True)
         if self.link.connected:  # the last coordinator may have died between a commit and its publication
-            self.publish_model()
+            self.publish_model(every_delta=True)
             if self.state is not None and self.state.phase is Phase.COLLECTING:
                 self.publish_task()
         return True

@@ -32,6 +32,10 @@ class TrainingConfig:
     # the change from the global model, with error feedback, in the compact update frame. "": today's envelope,
     # the whole shared tensors, int8 per output channel (or float32 without int8_updates).
     codec: str = ""
+    # How the aggregator sends each new global model (codec/downlink.py): the change from the version before, in
+    # this codec, with error feedback on the aggregator, on the retained topic model/delta/<version>; devices
+    # fetch the whole model from model/current only to start or to resync. "": the whole model in every task.
+    downlink_codec: str = ""
 
     def __post_init__(self) -> None:
         # Values arrive from TOML and from round-task meta: refuse a bad one here, where the config is read.

@@ -69,7 +69,7 @@ def _serve(build: Callable[[], S], started: list[S], ready: threading.Event, sto
 
 @contextmanager
 def running_fleet(broker: LocalBroker, fed: FederatedData, tmp_path: Path, *, rounds: int = 3, agents: int = 2,
-                  http: str | None = None) -> Iterator[RunningFleet]:
+                  http: str | None = None, train: TrainingConfig | None = None) -> Iterator[RunningFleet]:
     def broker_cfg(user: str) -> BrokerConfig:
         return BrokerConfig(host=broker.host, port=broker.port, username=user, password=broker.users[user])
 
@@ -77,7 +77,7 @@ def running_fleet(broker: LocalBroker, fed: FederatedData, tmp_path: Path, *, ro
     agg_cfg = AggregatorConfig(
         state=str(state), fleet_name=FLEET, embedding_dim=fed.embedding_dim, num_classes=fed.num_classes, http=http,
         broker=broker_cfg("aggregator"), fleet=FleetConfig(expected_clients=agents, min_clients=agents, deadline_s=60),
-        train=TrainingConfig(strategy="fedavg", rounds=rounds, seed=0))
+        train=train or TrainingConfig(strategy="fedavg", rounds=rounds, seed=0))
 
     def agent(i: int) -> AgentService:
         return AgentService(AgentConfig(device_id=f"dev-{i}", state_dir=MEMORY, fleet=FLEET, rng_stream=i,

@@ -57,6 +57,24 @@ def test_the_lossless_frame_learns_what_the_float32_envelope_learns_in_a_third_l
     assert frame["summary"]["uplink_bytes_per_client_round"] < envelope["summary"]["uplink_bytes_per_client_round"]
 
 
+@pytest.mark.parametrize("downlink", ["float32", "int8", "sign1+rot"])
+def test_every_downlink_codec_crosses_the_services_and_devices_pay_for_it_only(natural: FederatedData,
+                                                                             downlink: str) -> None:
+    whole = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=6, seed=0, codec="int8"))
+    deltas = run_simulation(natural, TrainingConfig(strategy="fedavg", rounds=6, seed=0, codec="int8",
+                                                    downlink_codec=downlink))
+    assert [r["clients_reporting"] for r in deltas["rounds"]] == [len(natural.clients)] * 6
+    down, down_whole = (r["summary"]["downlink_bytes_per_client_round"] for r in (deltas, whole))
+    # A task without tensors and one change, instead of the whole model (int8) in every task and again on
+    # model/current; the whole float32 model a device reads once at the start is included. Float32 changes cost
+    # more than int8 whole models: they are the exact reference, not a saving.
+    ceiling = {"float32": 1.5, "int8": 0.75, "sign1+rot": 0.5}[downlink]
+    assert down < down_whole * ceiling, (down, down_whole)
+    if downlink == "float32":  # the change sent exactly: devices train from the aggregator's float32 model, not
+        # the int8 copy of it whole models go down as, so the results differ by no more than that rounding
+        assert abs(deltas["summary"]["mean_acc"] - whole["summary"]["mean_acc"]) <= 0.01
+
+
 def test_a_frame_that_does_not_fit_the_rounds_tensors_is_refused_with_the_reason(tmp_path: Path,
                                                                                  natural: FederatedData) -> None:
     devices = ["dev-1"]

@@ -64,14 +64,15 @@ def test_Topics_builds_every_topic_of_the_table_and_no_other() -> None:
     topics = Topics("f1")
     for spec in TOPIC_TABLE:
         member = getattr(topics, spec.attr)
-        filled = spec.topic.replace("<device>", "dev-1").replace("<round>", "7")
-        args = [a for a, placeholder in (("dev-1", "<device>"), (7, "<round>")) if placeholder in spec.topic]
+        filled = spec.topic.replace("<device>", "dev-1").replace("<round>", "7").replace("<version>", "7")
+        args = [a for a, placeholder in (("dev-1", "<device>"), (7, "<round>"), (7, "<version>"))
+                if placeholder in spec.topic]
         built = member(*args) if callable(member) else member
         assert built == f"edgefl/f1/{filled}", spec
     # Filters, parsers and `shared` (a filter as a shared subscription) are not topics of their own; every other
     # public member must be in the table.
     builders = {n for n in dir(Topics) if not n.startswith("_") and not n.endswith("_filter")}
-    assert builders - {"fleet", "prefix", "device_of", "shared"} == {t.attr for t in TOPIC_TABLE}
+    assert builders - {"fleet", "prefix", "device_of", "version_of_delta", "shared"} == {t.attr for t in TOPIC_TABLE}
 
 
 # --- paths the docs name ----------------------------------------------------------------------------------
