@@ -17,6 +17,11 @@ codec for each is chosen on VALIDATION (other seeds, each device scored on held-
     .venv/bin/python bench/compression.py --reuse-validation   # test only; choices from compression_validation.json
     .venv/bin/python bench/compression.py --render-only        # markdown and plot again from the saved JSON
     .venv/bin/python bench/compression.py --quick              # 1 seed each, 10 rounds, 7 codecs, to a temp dir: ~1 min
+    .venv/bin/python bench/compression.py --downlink-codecs int8 sign1   # also each codec with a compressed downlink
+
+With `--downlink-codecs`, every uplink codec also runs with each listed `TrainingConfig.downlink_codec` (the global
+model sent as a compressed change): rows keyed "<uplink> down:<downlink>"; a row without it (the whole model in
+every round task) keeps the plain uplink label. Targets and the plot use the whole-model rows only.
 
 Writes bench/results/compression.{json,md,png} and compression_validation.{json,md}.
 """
@@ -33,7 +38,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import benchlib
 import numpy as np
@@ -69,6 +74,8 @@ CODECS: tuple[str, ...] = (
     *(f"topk:{f:g}" for f in TOPK), *(f"subsample:{f:g}" for f in SUBSAMPLE),
     *(f"subsample:{f:g}+sr" for f in SUBSAMPLE_SR))
 QUICK_CODECS = (LEGACY_INT8, LEGACY_FLOAT32, REFERENCE, "int8", "sign1", "topk:0.01", "subsample:0.01")
+FULL_MODEL = ("", "full")  # downlink labels for TrainingConfig.downlink_codec "": the whole model in every task
+DOWNLINK_MARK = " down:"  # row key "<uplink> down:<downlink>"; no codec spec holds a space
 REGIMES = ("natural", "label-skew", "few-shot")
 STRATEGIES = (DEFAULT_STRATEGY, "fedavg")
 METRICS = ("mean_acc", "p10_acc", "worst_acc", "new_user_acc",
@@ -106,11 +113,40 @@ def log(text: str) -> None:
 # --- the runs ------------------------------------------------------------------------------------------------------
 
 
-def training_config(label: str, strategy: str, seed: int, rounds: int) -> TrainingConfig:
-    """A legacy envelope (codec "", int8 or float32) or a codec in the compact frame."""
+def row_key(uplink: str, downlink: str) -> str:
+    """The grid's key of one row: the uplink label alone when the whole model goes down (as in result files written
+    before the downlink axis), else "<uplink> down:<downlink>"."""
+    return uplink if downlink in FULL_MODEL else f"{uplink}{DOWNLINK_MARK}{downlink}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(uplink label, downlink codec; "" for the whole model) of a row key."""
+    uplink, _, downlink = key.partition(DOWNLINK_MARK)
+    return uplink, downlink
+
+
+def row_keys(codecs: Sequence[str], downlinks: Sequence[str]) -> list[str]:
+    """Each uplink codec with the whole model first (the reference its downlink rows are compared with)."""
+    return [row_key(c, d) for c in codecs for d in ("", *downlinks)]
+
+
+def full_model_rows(stats: Stats) -> Stats:
+    """Only the rows whose downlink is the whole model: what the uplink targets and the plot are about."""
+    return {s: {r: {c: v for c, v in cells.items() if not split_key(c)[1]} for r, cells in by_regime.items()}
+            for s, by_regime in stats.items()}
+
+
+def has_downlink_rows(stats: Stats) -> bool:
+    return any(split_key(c)[1] for by_regime in stats.values() for cells in by_regime.values() for c in cells)
+
+
+def training_config(key: str, strategy: str, seed: int, rounds: int) -> TrainingConfig:
+    """A legacy envelope (codec "", int8 or float32) or a codec in the compact frame; and the downlink codec."""
+    label, downlink = split_key(key)
     if label in LEGACY:
-        return TrainingConfig(rounds=rounds, seed=seed, strategy=strategy, int8_updates=LEGACY[label])
-    return TrainingConfig(rounds=rounds, seed=seed, strategy=strategy, codec=label)
+        return TrainingConfig(rounds=rounds, seed=seed, strategy=strategy, int8_updates=LEGACY[label],
+                              downlink_codec=downlink)
+    return TrainingConfig(rounds=rounds, seed=seed, strategy=strategy, codec=label, downlink_codec=downlink)
 
 
 def scoring_data(embedded: Any, regime: str, seed: int, validation: bool) -> FederatedData:
@@ -120,7 +156,8 @@ def scoring_data(embedded: Any, regime: str, seed: int, validation: bool) -> Fed
 
 def run_grid(embedded: Any, codecs: Sequence[str], strategies: Sequence[str], regimes: Sequence[str],
              seeds: Sequence[int], rounds: int, validation: bool) -> Grid:
-    """One simulation per (strategy, regime, seed, codec); the data is partitioned once per (regime, seed)."""
+    """One simulation per (strategy, regime, seed, row key: codec, downlink codec); the data is partitioned once
+    per (regime, seed)."""
     grid: Grid = {s: {r: {c: {m: [] for m in METRICS} for c in codecs} for r in regimes} for s in strategies}
     total, done, t0 = len(codecs) * len(strategies) * len(regimes) * len(seeds), 0, time.perf_counter()
     phase = "validation" if validation else "test"
@@ -165,12 +202,18 @@ def paired(values: Sequence[float | None], reference: Sequence[float | None]) ->
 
 
 def cell_stats(cell: Mapping[str, list[Any]], reference: Mapping[str, list[Any]],
-               legacy_float32: Mapping[str, list[Any]]) -> dict[str, Any]:
+               legacy_float32: Mapping[str, list[Any]], full_model: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """`full_model`: the same uplink codec's row with the whole model sent down (the cell itself when it is one)."""
     up = mean(cell["uplink_bytes_per_client_round"])
     assert up is not None
+    down = mean(cell["downlink_bytes_per_client_round"])
+    full_down = mean(full_model["downlink_bytes_per_client_round"])
     return {
         **{m: mean(cell[m]) for m in ("mean_acc", "p10_acc", "worst_acc", "new_user_acc")},
-        "uplink_bytes": up, "downlink_bytes": mean(cell["downlink_bytes_per_client_round"]),
+        "uplink_bytes": up, "downlink_bytes": down,
+        "downlink_ratio_vs_full_model": full_down / down if down and full_down is not None else None,
+        # what the downlink codec alone costs: against the same uplink codec with the whole model sent down
+        "delta_mean_vs_full_model_points": paired(cell["mean_acc"], full_model["mean_acc"]),
         "ratio_vs_float32_frame": (mean(reference["uplink_bytes_per_client_round"]) or 0.0) / up,
         "ratio_vs_float32_envelope": (mean(legacy_float32["uplink_bytes_per_client_round"]) or 0.0) / up,
         "delta_mean_points": paired(cell["mean_acc"], reference["mean_acc"]),
@@ -182,7 +225,8 @@ def cell_stats(cell: Mapping[str, list[Any]], reference: Mapping[str, list[Any]]
 
 
 def grid_stats(grid: Grid) -> Stats:
-    return {s: {r: {c: cell_stats(cell, cells[REFERENCE], cells[LEGACY_FLOAT32]) for c, cell in cells.items()}
+    return {s: {r: {c: cell_stats(cell, cells[REFERENCE], cells[LEGACY_FLOAT32], cells[split_key(c)[0]])
+                    for c, cell in cells.items()}
                 for r, cells in by_regime.items()} for s, by_regime in grid.items()}
 
 
@@ -334,6 +378,9 @@ def cell_view(s: Mapping[str, Any], target: Target) -> dict[str, Any]:
 
 
 def target_report(validation: Stats, test: Stats | None) -> list[dict[str, Any]]:
+    """The uplink targets, chosen among the rows sending the whole model down."""
+    validation = full_model_rows(validation)
+    test = None if test is None else full_model_rows(test)
     rows = []
     for strategy in validation:
         for target in TARGETS:
@@ -367,18 +414,49 @@ def delta(d: Mapping[str, Any]) -> str:
 def bytes_table(stats: Stats, timing: Mapping[str, Any] | None) -> list[str]:
     """Bytes (the first strategy's runs: the others' differ by a few bytes of topk index coding) and CPU time."""
     by_regime = stats[next(iter(stats))]
+    downlink = has_downlink_rows(stats)  # without that axis, the table as before it
     head = "| codec | uplink B / update | x vs float32 frame | x vs float32 envelope | downlink B / update |"
-    lines = [head + (" device encode us | aggregator decode us |" if timing else ""),
-             "|---|---:|---:|---:|---:|" + ("---:|---:|" if timing else "")]
+    lines = [head + (" downlink x vs whole model |" if downlink else "")
+             + (" device encode us | aggregator decode us |" if timing else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|" if downlink else "") + ("---:|---:|" if timing else "")]
     for label in sorted(next(iter(by_regime.values())), key=lambda c: -mean_bytes(by_regime, c)):
         cells = [c[label] for c in by_regime.values()]
         row = (f"| {label} | {mean_bytes(by_regime, label):,.0f} | "
                f"{np.mean([c['ratio_vs_float32_frame'] for c in cells]):.1f} | "
                f"{np.mean([c['ratio_vs_float32_envelope'] for c in cells]):.1f} | "
                f"{np.mean([c['downlink_bytes'] for c in cells]):,.0f} |")
+        if downlink:
+            row += f" {downlink_ratio(cells)} |"
+        uplink = split_key(label)[0]  # the device's encoding does not depend on the downlink
         if timing:
-            row += f" {timing[label]['encode_us']['median']:.0f} | {timing[label]['decode_us']['median']:.0f} |"
+            row += f" {timing[uplink]['encode_us']['median']:.0f} | {timing[uplink]['decode_us']['median']:.0f} |"
         lines.append(row)
+    return lines
+
+
+def downlink_ratio(cells: Sequence[Mapping[str, Any]]) -> str:
+    """Mean over regimes of how many times fewer downlink bytes than the same uplink codec's whole-model row."""
+    ratios = [c.get("downlink_ratio_vs_full_model") for c in cells]
+    known = [float(r) for r in ratios if r is not None]
+    return f"{np.mean(known):.1f}" if len(known) == len(ratios) else "-"
+
+
+def downlink_table(by_regime: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The downlink rows: bytes, ratio against the whole model, and accuracy paired against the same uplink codec
+    with the whole model sent down (the downlink codec's own cost) and against the float32 frame (the total)."""
+    regimes = list(by_regime)
+    head = " | ".join(f"{r} mean (Δ vs whole model) | {r} Δ vs float32 frame" for r in regimes)
+    lines = [f"| uplink | downlink | downlink B / update | x vs whole model | {head} |",
+             "|---|---|---:|---:|" + "---:|" * (2 * len(regimes))]
+    for label in next(iter(by_regime.values())):
+        uplink, downlink = split_key(label)
+        if not downlink:
+            continue
+        cells = [by_regime[r][label] for r in regimes]
+        values = [f"{pct(s['mean_acc'])} ({delta(s['delta_mean_vs_full_model_points'])}) | "
+                  f"{delta(s['delta_mean_points'])}" for s in cells]
+        lines.append(f"| {uplink} | {downlink} | {np.mean([c['downlink_bytes'] for c in cells]):,.0f} | "
+                     f"{downlink_ratio(cells)} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -441,6 +519,8 @@ def pick_lines(row: Mapping[str, Any], role: str, shared: bool) -> list[str]:
     lines = [f"- {ROLES[role]}: `{label}`", point_line(point["validation"], "validation", shared)]
     if point["test"]:
         lines.append(point_line(point["test"], "TEST", shared))
+    elif point["test"] is not None:  # validation reused with fewer codecs on test
+        lines.append("  - TEST: not run (not among this run's codecs)")
     return lines
 
 
@@ -528,44 +608,105 @@ def guide(doc: Mapping[str, Any]) -> list[str]:
     down = float(np.mean([s[REFERENCE]["downlink_bytes"] for s in first.values()]))
     month = ROUNDS_PER_MONTH / 1e6
     lines = ["## Which codec for which link", "",
-             f"From the numbers above: bytes from the test runs, choices from validation. Each update's uplink; the "
-             f"round task comes down uncompressed ({down:,.0f} B) whatever the codec.", "",
-             f"- **Wi-Fi, Ethernet**: bytes are nearly free. `int8` in the frame ({b.get('int8', 0):,.0f} B, against "
-             f"{b.get(LEGACY_INT8, 0):,.0f} B for the int8 envelope devices sent before) or `float32` "
-             f"({b[REFERENCE]:,.0f} B) where exactness matters."]
+             f"From the numbers above: bytes from the test runs, choices from validation. Each update's uplink; "
+             f"without a downlink codec a device downloads {down:,.0f} B a round (the whole model in every task and "
+             "again on model/current, and the receipt) whatever the uplink codec.", "",
+             "- **Wi-Fi, Ethernet**: bytes are nearly free. "
+             + (f"`int8` in the frame ({b['int8']:,.0f} B"
+                + (f", against {b[LEGACY_INT8]:,.0f} B for the int8 envelope devices sent before" if LEGACY_INT8 in b
+                   else "") + ") or " if "int8" in b else "")
+             + f"`float32` ({b[REFERENCE]:,.0f} B) where exactness matters."]
+
+    def tested(label: str | None) -> TypeGuard[str]:
+        """A choice made on validation may not have run on test (validation reused with fewer codecs or
+        strategies)."""
+        return label is not None and label in b and DEFAULT_STRATEGY in stats
+
     safe, safe_met = pick(doc, DEFAULT_STRATEGY, 32, shared=True)
     bold, bold_met = pick(doc, DEFAULT_STRATEGY, 32, shared=False)
-    if safe:
+    if tested(safe):
         text = (f"- **Metered cellular**: {codec_phrase(safe, safe_met, 32, b)} with the shared model held too: "
-                f"at one round an hour a device sends {b[safe] * month:.2f} MB a month instead of "
-                f"{b.get(LEGACY_INT8, 0) * month:.2f} MB (int8 envelope), and still downloads {down * month:.2f} MB: "
+                f"at one round an hour a device sends {b[safe] * month:.2f} MB a month"
+                + (f" instead of {b[LEGACY_INT8] * month:.2f} MB (int8 envelope)" if LEGACY_INT8 in b else "")
+                + f", and still downloads {down * month:.2f} MB: "
                 "until the downlink is compressed too, the download is most of the bill.")
-        if bold and bold != safe:
+        if tested(bold) and bold != safe:
             lo, hi = shared_loss(doc, DEFAULT_STRATEGY, bold)
             text += (f" Where only the devices' own accuracy counts ({DEFAULT_STRATEGY}'s personal heads), "
                      f"{codec_phrase(bold, bold_met, 32, b)}, but the shared model every new device starts from "
                      f"then loses {lo:.0f} to {hi:.0f} points (test).")
         lines.append(text)
     tiny, tiny_met = pick(doc, DEFAULT_STRATEGY, 100, shared=False)
-    if tiny:
+    if tested(tiny):
         lo, hi = shared_loss(doc, DEFAULT_STRATEGY, tiny)
         text = ("- **LoRa (EU868)**, assuming the frame's bytes are split over LoRaWAN uplinks of at most 51 B "
                 "(DR0-2), 115 B (DR3) or 222 B (DR4-5) of application payload, no fragmentation header, and the 1 % "
                 "duty cycle: "
                 f"{codec_phrase(tiny, tiny_met, 100, b)} for {DEFAULT_STRATEGY}, at a cost to the shared model of "
                 f"{lo:.0f} to {hi:.0f} points on a new user. {lora_line(tiny, b)}.")
-        if safe and safe != tiny:
+        if tested(safe) and safe != tiny:
             text += f" For comparison {lora_line(safe, b)}."
         text += (f" The {down:,.0f}-B task does not fit a LoRa downlink ({math.ceil(down / 222)}+ packets): LoRa "
                  "carries the uplink only until the global model travels as a compressed delta.")
         lines.append(text)
     lines.append(f"- **Serial** (115,200 baud, about 11.5 kB/s): every codec takes under a second (the float32 "
                  f"frame {b[REFERENCE] / 11520:.2f} s); at 9,600 baud (960 B/s) the float32 frame takes "
-                 f"{b[REFERENCE] / 960:.1f} s, `int8` {b.get('int8', 0) / 960:.1f} s"
+                 f"{b[REFERENCE] / 960:.1f} s" + (f", `int8` {b['int8'] / 960:.1f} s" if "int8" in b else "")
                  + (f", `sign1` {b['sign1'] / 960:.2f} s." if "sign1" in b else "."))
     lines.append(f"- A signed update carries {SIGNATURE_SIZE} more bytes; the frame's fixed header is {HEADER_SIZE} "
                  "B, so at 100x the header is most of the payload.")
+    if has_downlink_rows(stats):
+        lines.append(downlink_guide(stats))
     return [*lines, ""]
+
+
+def downlink_rows(stats: Stats) -> dict[str, list[tuple[str, Mapping[str, Any]]]]:
+    """Downlink codec -> (uplink label, cell) over strategies, regimes and uplink codecs."""
+    out: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for by_regime in stats.values():
+        for cells in by_regime.values():
+            for key, cell in cells.items():
+                uplink, downlink = split_key(key)
+                if downlink:
+                    out.setdefault(downlink, []).append((uplink, cell))
+    return out
+
+
+def task_bytes(cells: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[float, float | None]:
+    """(downlink bytes, ratio against the whole model) with the float32 frame uplink, as the whole-model figures:
+    the float32 envelope's task is float32 whole tensors, not int8."""
+    ref = [c for uplink, c in cells if uplink == REFERENCE]
+    ratios = [c.get("downlink_ratio_vs_full_model") for c in ref]
+    known = [float(r) for r in ratios if r is not None]
+    return (float(np.mean([c["downlink_bytes"] for c in ref])),
+            float(np.mean(known)) if known and len(known) == len(ratios) else None)
+
+
+def downlink_guide(stats: Stats) -> str:
+    """The round task's size per downlink codec: a month of it, and LoRa downlink packets at DR5."""
+    month = ROUNDS_PER_MONTH / 1e6
+    sizes = {d: task_bytes(cells)[0] for d, cells in downlink_rows(stats).items()}
+    return ("- **Downlink**: the figures above send the whole model in every round task; with a compressed downlink "
+            "(`downlink_codec`) a device downloads per round (task, change, receipt, and the whole model it reads "
+            "once at the start, spread over the rounds) " + "; ".join(
+                f"`{d}` {size:,.0f} B ({size * month:.2f} MB a month, {math.ceil(size / 222)} LoRa DR5 packets)"
+                for d, size in sizes.items()) + ".")
+
+
+def downlink_findings(stats: Stats) -> list[str]:
+    """Per downlink codec: its bytes, the ratio against the whole model, and what it costs in mean accuracy against
+    the same uplink codec with the whole model sent down."""
+    lines = []
+    for downlink, cells in downlink_rows(stats).items():
+        size, ratio = task_bytes(cells)
+        deltas = [float(c["delta_mean_vs_full_model_points"]["mean"]) for _, c in cells
+                  if c["delta_mean_vs_full_model_points"]["mean"] is not None]
+        lines.append(f"- Downlink `{downlink}`: {size:,.0f} B per device and round (float32 frame uplink)"
+                     + (f", {ratio:.1f}x fewer than the whole model" if ratio is not None else "")
+                     + (f"; mean accuracy against the same uplink codec with the whole model sent down "
+                        f"{min(deltas):+.2f} to {max(deltas):+.2f} points over {len(deltas)} strategy, regime and "
+                        "uplink cells." if deltas else "."))
+    return lines
 
 
 def worst_over_regimes(stats: Stats, strategy: str, label: str, key: str) -> float:
@@ -577,6 +718,7 @@ def stochastic_note(stats: Stats) -> str | None:
     """When subsample+sr (sent without error feedback) loses far more than subsample, say so, with the numbers."""
     if "fedavg" not in stats:
         return None
+    stats = full_model_rows(stats)
     pairs = [(c, c.removesuffix("+sr")) for c in next(iter(stats["fedavg"].values()))
              if c.startswith("subsample") and c.endswith("+sr")]
     pairs = [(sr, det) for sr, det in pairs if det in next(iter(stats["fedavg"].values()))]
@@ -599,6 +741,8 @@ def nearest_at_ratio(doc: Mapping[str, Any], strategy: str, ratio: float, b: Map
     label = row["picks"]["closest_meeting_ratio"]
     if label is None:
         return "; no codec reaches the ratio."
+    if label not in b:
+        return f"; at the ratio, the least loss on validation is `{label}`'s, not run on test."
     stats = doc["test"]["stats"]
     return (f"; at the ratio, the least loss is `{label}`'s ({b[REFERENCE] / b[label]:.1f}x): mean "
             f"{worst_over_regimes(stats, strategy, label, 'delta_mean_points'):+.2f}, worst device "
@@ -616,6 +760,10 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
             label, met = pick(doc, strategy, ratio, shared=False)
             if label is None:
                 continue
+            if label not in b:  # validation reused with fewer codecs on test
+                lines.append(f"- {strategy}, {ratio:.0f}x target: {'met' if met else 'MISSED'} on validation; "
+                             f"`{label}` (its choice or nearest point) not run on test.")
+                continue
             mean_loss = worst_over_regimes(stats, strategy, label, "delta_mean_points")
             worst_loss = worst_over_regimes(stats, strategy, label, "delta_worst_points")
             state = "met on validation by" if met else "MISSED; the smallest payload within its accuracy bounds is"
@@ -625,15 +773,19 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
                          f"{worst_over_regimes(stats, strategy, label, 'delta_new_user_points'):+.2f}"
                          + ("." if met else nearest_at_ratio(doc, strategy, ratio, b)))
     safe, _ = pick(doc, DEFAULT_STRATEGY, 32, shared=True)
-    if safe:
+    if safe in b:
         lines.append(f"- Holding the shared model too, the most compressed codec within the 32x target's accuracy "
-                     f"bounds is `{safe}` ({b[safe]:,.0f} B, {b[REFERENCE] / b[safe]:.1f}x the float32 frame, "
-                     f"{b.get(LEGACY_INT8, 0) / b[safe]:.1f}x smaller than the int8 envelope devices sent before).")
+                     f"bounds is `{safe}` ({b[safe]:,.0f} B, {b[REFERENCE] / b[safe]:.1f}x the float32 frame"
+                     + (f", {b[LEGACY_INT8] / b[safe]:.1f}x smaller than the int8 envelope devices sent before"
+                        if LEGACY_INT8 in b else "") + ").")
     note = stochastic_note(stats)
     if note:
         lines.append(note)
-    lines.append("- The downlink is not compressed yet: with every frame codec the round task is the same "
-                 f"{float(np.mean([c[REFERENCE]['downlink_bytes'] for c in first.values()])):,.0f} B.")
+    if has_downlink_rows(stats):
+        lines += downlink_findings(stats)
+    else:
+        lines.append("- The downlink is not compressed yet: with every frame codec the round task is the same "
+                     f"{float(np.mean([c[REFERENCE]['downlink_bytes'] for c in first.values()])):,.0f} B.")
     return [*lines, ""]
 
 
@@ -645,12 +797,24 @@ def markdown(doc: Mapping[str, Any], phase: str) -> str:
              f"Whole MQTT payload per update (header included), mean over seeds and regimes. 'frame' codecs send "
              f"the change from the global model with error feedback in the {HEADER_SIZE}-byte-header update frame; "
              f"`{LEGACY_INT8}` / `{LEGACY_FLOAT32}` are the JSON-headed envelopes of the whole tensors that devices "
-             "sent before. Downlink: the round task, not compressed yet (int8 unless the float32 envelope is used). "
-             "CPU per update on real updates of this run (device: error feedback + frame; aggregator: decoding).",
+             "sent before. "
+             + ("Downlink: everything a device downloads per round (task, model or its change, receipt); rows "
+                "`<uplink> down:<codec>` send the global model as the change from the "
+                "version before in that codec (`downlink_codec`), the others the whole model (int8 unless the float32 "
+                "envelope is used); 'x vs whole model' against the same uplink codec's whole-model row. "
+                if has_downlink_rows(part["stats"]) else
+                "Downlink: everything a device downloads per round: the round task and model/current, each with the "
+                "whole model (int8 unless the float32 envelope is used), and the receipt. ")
+             + "CPU per update on real updates of this run (device: error feedback + frame; aggregator: decoding).",
              ""]
     if phase == "test" and doc.get("targets"):
         lines += findings(doc)
     lines += ["## Bytes and CPU per update", "", *bytes_table(part["stats"], doc.get("timing"))]
+    if has_downlink_rows(part["stats"]):
+        for strategy, by_regime in part["stats"].items():
+            lines += ["", f"## {strategy}: downlink codecs, final mean accuracy % ({phase}) (paired Δ vs the same "
+                      "uplink codec with the whole model sent down, and vs the float32 frame, points ± 95 % CI "
+                      "half-width)", "", *downlink_table(by_regime)]
     for strategy, by_regime in part["stats"].items():
         note = " (default)" if strategy == DEFAULT_STRATEGY else " (every device runs the global head: the worst case)"
         lines += ["", f"## {strategy}{note}: final accuracy % ({phase}), (paired Δ vs float32 frame, points ± 95 % "
@@ -659,7 +823,8 @@ def markdown(doc: Mapping[str, Any], phase: str) -> str:
               "CI half-width)", "", "What ditto's personal heads hide of a codec's damage: the shared model itself, "
               "which every new device starts from."
               + (f" The strategies' global heads score alike ({', '.join(part['stats'])}: ditto's shared model "
-                 "trains as fedavg's), so one set of columns." if same_new_user(part["stats"]) else ""),
+                 "trains as fedavg's), so one set of columns."
+                 if len(part["stats"]) > 1 and same_new_user(part["stats"]) else ""),
               "", *new_user_table(part["stats"]), ""]
     if doc.get("targets"):
         lines += targets_section(doc["targets"], doc)
@@ -694,7 +859,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = doc["test"]["stats"]
+    stats = full_model_rows(doc["test"]["stats"])  # the downlink rows would sit on their uplink codec's points
     regimes = list(next(iter(stats.values())))
     fig, axes = plt.subplots(len(stats), len(regimes), figsize=(5.2 * len(regimes), 4.4 * len(stats)), dpi=110,
                              squeeze=False)
@@ -759,8 +924,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", help="test seeds (default 0-4; --quick: 0)")
     ap.add_argument("--validation-seeds", type=int, nargs="+", help="default 100-104 (--quick: 100)")
     ap.add_argument("--rounds", type=int, help="default 30 (--quick: 10)")
-    ap.add_argument("--codecs", nargs="+", help=f"labels: codec specs or {LEGACY_INT8} / {LEGACY_FLOAT32} "
-                    "(float32 and the float32 envelope are always added: the references)")
+    ap.add_argument("--codecs", nargs="+", help=f"labels: codec specs or {LEGACY_INT8} / {LEGACY_FLOAT32}, "
+                    "space- or comma-separated (float32 and the float32 envelope are always added: the references)")
+    ap.add_argument("--downlink-codecs", nargs="+", default=[],
+                    help="also run every codec with each of these TrainingConfig.downlink_codec specs, space- or "
+                    "comma-separated (default none: the whole model in every round task; that row is always kept)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES))
     ap.add_argument("--timing-repeats", type=int, default=3, help="timed blocks per codec (each: every update)")
@@ -774,14 +942,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2, 3, 4])
     args.validation_seeds = args.validation_seeds or ([100] if quick else [100, 101, 102, 103, 104])
     args.rounds = args.rounds or (10 if quick else 30)
-    codecs = list(args.codecs or (QUICK_CODECS if quick else CODECS))
+    codecs = split_labels(args.codecs) if args.codecs else list(QUICK_CODECS if quick else CODECS)
     args.codecs = [c for c in (REFERENCE, LEGACY_FLOAT32) if c not in codecs] + codecs
+    args.downlink_codecs = [d for d in split_labels(args.downlink_codecs) if d not in FULL_MODEL]
     for label in args.codecs:
         if label not in LEGACY:
             CodecSpec.parse(label)  # a typo fails now, not after half an hour of runs
+    for label in args.downlink_codecs:
+        CodecSpec.parse(label)
     args.out_dir = args.out_dir or (Path(tempfile.gettempdir()) / "edge-fl-compression-quick" if quick
                                     else benchlib.RESULTS_DIR)
     return args
+
+
+def split_labels(values: Sequence[str]) -> list[str]:
+    """Labels given as separate arguments or comma-separated ("int8,sign1"), in order, once each. An empty
+    argument stays (the whole-model downlink: --downlink-codecs "")."""
+    parts = [p.strip() for v in values for p in (v.split(",") if v else [v])]
+    return list(dict.fromkeys(parts))
 
 
 def write(doc: Mapping[str, Any], out_dir: Path, name: str, phase: str) -> None:
@@ -793,7 +971,8 @@ def write(doc: Mapping[str, Any], out_dir: Path, name: str, phase: str) -> None:
 def phase_doc(embedded: Any, args: argparse.Namespace, validation: bool) -> dict[str, Any]:
     seeds = args.validation_seeds if validation else args.seeds
     t0 = time.perf_counter()
-    grid = run_grid(embedded, args.codecs, args.strategies, args.regimes, seeds, args.rounds, validation)
+    grid = run_grid(embedded, row_keys(args.codecs, args.downlink_codecs), args.strategies, args.regimes, seeds,
+                    args.rounds, validation)
     return {"seeds": seeds, "scored_on": "validation" if validation else "test", "per_seed": grid,
             "stats": grid_stats(grid), "elapsed_s": time.perf_counter() - t0}
 
@@ -823,14 +1002,17 @@ def main(argv: list[str] | None = None) -> int:
               "strategies": args.strategies, "regimes": args.regimes, "devices": 6, "reference": REFERENCE,
               "codecs": {c: {"codec": "", "int8_updates": LEGACY[c]} if c in LEGACY else {"codec": c, "int8_updates":
                              True} for c in args.codecs},
+              "downlink_codecs": args.downlink_codecs,
               "frame_header_bytes": HEADER_SIZE, "signature_bytes": SIGNATURE_SIZE, "lora_rates": LORA_RATES}
     validation_path = args.out_dir / f"{NAME}_validation.json"
     if args.reuse_validation:
         vdoc = json.loads(validation_path.read_text())
+        config["validation_seeds"] = vdoc["validation"]["seeds"]  # the seeds the choices were made on
         log(f"validation: reusing {validation_path} (seeds {vdoc['validation']['seeds']})")
     else:
-        log(f"validation: {len(args.codecs)} codecs x {len(args.strategies)} strategies x {len(args.regimes)} "
-            f"regimes x seeds {args.validation_seeds}, {args.rounds} rounds")
+        log(f"validation: {len(args.codecs)} codecs x {1 + len(args.downlink_codecs)} downlinks x "
+            f"{len(args.strategies)} strategies x {len(args.regimes)} regimes x seeds {args.validation_seeds}, "
+            f"{args.rounds} rounds")
         vdoc = {"benchmark": f"{NAME}_validation", "description": __doc__, "config": config,
                 "validation": phase_doc(embedded, args, validation=True), "environment": benchlib.environment()}
         vdoc["targets"] = target_report(vdoc["validation"]["stats"], None)
