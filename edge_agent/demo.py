@@ -281,6 +281,35 @@ class Fleet:
             _close_lifeline(p)
 
 
+class SocketTally:
+    """What the devices' TCP connections carried each round, from the cumulative counts their telemetry reports
+    (`socket_bytes_sent` / `_received`, Linux TCP_INFO): the bytes a device pays for, MQTT and TLS included."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def round(self, reports: dict[str, dict[str, Any]]) -> tuple[int | None, int | None]:
+        """(received, sent) by all devices since their previous report; None when a device does not report it."""
+        down = up = 0
+        for device, report in reports.items():
+            if "socket_bytes_received" not in report:
+                return None, None
+            now = (int(report["socket_bytes_sent"]), int(report["socket_bytes_received"]))
+            before = self.last.get(device, (0, 0))
+            self.last[device] = now
+            up, down = up + now[0] - before[0], down + now[1] - before[1]
+        return down, up
+
+    @staticmethod
+    def summary(rows: list[dict[str, Any]], devices: int) -> dict[str, float]:
+        downs = [r["device_socket_bytes_received"] for r in rows]
+        ups = [r["device_socket_bytes_sent"] for r in rows]
+        if not rows or None in downs or None in ups:
+            return {}
+        return {"device_socket_bytes_received_per_client_round": sum(downs) / (len(rows) * devices),
+                "device_socket_bytes_sent_per_client_round": sum(ups) / (len(rows) * devices)}
+
+
 def _close_lifeline(p: subprocess.Popen[bytes]) -> None:
     if p.stdin is not None:
         try:
@@ -401,12 +430,13 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                 + f" ({t.strategy}, {cfg.partition.regime}, {t.rounds} rounds, seed {t.seed}"
                 + (f", fraction {t.fraction}" if t.fraction < 1 else "") + f"); logs in {workdir}")
         header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
-                  f"{'bytes in':>9} {'bytes out':>10}")
+                  f"{'bytes in':>9} {'bytes out':>10} {'device down':>12} {'device up':>10}")
         printer(header)
         printer("-" * len(header))
         telemetry: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         status: dict[int, dict[str, Any]] = {}
         rows: list[dict[str, Any]] = []
+        wire = SocketTally()
         printed = 0
         deadline = time.monotonic() + cfg.timeout_s
         while printed < cfg.train.rounds:
@@ -430,14 +460,19 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                 reports, st = telemetry[v], status[v]
                 accs = {d: r["personal_acc"] for d, r in sorted(reports.items())}
                 glob = [r["global_acc"] for r in reports.values() if r["global_acc"] is not None]
+                down, up = wire.round(reports)
                 row = {"round": v, "client_acc": accs, **summarize(list(accs.values())),
                        "global_acc": float(np.mean(glob)) if glob else None,
                        "clients_reporting": st["reporting"], "uplink_bytes": st["bytes_in"],
-                       "downlink_bytes": st["bytes_out"], "rejected": st["rejected"]}
+                       "downlink_bytes": st["bytes_out"], "rejected": st["rejected"],
+                       "device_socket_bytes_received": down, "device_socket_bytes_sent": up}
                 rows.append(row)
                 g = "-" if row["global_acc"] is None else f"{100 * row['global_acc']:.1f}"
+                per_device = ("-", "-") if down is None or up is None else (f"{down / len(clients):,.0f}",
+                                                                             f"{up / len(clients):,.0f}")
                 printer(f"{v:>5} {g:>7} {100 * row['mean_acc']:>9.1f} {100 * row['p10_acc']:>6.1f} "
-                        f"{st['reporting']:>4}/{st['selected']:<5} {st['bytes_in']:>9} {st['bytes_out']:>10}")
+                        f"{st['reporting']:>4}/{st['selected']:<5} {st['bytes_in']:>9} {st['bytes_out']:>10} "
+                        f"{per_device[0]:>12} {per_device[1]:>10}")
                 printed = v
                 # Every process has read its password and logged in (each reported this round): the files
                 # are not needed any more.
@@ -451,7 +486,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
             "summary": {"mean_acc": last["mean_acc"], "p10_acc": last["p10_acc"], "worst_acc": last["worst_acc"],
                         "global_acc": last["global_acc"],
                         "uplink_bytes_per_client_round": sum(r["uplink_bytes"] for r in rows) / sum(
-                            max(1, r["clients_reporting"]) for r in rows)},
+                            max(1, r["clients_reporting"]) for r in rows),
+                        **wire.summary(rows, len(clients))},
         }
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)

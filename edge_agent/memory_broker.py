@@ -671,6 +671,10 @@ class MemoryLink:
             if self._up:
                 self.broker._subscribe(self, topic, qos)
 
+    def socket_traffic(self) -> tuple[int, int] | None:
+        """No sockets here: None (MqttLink's counts what crossed its TCP connections)."""
+        return None
+
     def unsubscribe(self, topic: str, *, timeout: float = 10.0) -> None:
         """Forget the subscription: no message published afterwards is delivered for it, connected or not."""
         check_topic_filter(topic)

@@ -35,6 +35,7 @@ import logging
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -189,6 +190,26 @@ class _TopicAliases:
                 delattr(props, "TopicAlias")
 
 
+_TCP_INFO_BYTES = struct.Struct("<QQ")  # struct tcp_info: tcpi_bytes_acked, tcpi_bytes_received (Linux >= 4.2)
+_TCP_INFO_BYTES_AT = 120
+
+
+def tcp_bytes(sock: socket.socket) -> tuple[int, int] | None:
+    """(bytes sent and acknowledged by the peer, bytes received) of a TCP connection so far, from Linux's TCP_INFO:
+    the TCP payload, so MQTT headers and TLS records included, IP and TCP headers not. None where unavailable."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+    except OSError:
+        return None
+    if len(raw) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(raw, _TCP_INFO_BYTES_AT)
+    return max(0, acked - 1), received  # the SYN counts as one acknowledged byte
+
+
 def _rc(reason: ReasonCode | int) -> tuple[int, str]:
     if isinstance(reason, ReasonCode):
         return reason.value, reason.getName()
@@ -321,6 +342,11 @@ class MqttLink:
         self._tls_failure: TlsError | None = None  # the last failed handshake (set from paho's thread)
         self._closed_before_connack = 0  # connections the broker closed before any CONNACK
         self._aliases = _TopicAliases() if topic_aliases else None
+        # socket_traffic(): the connections before the current one, the current socket and its last reading
+        self._traffic_lock = threading.Lock()
+        self._traffic_before = (0, 0)
+        self._traffic_socket: object = None
+        self._traffic_last = (0, 0)
 
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv5, reconnect_on_failure=True,
@@ -416,6 +442,24 @@ class MqttLink:
     def broker_max_packet_size(self) -> int | None:
         """Maximum-Packet-Size announced by the broker in its last CONNACK, if any."""
         return self._broker_max_packet
+
+    def socket_traffic(self) -> tuple[int, int] | None:
+        """(bytes sent, bytes received) over this link's TCP connections so far (`tcp_bytes`), or None where the
+        system does not tell. What a connection carried after its last reading is not counted once it is gone:
+        read this regularly (the agent does with every telemetry report)."""
+        sock = self._client.socket()
+        with self._traffic_lock:
+            if sock is not self._traffic_socket:
+                before, last = self._traffic_before, self._traffic_last
+                self._traffic_before = (before[0] + last[0], before[1] + last[1])
+                self._traffic_socket, self._traffic_last = sock, (0, 0)
+            if isinstance(sock, socket.socket):
+                now = tcp_bytes(sock)
+                if now is None:
+                    return None
+                self._traffic_last = now
+            before, last = self._traffic_before, self._traffic_last
+            return before[0] + last[0], before[1] + last[1]
 
     @property
     def sent_with_alias(self) -> int:
@@ -754,6 +798,7 @@ class MqttLink:
                 self._ready.set()
             return
         self._ever_connected = True
+        self.socket_traffic()  # a new socket: what the last one carried, as last read, is kept
         if self._aliases is not None:
             maximum = getattr(properties, "TopicAliasMaximum", None)
             with self._aliases.lock:

@@ -208,6 +208,9 @@ class AgentService:
         glob = strategy.new_user_head(server)
         if glob is not None:
             report["global_acc"] = accuracy(quantize_head(glob).predict(data.x_test), data.y_test)
+        traffic = self.link.socket_traffic()
+        if traffic is not None:  # what this device paid for so far, on the wire (edge-fl demo sums it per round)
+            report["socket_bytes_sent"], report["socket_bytes_received"] = traffic
         text = json.dumps(report)
         self.store.record_evaluation(version, text)
         self._send_telemetry(text)

@@ -158,6 +158,11 @@ def test_demo_matches_simulate_and_leaves_nothing_behind(tmp_path: Path, embedde
             got = d_round["client_acc"][cid]
             assert abs(got - acc) <= 0.01, (d_round["round"], cid, got, acc)
     assert abs(demo_doc["summary"]["mean_acc"] - sim["summary"]["mean_acc"]) <= 0.01
+    # What crossed the devices' sockets: the payloads simulate counts, plus MQTT headers, acknowledgements and pings.
+    wire, payloads = (demo_doc["summary"]["device_socket_bytes_received_per_client_round"],
+                      sim["summary"]["downlink_bytes_per_client_round"])
+    assert payloads <= wire <= 2 * payloads, (wire, payloads)
+    assert demo_doc["summary"]["device_socket_bytes_sent_per_client_round"] > 0
     assert _processes_mentioning(str(logs)) == []  # no agent, aggregator or broker left running
 
 

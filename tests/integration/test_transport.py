@@ -191,6 +191,27 @@ def test_clean_restart_resumes_session_and_subscription(broker: LocalBroker,
     assert_inbox_empty(link)
 
 
+def test_socket_traffic_counts_what_crossed_the_connections_and_keeps_it_across_a_reconnection(
+        broker: LocalBroker, make_link: LinkFactory) -> None:
+    sub = make_link("aggregator")
+    sub.subscribe("edgefl/f1/update/#")
+    pub = make_link("device")
+    sent0, _ = pub.socket_traffic() or (0, 0)
+    _, received0 = sub.socket_traffic() or (0, 0)
+    pub.publish("edgefl/f1/update/dev-1/1", b"u" * 10_000)
+    assert next_message(sub).payload == b"u" * 10_000
+    sent1, _ = pub.socket_traffic() or (0, 0)
+    _, received1 = sub.socket_traffic() or (0, 0)
+    # The payload plus its PUBLISH header (topic, packet id, properties): a few dozen bytes.
+    assert 10_000 < sent1 - sent0 < 10_100, sent1 - sent0
+    assert 10_000 < received1 - received0 < 10_100, received1 - received0
+    broker.restart()
+    assert next_event(pub) == ConnectionEvent(False, "connection lost")
+    assert next_event(pub, timeout=10).connected
+    after = pub.socket_traffic()
+    assert after is not None and after[0] >= sent1  # the old connection's bytes are kept, the new one's added
+
+
 def test_persistent_session_receives_what_was_published_while_away(
         make_link: LinkFactory) -> None:
     first = make_link("device", client_id="dev-away", clean_start=False)
