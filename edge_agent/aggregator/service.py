@@ -495,7 +495,9 @@ class AggregatorService:
             return
         if self.shared is None:
             if rounds.should_close(self.state, self.clock(), self.round_config):
-                self.announce(*self.close_round())
+                outcome = self.close_round()
+                crash_point("aggregator.after_close", outcome[0].round)  # stored, not published yet
+                self.announce(*outcome)
             return
         _, reported = self.shared.round_progress(self.state.round)  # every worker's count, not this one's
         if not rounds.should_close(self.state, self.clock(), self.round_config, reported):
@@ -509,6 +511,7 @@ class AggregatorService:
             log.warning("%s; following the store", exc)
             self.follow(force=True)
             return
+        crash_point("aggregator.after_close", outcome[0].round)  # committed, not published yet
         self.announce(*outcome)  # published only once the close is committed
 
     def close_round(self) -> tuple[RoundState, list[ClientFailure], bool, float]:

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from edge_agent.broker import LocalBroker
+from edge_agent.codec.downlink import apply_delta, model_digest
 from edge_agent.codec.envelope import Envelope, decode_envelope, encode_envelope
 from edge_agent.codec.tensor_pack import unpack_tensors
 from edge_agent.demo import Fleet, write_aggregator_config
-from edge_agent.fleet import decode_task
+from edge_agent.fleet import decode_global, decode_task
 from edge_agent.learning.training import TrainingConfig
 from edge_agent.messaging import Message
 from edge_agent.status import read_database
@@ -39,17 +40,18 @@ N = 80  # several batches per worker
 class Workers:
     """Aggregator worker processes of one fleet on one PostgreSQL database, and a link publishing for N devices."""
 
-    def __init__(self, broker: LocalBroker, workdir: Path, dsn: str, n: int = N) -> None:
+    def __init__(self, broker: LocalBroker, workdir: Path, dsn: str, n: int = N,
+                 train: TrainingConfig = TrainingConfig(strategy="fedavg", rounds=1, seed=0)) -> None:
         self.workdir, self.dsn, self.fleet, self.devices = workdir, dsn, Fleet(workdir), _devices(n)
         self.config = write_aggregator_config(workdir, broker.host, broker.port, "aggregator",
                                               broker.users["aggregator"], fleet=FLEET, clients=n, min_clients=n,
-                                              train=TrainingConfig(strategy="fedavg", rounds=1, seed=0),
-                                              deadline_s=300)
+                                              train=train, deadline_s=300)
         self.link = MqttLink("publisher", broker.host, broker.port, username="device",
                              password=broker.users["device"], clean_start=True)
         self.link.connect(timeout=10)
         self.link.subscribe(f"{PRE}/round/current")
         self.link.subscribe(f"{PRE}/status")
+        self.base: dict[str, np.ndarray] = {}  # with a downlink codec: the model of round 1's task
 
     def start(self, name: str, crash_at: str | None = None) -> None:
         env = {"EDGEFL_STATE": self.dsn, "EDGEFL_WORKER": name, **({"EDGEFL_CRASH_AT": crash_at} if crash_at else {})}
@@ -86,6 +88,11 @@ class Workers:
     def publish_updates(self) -> list[Envelope]:
         task = decode_envelope(self.wait(f"{PRE}/round/current", lambda p: decode_envelope(p).round == 1))
         params = dict(decode_task(task).model.params)
+        if not params:  # a downlink codec: the task names the model, model/current holds it
+            self.link.subscribe(f"{PRE}/model/current")  # its retained message comes now
+            params = dict(decode_global(decode_envelope(self.wait(
+                f"{PRE}/model/current", lambda p: decode_envelope(p).model_version == task.model_version))).params)
+            self.base = params
         updates = [_update(d, i, 1, task.model_version, params) for i, d in enumerate(self.devices)]
         for u in updates:
             self.link.publish(f"{PRE}/update/{u.device_id}/1", encode_envelope(u))
@@ -143,6 +150,34 @@ def test_two_workers_share_the_updates_and_the_round_equals_one_aggregators(work
     assert [(h["round"], h["reported"], h["succeeded"]) for h in history] == [(1, N, True)]
     logs = {n: (workers.workdir / f"{n}.log").read_text() for n in ("w1", "w2")}
     assert "round 1 closed" in logs["w1"] and "round 1 closed" not in logs["w2"]  # one coordinator closed it
+
+
+def test_with_a_downlink_codec_a_new_coordinator_publishes_the_change_the_dead_one_committed(
+        broker: LocalBroker, tmp_path: Path, pg_dsn: str) -> None:
+    train = TrainingConfig(strategy="fedavg", rounds=1, seed=0, downlink_codec="int8")
+    workers = Workers(broker, tmp_path, pg_dsn, train=train)
+    try:
+        workers.announce_devices()
+        workers.start("w1", crash_at="aggregator.after_close@1")  # closes round 1, dies before publishing
+        workers.wait_log("w1", "now coordinates")
+        workers.start("w2")
+        workers.wait_log("w2", "aggregator up")
+        updates = workers.publish_updates()
+        assert workers.fleet.procs["w1"].wait(timeout=60) == -9, workers.fleet.tail("w1")
+        workers.wait_log("w2", "now coordinates")
+        # The change to version 1 was committed with the round's close by w1; w2, which never computed it,
+        # publishes it from the store: applied to version 0 it gives exactly the stored version 1.
+        workers.link.subscribe(f"{PRE}/model/delta/+")  # retained: here at once, or as soon as w2 publishes it
+        frame = workers.wait(f"{PRE}/model/delta/1", lambda p: True)
+        version, params = apply_delta(workers.base, 0, frame)
+        stored_version, stored = workers.global_head()
+        assert version == stored_version == 1 and model_digest(params) == model_digest(stored)
+        for k, want in _expected_mean(updates).items():  # the mean, within int8's rounding of the change
+            np.testing.assert_allclose(stored[k], want, atol=float(np.max(np.abs(want - workers.base[k]))) / 100)
+        assert "round 1 closed" not in (workers.workdir / "w2.log").read_text()  # w2 did not close it again
+        assert workers.fleet.procs["w2"].wait(timeout=20) == 0, workers.fleet.tail("w2", 40)
+    finally:
+        workers.close()
 
 
 def test_a_worker_killed_before_its_commit_loses_nothing(workers: Workers) -> None:
