@@ -3,6 +3,8 @@ residual carries what compression left out, and a frame that cannot give the ver
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
@@ -18,7 +20,18 @@ from edge_agent.codec.downlink import (
     frame_versions,
     model_digest,
 )
-from edge_agent.codec.envelope import EnvelopeError
+from edge_agent.codec.envelope import EnvelopeError, decode_envelope
+from edge_agent.fleet import (
+    FleetMessageError,
+    GlobalModel,
+    RoundTask,
+    decode_global,
+    decode_task,
+    encode_global,
+    encode_task,
+)
+from edge_agent.learning.head import HeadConfig
+from edge_agent.learning.training import TrainingConfig
 
 CODECS = ["float32", "float16", "int8", "int4", "int4+sr", "sign1", "sign1+rot", "topk:0.05", "subsample:0.1"]
 
@@ -143,3 +156,46 @@ def test_the_store_keeps_the_residual_of_one_version_and_the_frames_of_the_last_
     kept = downlink_store.kept_frames(meta.get, 7, keep)
     assert sorted(kept) == [5, 6, 7] and all(frame_versions(f)[0] == v for v, f in kept.items())
     assert sorted(downlink_store.kept_frames(meta.get, 9, keep)) == [7]  # slots since overwritten are not kept
+
+
+# --- the task and model of a fleet with a downlink codec (fleet.py) ---------------------------------------------
+
+def _global(downlink: str = "int8", **training: object) -> GlobalModel:
+    head = HeadConfig(4, 2, 0)
+    return GlobalModel(3, TrainingConfig(strategy="fedavg", downlink_codec=downlink, **training),  # type: ignore[arg-type]
+                       head, {"classifier.w": np.ones((4, 2), np.float32), "classifier.b": np.zeros(2, np.float32)})
+
+
+def test_a_task_names_its_model_by_digest_and_sends_only_the_settings_that_differ_from_the_defaults() -> None:
+    model = _global(lr=0.01)
+    task = RoundTask(4, 1.7e9, None, model, model_digest=model_digest(model.params), downlink_keep=5)
+    payload = encode_task(task)
+    env = decode_envelope(payload)
+    assert env.tensors == {} and env.codec == "float32"
+    assert {k for k in env.meta if k.startswith("train.")} == {"train.strategy", "train.lr", "train.downlink_codec",
+                                                                "train.digest"}
+    got = decode_task(env)
+    assert got.model.training == model.training and got.model_digest == task.model_digest
+    assert got.downlink_keep == 5 and got.model.params == {}
+    whole = RoundTask(4, 1.7e9, None, replace(model, training=replace(model.training, downlink_codec="")))
+    assert len(payload) < len(encode_task(whole)) - 400  # the tensors and the default settings are not sent
+
+
+def test_a_task_whose_settings_rebuild_to_another_digest_or_codec_is_refused_with_why() -> None:
+    model = _global()
+    env = decode_envelope(encode_task(RoundTask(4, 1.7e9, None, model, model_digest="ab" * 16)))
+    env.meta["train.digest"] = "0" * 16  # type: ignore[index]  # what an aggregator with other defaults sends
+    with pytest.raises(FleetMessageError, match="defaults differ from the aggregator's"):
+        decode_task(env)
+    env = decode_envelope(encode_task(RoundTask(4, 1.7e9, None, model, model_digest="ab" * 16)))
+    env.meta["train.downlink_codec"] = "zstd:9"  # type: ignore[index]  # a codec of a newer edge-fl
+    with pytest.raises(FleetMessageError, match="codec 'zstd:9'"):
+        decode_task(env)
+    env = decode_envelope(encode_task(RoundTask(4, 1.7e9, None, model, model_digest="ab" * 16)))
+    del env.meta["model.digest"]  # type: ignore[attr-defined]
+    with pytest.raises(FleetMessageError, match="model.digest"):
+        decode_task(env)
+    with pytest.raises(ValueError, match="needs the model's digest"):
+        encode_task(RoundTask(4, 1.7e9, None, model))
+    whole = decode_global(decode_envelope(encode_global(model)))  # model/current: whole, float32, exact
+    assert model_digest(whole.params) == model_digest(model.params) and whole.training == model.training
