@@ -628,8 +628,8 @@ def guide(doc: Mapping[str, Any]) -> list[str]:
         text = (f"- **Metered cellular**: {codec_phrase(safe, safe_met, 32, b)} with the shared model held too: "
                 f"at one round an hour a device sends {b[safe] * month:.2f} MB a month"
                 + (f" instead of {b[LEGACY_INT8] * month:.2f} MB (int8 envelope)" if LEGACY_INT8 in b else "")
-                + f", and still downloads {down * month:.2f} MB: "
-                "until the downlink is compressed too, the download is most of the bill.")
+                + f", and downloads {down * month:.2f} MB with whole models: a `downlink_codec` cuts that part, "
+                "most of the bill (bench/results/compression_downlink.md).")
         if tested(bold) and bold != safe:
             lo, hi = shared_loss(doc, DEFAULT_STRATEGY, bold)
             text += (f" Where only the devices' own accuracy counts ({DEFAULT_STRATEGY}'s personal heads), "
@@ -646,8 +646,9 @@ def guide(doc: Mapping[str, Any]) -> list[str]:
                 f"{lo:.0f} to {hi:.0f} points on a new user. {lora_line(tiny, b)}.")
         if tested(safe) and safe != tiny:
             text += f" For comparison {lora_line(safe, b)}."
-        text += (f" The {down:,.0f}-B task does not fit a LoRa downlink ({math.ceil(down / 222)}+ packets): LoRa "
-                 "carries the uplink only until the global model travels as a compressed delta.")
+        text += (f" A round's {down:,.0f}-B download with whole models does not fit a LoRa downlink "
+                 f"({math.ceil(down / 222)}+ packets), and even compressed (`downlink_codec`) it takes several: "
+                 "LoRa carries the uplink.")
         lines.append(text)
     lines.append(f"- **Serial** (115,200 baud, about 11.5 kB/s): every codec takes under a second (the float32 "
                  f"frame {b[REFERENCE] / 11520:.2f} s); at 9,600 baud (960 B/s) the float32 frame takes "
@@ -784,8 +785,10 @@ def findings(doc: Mapping[str, Any]) -> list[str]:
     if has_downlink_rows(stats):
         lines += downlink_findings(stats)
     else:
-        lines.append("- The downlink is not compressed yet: with every frame codec the round task is the same "
-                     f"{float(np.mean([c[REFERENCE]['downlink_bytes'] for c in first.values()])):,.0f} B.")
+        lines.append("- Downlink: these runs send the whole model (no `downlink_codec`): with every uplink codec a "
+                     "device downloads the same "
+                     f"{float(np.mean([c[REFERENCE]['downlink_bytes'] for c in first.values()])):,.0f} B a round; "
+                     "`--downlink-codecs` measures compressed downlinks (bench/results/compression_downlink.md).")
     return [*lines, ""]
 
 
