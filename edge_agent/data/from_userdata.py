@@ -83,26 +83,28 @@ def backbone_notes(dataset: UserDataset, sidecar: Mapping[str, Any]) -> list[str
 class SplitChoice:
     rule: str  # "session" or "segment"
     why: str
-    splits: Mapping[str, TimeSplit]  # federated user -> indices into its windows
+    splits: Mapping[str, TimeSplit]  # user -> indices into its windows
 
 
 def _session_shares(dataset: UserDataset, splits: Mapping[str, TimeSplit]) -> dict[str, float]:
     return {uid: s.test.size / len(dataset.users[uid]) for uid, s in splits.items()}
 
 
-def choose_split(dataset: UserDataset, rule: str = "auto", test_fraction: float = TEST_FRACTION) -> SplitChoice:
-    """The time split of the federated users, one rule for all. "auto": whole sessions when every federated
-    user can hold sessions out with every class on both sides AND that leaves each user's test share within
-    SESSION_SHARE_TOLERANCE of `test_fraction`; otherwise every run of one label cut at the fraction
-    ("segment", as the bundled recordings are cut)."""
+def choose_split(dataset: UserDataset, rule: str = "auto", test_fraction: float = TEST_FRACTION,
+                 users: tuple[str, ...] | None = None) -> SplitChoice:
+    """The time split of `users` (default: the federated ones), one rule for all. "auto": whole sessions when
+    every one of them can hold sessions out with every class on both sides AND that leaves each one's test share
+    within SESSION_SHARE_TOLERANCE of `test_fraction`; otherwise every run of one label cut at the fraction
+    ("segment", as the bundled recordings are cut). models/build_backbone.py splits the pretrain users by it."""
     if rule not in SPLIT_RULES:
         raise ValueError(f"unknown split rule {rule!r}; choose one of {', '.join(SPLIT_RULES)}")
     if rule != "auto":
-        return SplitChoice(rule, f"asked for ({rule})", dataset.time_splits(test_fraction=test_fraction, rule=rule))
-    splits = dataset.time_splits(test_fraction=test_fraction, rule="auto")
+        return SplitChoice(rule, f"asked for ({rule})",
+                           dataset.time_splits(users, test_fraction=test_fraction, rule=rule))
+    splits = dataset.time_splits(users, test_fraction=test_fraction, rule="auto")
     first = next(iter(splits.values()))
     if first.rule == "segment":
-        return SplitChoice("segment", "auto: not every federated user has sessions enough to hold whole ones out "
+        return SplitChoice("segment", "auto: not every user has sessions enough to hold whole ones out "
                                       "with every class on both sides", splits)
     shares = _session_shares(dataset, splits)
     off = {u: s for u, s in shares.items() if abs(s - test_fraction) > SESSION_SHARE_TOLERANCE}
@@ -110,8 +112,8 @@ def choose_split(dataset: UserDataset, rule: str = "auto", test_fraction: float 
         uid, share = next(iter(off.items()))
         return SplitChoice("segment", f"auto: whole sessions would make {share:.0%} of the windows of user {uid!r} "
                                       f"test windows (wanted {test_fraction:.0%})",
-                           dataset.time_splits(test_fraction=test_fraction, rule="segment"))
-    return SplitChoice("session", "auto: every federated user holds whole sessions out with every class on both "
+                           dataset.time_splits(users, test_fraction=test_fraction, rule="segment"))
+    return SplitChoice("session", "auto: every user holds whole sessions out with every class on both "
                                   f"sides, test shares {min(shares.values()):.0%}-{max(shares.values()):.0%}", splits)
 
 

@@ -117,7 +117,8 @@ def test_the_wheel_holds_every_module_the_model_the_configs_the_templates_and_th
     modules = {str(p.relative_to(ROOT)) for pkg in ("edge_agent", "firmware_bridge") for p in (ROOT / pkg).rglob("*.py")
                if "__pycache__" not in p.parts}
     assert modules - names == set(), "modules left out of the wheel: add their package to pyproject.toml"
-    for shipped in ("models/backbone_int8.tflite", "models/backbone_int8.json", "broker_config/mosquitto-dev.conf",
+    for shipped in ("models/backbone_int8.tflite", "models/backbone_int8.json", "models/backbone_hapt_int8.tflite",
+                    "models/backbone_hapt_int8.json", "broker_config/mosquitto-dev.conf",
                     "broker_config/mosquitto-prod.conf", "broker_config/acl.example",
                     *(str(p.relative_to(ROOT)) for p in (ROOT / "deploy").rglob("*") if p.is_file())):
         assert f"edge_agent/bundled/{shipped}" in names, f"{shipped} is not in the wheel"
