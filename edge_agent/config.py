@@ -134,12 +134,16 @@ def secret_source(broker: BrokerConfig, environ: Mapping[str, str] = os.environ)
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "watch-dataset"  # the demo's data (this subject's bundled recordings), or "serial": an attached MCU
+    # the demo's data (this subject's bundled recordings), "serial": an attached MCU, or "files": files a device
+    # application writes in `dir` (docs/data-format.md, "Feeding an agent from files")
+    source: str = "watch-dataset"
     port: str | None = None  # serial: any pyserial URL (/dev/ttyACM0, socket://host:port, a pty)
     more_ports: list[str] = field(default_factory=list)  # serial: further MCUs attached to this agent
     baudrate: int = 115200
-    min_windows: int = 14  # serial: labelled windows needed before the device trains
-    # serial: embeddings of windows kept (64 bytes each on disk, 256 as training data); beyond it the oldest go
+    dir: str | None = None  # files: the directory the application writes its .npz files and dataset.json in
+    keep_files: bool = True  # files: a stored file moves to dir/processed/ (false: it is deleted)
+    min_windows: int = 14  # serial, files: labelled windows needed before the device trains
+    # serial, files: embeddings of windows kept (64 bytes each on disk, 256 as training data); beyond it the oldest go
     max_windows: int = 5000
     subject: int = 4
     regime: str = "natural"
@@ -153,6 +157,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.max_windows < self.min_windows:
             raise ValueError(f"max_windows ({self.max_windows}) must be at least min_windows ({self.min_windows})")
+        if self.source == "files" and not self.dir:
+            raise ValueError("source = 'files' needs dir: the directory the application writes its files in")
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,16 @@ class BackboneConfig:
     # "auto": LiteRT if installed, else tflite-runtime; "litert" (= "ai-edge-litert") or "tflite-runtime" to choose
     runtime: str = "auto"
     num_threads: int = 1
+    # The tensor whose values are the embedding (docs/backbones.md): an integer is a position among the model's
+    # outputs; a string is a signature output key or the name of any tensor, "tensor:N" the tensor with index N
+    # (an intermediate one is read with every tensor kept). Default: the sidecar's feature_output, else output 0.
+    feature_output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feature_output, int) and self.feature_output < 0:
+            raise ValueError(f"[backbone] feature_output {self.feature_output} is not an output position (0, 1, ...)")
+        if isinstance(self.feature_output, str) and not self.feature_output.strip():
+            raise ValueError("[backbone] feature_output is empty: name a tensor, or leave the key out")
 
 
 @dataclass(frozen=True)
@@ -624,7 +640,7 @@ def _http_address(v: str | None) -> str | None:
 PATH_KEYS: frozenset[tuple[type[Any], str]] = frozenset({
     (AgentConfig, "state_dir"), (AggregatorConfig, "state"), (BackboneConfig, "model"),
     (BrokerConfig, "password_file"), (TlsConfig, "ca_file"), (TlsConfig, "cert_file"), (TlsConfig, "key_file"),
-    (TlsConfig, "key_password_file"), (DataConfig, "dataset"), (DataConfig, "cache_dir"),
+    (TlsConfig, "key_password_file"), (DataConfig, "dataset"), (DataConfig, "cache_dir"), (DataConfig, "dir"),
     (AgentSigningConfig, "key"), (AgentSigningConfig, "fleet_keys"),
     (AggregatorSigningConfig, "key"), (AggregatorSigningConfig, "registry"),
 })
@@ -639,7 +655,7 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (TlsConfig, "check_hostname"): lambda v: None if v else (
         "true: the broker's certificate must always match the host connected to; set host to a name its "
         "subjectAltName lists (scripts/fleet-ca broker NAME --ip ADDR) instead of turning the check off"),
-    (DataConfig, "source"): _one_of("watch-dataset", "serial"),
+    (DataConfig, "source"): _one_of("watch-dataset", "serial", "files"),
     (DataConfig, "baudrate"): _at_least(1),
     (DataConfig, "min_windows"): _at_least(1),
     (DataConfig, "max_windows"): _at_least(1),

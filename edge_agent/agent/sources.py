@@ -3,7 +3,8 @@
 - the bundled recordings of one subject (the demo), through the real backbone;
 - fixed data handed over in process (`edge-fl simulate` runs real agents on data it already embedded);
 - the microcontrollers attached on serial lines (bridge_source.py), whose data grows as windows arrive
-  and which run every new personalized head.
+  and which run every new personalized head;
+- the files a device application writes in a directory (file_source.py), taken in as they arrive.
 
 The agent service only asks `client_data()` before training and hands each new personalized head to
 `push()`; it never knows which kind it has.
@@ -159,7 +160,8 @@ def open_backbone(cfg: AgentConfig) -> FrozenBackbone:
     from ..backbone import DEFAULT_MODEL, FrozenBackbone
 
     b = cfg.backbone
-    return FrozenBackbone(b.model or DEFAULT_MODEL, runtime=_RUNTIMES[b.runtime], num_threads=b.num_threads)
+    return FrozenBackbone(b.model or DEFAULT_MODEL, runtime=_RUNTIMES[b.runtime], num_threads=b.num_threads,
+                          feature_output=b.feature_output)
 
 
 def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:
@@ -174,4 +176,12 @@ def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:
             raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
         return BridgeSource([d.port, *d.more_ports], store, open_backbone(cfg), baudrate=d.baudrate,
                             min_windows=d.min_windows, max_windows=d.max_windows)
-    raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset' or 'serial'")
+    if d.source == "files":
+        from .file_source import FileSource, read_card
+
+        if not d.dir:
+            raise ValueError("data.source = 'files' needs data.dir (the directory the application writes in)")
+        card = read_card(d.dir)  # first: a missing or broken card is said before the backbone loads
+        return FileSource(d.dir, card, store, open_backbone(cfg) if card.kind == "windows" else None,
+                          keep_files=d.keep_files, min_windows=d.min_windows, max_windows=d.max_windows)
+    raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset', 'serial' or 'files'")
