@@ -14,6 +14,13 @@ batch size and checks the batched rows equal one-window-at-a-time rows. The firs
 is the plan. Order: the requested (or default) batch with the default kernels, the same batch without
 the delegates, then batch 1 with each (batching first: it is worth more than the delegate).
 
+Some models cannot batch at all: one whose input batch dimension is fixed at 1 (its shape signature says
+so; resizing it fails, or succeeds and computes garbage where a RESHAPE has the batch baked in), or one
+that keeps state between invocations. FrozenBackbone gives those a `max_batch_size` of 1: only batch 1 is
+probed, for the kernels alone. An intermediate feature tensor (read with every tensor kept) caps the
+batch by memory, and the child runs the model the same way (`--preserve-all-tensors`) and checks that
+tensor's batched rows too (`--feature-tensor`): a tensor whose first dimension is not the batch fails there.
+
 The verdict is remembered per (model sha256, runtime and its version, machine, threads, what was asked)
 in a small JSON file in the cache directory, so a device probes once, not at every start. A setting the
 caller gives explicitly is never second-guessed: with both given there is nothing to probe.
@@ -74,9 +81,12 @@ def candidate_label(batch_size: int, reference_kernels: bool) -> str:
     return f"{'reference' if reference_kernels else 'default'}@{batch_size}"
 
 
-def candidates(batch_size: int | None, reference_kernels: bool | None) -> list[tuple[int, bool]]:
-    """(batch size, reference kernels) to try, best first; an explicit setting is the only value tried for it."""
-    batches = [batch_size] if batch_size is not None else [DEFAULT_BATCH_SIZE, 1]
+def candidates(batch_size: int | None, reference_kernels: bool | None,
+               max_batch_size: int | None = None) -> list[tuple[int, bool]]:
+    """(batch size, reference kernels) to try, best first; an explicit setting is the only value tried for it.
+    `max_batch_size` lowers the default batch (an explicit one is the caller's to choose)."""
+    default = DEFAULT_BATCH_SIZE if max_batch_size is None else max(1, min(DEFAULT_BATCH_SIZE, max_batch_size))
+    batches = [batch_size] if batch_size is not None else sorted({default, 1}, reverse=True)
     resolvers = [reference_kernels] if reference_kernels is not None else [False, True]
     return [(b, r) for b in batches for r in resolvers]
 
@@ -97,10 +107,21 @@ class PlanKey:
     num_threads: int
     asked_batch_size: int | None
     asked_reference_kernels: bool | None
+    max_batch_size: int | None = None  # 1: the model cannot batch (fixed batch dimension, state); else a memory cap
+    preserve_all_tensors: bool = False  # the feature tensor is not an output: every tensor is kept
+    feature_tensor: int | None = None  # that tensor's index, checked batched against one window at a time
+
+    def as_doc(self) -> dict[str, Any]:
+        """The key as stored: the later fields only when set, so verdicts written before them still match."""
+        doc = asdict(self)
+        for name, default in (("max_batch_size", None), ("preserve_all_tensors", False), ("feature_tensor", None)):
+            if doc[name] == default:
+                del doc[name]
+        return doc
 
     def digest(self) -> str:
         h = sha256()
-        h.update(json.dumps(asdict(self), sort_keys=True).encode())
+        h.update(json.dumps(self.as_doc(), sort_keys=True).encode())
         return h.hexdigest()[:24]
 
 
@@ -130,10 +151,10 @@ def plan_run(model_path: Path, key: PlanKey, plan_dir: Path | None = None) -> Ru
 def _read_verdict(path: Path, key: PlanKey) -> RunPlan | None:
     try:
         doc = json.loads(path.read_text())
-        if doc.get("format") != _VERDICT_FORMAT or doc.get("key") != asdict(key):
+        if doc.get("format") != _VERDICT_FORMAT or doc.get("key") != key.as_doc():
             return None  # another format, or (astronomically unlikely) a digest collision: probe again
         batch, ref = int(doc["batch_size"]), bool(doc["reference_kernels"])
-        if (batch, ref) not in candidates(key.asked_batch_size, key.asked_reference_kernels):
+        if (batch, ref) not in candidates(key.asked_batch_size, key.asked_reference_kernels, key.max_batch_size):
             return None
         return RunPlan(batch, ref, "remembered", tuple(str(t) for t in doc.get("tried", ())))
     except FileNotFoundError:
@@ -144,7 +165,7 @@ def _read_verdict(path: Path, key: PlanKey) -> RunPlan | None:
 
 
 def _write_verdict(path: Path, key: PlanKey, plan: RunPlan) -> None:
-    doc = {"format": _VERDICT_FORMAT, "key": asdict(key), "batch_size": plan.batch_size,
+    doc = {"format": _VERDICT_FORMAT, "key": key.as_doc(), "batch_size": plan.batch_size,
            "reference_kernels": plan.reference_kernels, "tried": list(plan.tried)}
     data = json.dumps(doc, indent=1).encode()
 
@@ -160,7 +181,7 @@ def _write_verdict(path: Path, key: PlanKey, plan: RunPlan) -> None:
 
 def _probe(model_path: Path, key: PlanKey) -> RunPlan:
     tried: list[str] = []
-    for batch, ref in candidates(key.asked_batch_size, key.asked_reference_kernels):
+    for batch, ref in candidates(key.asked_batch_size, key.asked_reference_kernels, key.max_batch_size):
         label = candidate_label(batch, ref)
         outcome = _probe_one(model_path, key, batch, ref)
         tried.append(f"{label}: {outcome}")
@@ -180,6 +201,10 @@ def _probe_one(model_path: Path, key: PlanKey, batch: int, reference_kernels: bo
            "--batch-size", str(batch), "--threads", str(key.num_threads)]
     if reference_kernels:
         cmd.append("--reference-kernels")
+    if key.preserve_all_tensors:
+        cmd.append("--preserve-all-tensors")
+    if key.feature_tensor is not None:
+        cmd += ["--feature-tensor", str(key.feature_tensor)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -199,11 +224,13 @@ def _probe_one(model_path: Path, key: PlanKey, batch: int, reference_kernels: bo
 # --- the probe child ---------------------------------------------------------------------------------
 
 
-def _probe_inputs(details: dict[str, Any], batch: int) -> Any:
+def probe_inputs(details: dict[str, Any], batch: int, seed: int = 0) -> Any:
+    """Random windows for the model's input (details as the interpreter gives them): the whole range of
+    an integer type, standard normal for a float one."""
     import numpy as np
 
     shape = (batch, *(int(d) for d in details["shape"][1:]))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     dtype = np.dtype(details["dtype"])
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -211,13 +238,15 @@ def _probe_inputs(details: dict[str, Any], batch: int) -> Any:
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _invoke(interp: Any, x: Any) -> list[Any]:
+def _invoke(interp: Any, x: Any, feature_tensor: int | None) -> list[Any]:
     inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], list(x.shape))
+    if list(x.shape) != [int(d) for d in inp["shape"]]:
+        interp.resize_tensor_input(inp["index"], list(x.shape))
     interp.allocate_tensors()
     interp.set_tensor(inp["index"], x)
     interp.invoke()
-    return [interp.get_tensor(o["index"]).copy() for o in interp.get_output_details()]
+    tensors = [int(o["index"]) for o in interp.get_output_details()]
+    return [interp.get_tensor(t).copy() for t in tensors + ([feature_tensor] if feature_tensor is not None else [])]
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
@@ -229,21 +258,24 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference-kernels", action="store_true")
+    parser.add_argument("--preserve-all-tensors", action="store_true")
+    parser.add_argument("--feature-tensor", type=int)
     args = parser.parse_args(argv)
     from .backbone import BackboneError, load_interpreter_module, open_interpreter
 
     try:
         _, module = load_interpreter_module(args.runtime)
         interp = open_interpreter(module, args.model, num_threads=args.threads,
-                                  reference_kernels=args.reference_kernels)
-        x = _probe_inputs(interp.get_input_details()[0], args.batch_size)
+                                  reference_kernels=args.reference_kernels,
+                                  preserve_all_tensors=args.preserve_all_tensors)
+        x = probe_inputs(interp.get_input_details()[0], args.batch_size)
         patterns = [p.strip() for p in os.environ.get(CRASH_ENV, "").split(",") if p.strip()]
         if any(fnmatch.fnmatch(candidate_label(args.batch_size, args.reference_kernels), p) for p in patterns):
             os.kill(os.getpid(), signal.SIGSEGV)  # the injected fault: a real crash of this process
-        batched = _invoke(interp, x)
+        batched = _invoke(interp, x, args.feature_tensor)
         if args.batch_size > 1:
-            single = _invoke(interp, x[:1])
-            if any(not (b[:1] == s).all() for b, s in zip(batched, single, strict=True)):
+            single = _invoke(interp, x[:1], args.feature_tensor)
+            if any(b.shape[1:] != s.shape[1:] or not (b[:1] == s).all() for b, s in zip(batched, single, strict=True)):
                 print("batched outputs differ from one window at a time", file=sys.stderr)
                 return 3
     except BackboneError as exc:

@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", "--backbone", dest="model", type=Path, default=DEFAULT_MODEL,
                      help="backbone .tflite (embeds the bundled recordings and --data windows datasets)")
     sim.add_argument("--feature-output",
-                     help="backbone output to use as embedding: signature key, tensor name or index")
+                     help="the tensor to use as embedding: output position N, tensor:N (tensor index), a signature "
+                          "key or any tensor's name (docs/backbones.md)")
     sim.add_argument("--runtime", default="auto", choices=["auto", "ai-edge-litert", "tflite-runtime"])
     sim.add_argument("--threads", type=int, default=1, help="interpreter threads")
     sim.add_argument("--reference-kernels", action="store_true", default=None,

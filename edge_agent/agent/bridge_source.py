@@ -47,9 +47,12 @@ class EmbeddingCodes:
         out = np.dtype(self.quant.dtype)
         self.dtype: np.dtype[Any] = out if self.quant.scale and out.kind in "iu" else np.dtype(np.float16)
         # Codes from another model, output or quantization mean nothing to this backbone (see use_embedding_space).
-        self.space = json.dumps({"model_sha256": backbone.sha256, "output": backbone.feature.index, "dim": self.dim,
+        space: dict[str, Any] = {"model_sha256": backbone.sha256, "output": backbone.feature.index, "dim": self.dim,
                                  "dtype": self.dtype.name, "scale": self.quant.scale,
-                                 "zero_point": self.quant.zero_point})
+                                 "zero_point": self.quant.zero_point}
+        if backbone.feature.index < 0:  # an intermediate tensor (no output position): which one. Output features
+            space["tensor"] = backbone.feature.tensor_index  # keep the string they always had: codes stay valid
+        self.space = json.dumps(space)
 
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
         if self.dtype.kind == "f":

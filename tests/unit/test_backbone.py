@@ -49,9 +49,13 @@ def test_unknown_output_lists_what_exists(sample) -> None:  # type: ignore[no-un
         FrozenBackbone(MODEL, feature_output=5)
 
 
-def test_missing_model_names_the_path_and_how_to_rebuild(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(BackboneError, match=rf"not found: {tmp_path}/nope.tflite.*build_backbone.py"):
+def test_missing_model_names_the_path_and_suggests_the_build_script_only_for_the_bundled_one(  # type: ignore[no-untyped-def]
+        tmp_path) -> None:
+    with pytest.raises(BackboneError, match=rf"not found: {tmp_path}/nope.tflite does not exist.*fix the path") as err:
         FrozenBackbone(tmp_path / "nope.tflite")
+    assert "build_backbone" not in str(err.value)
+    with pytest.raises(BackboneError, match=r"gone_int8.tflite does not exist.*build_backbone.py"):
+        FrozenBackbone(MODEL.parent / "gone_int8.tflite")
 
 
 def test_corrupt_model_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
