@@ -27,14 +27,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..backbone import BackboneError, FrozenBackbone
-from ..data.userdata import CARD_FILE, DatasetCard, UserData, UserDataError, _Place, _read_card, _read_user
+from ..data.userdata import CARD_FILE, DatasetCard, UserData, UserDataError, read_user_file
+from ..data.userdata import read_card as read_dataset_card
 from ..db import transaction
 from ..faults import crash_point
 from ..fsutil import file_sha256
@@ -88,21 +88,13 @@ class FeatureCodes:
         return np.asarray(codes, np.float32)
 
 
-@dataclass(frozen=True)
-class _InFile(_Place):
-    """The format's checks, with messages naming the dropped file (not a user's file under users/)."""
-
-    def error(self, fieldname: str, problem: str, fix: str) -> UserDataError:
-        return UserDataError(f"{self.root / self.user}, field {fieldname!r}: {problem}; {fix}")
-
-
 def read_card(directory: str | os.PathLike[str]) -> DatasetCard:
     """The directory's dataset.json, checked as the format's loader checks it (UserDataError if it is not)."""
     root = Path(directory)
     if not root.is_dir():
         raise UserDataError(f"{root}: not a directory; [data] dir must name the directory the application writes "
                             f"its files and {CARD_FILE} in")
-    return _read_card(root)
+    return read_dataset_card(root)
 
 
 def split_in_arrival_order(y: np.ndarray, test_fraction: float) -> np.ndarray:
@@ -234,7 +226,7 @@ class FileSource:
             self._done(path)
             return False
         try:
-            user = _read_user(self.card, path, _InFile(self.directory, path.name))
+            user = read_user_file(self.card, path, where=str(path))
         except UserDataError as exc:
             return self._reject(path, str(exc))
         try:

@@ -86,6 +86,16 @@ class _Place:
         return UserDataError(f"{self.root}: user {self.user!r} ({self.file}), field {fieldname!r}: {problem}; {fix}")
 
 
+@dataclass(frozen=True)
+class _NamedPlace(_Place):
+    """A user file outside a dataset's users/ (an agent's dropped file): messages name that file."""
+
+    where: str = ""
+
+    def error(self, fieldname: str, problem: str, fix: str) -> UserDataError:
+        return UserDataError(f"{self.where}, field {fieldname!r}: {problem}; {fix}")
+
+
 # --- the card ---------------------------------------------------------------------------------------------
 
 
@@ -762,7 +772,8 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _read_card(root: Path) -> DatasetCard:
+def read_card(root: Path) -> DatasetCard:
+    """A dataset directory's card, checked (UserDataError naming the file and field if it is not valid)."""
     path = root / CARD_FILE
     if not path.is_file():
         raise UserDataError(f"{root}: no {CARD_FILE}; this is not an edge-fl user dataset (create one with "
@@ -776,6 +787,13 @@ def _read_card(root: Path) -> DatasetCard:
         raise _card_error(root, "(file)", f"cannot be read ({exc})", "rewrite it as UTF-8 JSON, numbers finite") \
             from None
     return DatasetCard.from_json(doc, root)
+
+
+def read_user_file(card: DatasetCard, path: Path, *, where: str | None = None) -> UserData:
+    """One user file (an .npz of x, y and optionally t and session) checked against `card`, the user named by the
+    file's stem. UserDataError names `where` (default: the dataset's `users/<id>.npz`) and the field."""
+    place = _Place(path.parent.parent, path.stem) if where is None else _NamedPlace(path.parent, path.stem, where)
+    return _read_user(card, path, place)
 
 
 def _read_user(card: DatasetCard, path: Path, place: _Place) -> UserData:
@@ -801,7 +819,7 @@ def load_user_dataset(path: str | os.PathLike[str]) -> UserDataset:
     root = Path(path)
     if not root.is_dir():
         raise UserDataError(f"{root}: not a directory; give the directory that holds {CARD_FILE} and {USERS_DIR}/")
-    card = _read_card(root)
+    card = read_card(root)
     users_dir = root / USERS_DIR
     if not users_dir.is_dir():
         raise UserDataError(f"{root}: no {USERS_DIR}/ directory; every user needs {USERS_DIR}/<user_id>.npz")
