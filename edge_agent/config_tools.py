@@ -640,8 +640,15 @@ def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[
                                    "(a pyserial URL such as /dev/ttyACM0)")
     _check_paths(report, report.kind, str(path), base, environ)
     if isinstance(cfg, AgentConfig):
-        data = f"serial {', '.join([cfg.data.port or '?', *cfg.data.more_ports])}" if cfg.data.source == "serial" \
-            else f"bundled recordings of subject {cfg.data.subject}"
+        if cfg.data.source == "serial":
+            data = f"serial {', '.join([cfg.data.port or '?', *cfg.data.more_ports])}"
+        elif cfg.data.source == "files":
+            data = f"files dropped in {cfg.data.dir}"
+            if cfg.data.dir and not (Path(cfg.data.dir) / "dataset.json").is_file():
+                report.problems.append(f"{path} [data]: {cfg.data.dir} has no dataset.json: the agent reads every "
+                                       "file against it (docs/data-format.md, 'Feeding an agent from files')")
+        else:
+            data = f"bundled recordings of subject {cfg.data.subject}"
         report.summary = (f"agent {cfg.device_id!r} in fleet {cfg.fleet!r}, broker {cfg.broker.host}:{cfg.broker.port}"
                           f" as {cfg.broker.username or 'anonymous'}, data from {data}, state in {cfg.state_dir}")
     elif isinstance(cfg, AggregatorConfig):

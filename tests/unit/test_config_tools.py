@@ -225,3 +225,16 @@ def test_a_systemd_config_names_the_credentials_the_unit_loads(tmp_path: Path,
     problems = check_config(out, environ={}).problems
     assert f"{out} [broker.tls] key_file: credential 'tls-key' from /etc/edge-fl/tls/device.key does not exist; " \
            "create it or fix the path" in problems, problems
+
+
+def test_check_config_describes_a_files_source_and_wants_its_card(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "drop").mkdir()
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "pi-1"\nstate_dir = "state"\n[data]\nsource = "files"\ndir = "drop"\n')
+    report = check_config(path)
+    assert report.problems == [f"{path} [data]: {tmp_path}/drop has no dataset.json: the agent reads every file "
+                               "against it (docs/data-format.md, 'Feeding an agent from files')"]
+    (tmp_path / "drop" / "dataset.json").write_text("{}")
+    report = check_config(path)
+    assert report.problems == [] and f"data from files dropped in {tmp_path}/drop" in report.summary
