@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -66,6 +66,68 @@ class EmbeddingCodes:
         return codes.astype(np.float32) if self.dtype.kind == "f" else dequantize(codes, self.quant)
 
 
+class Codes(Protocol):
+    """How one window's feature vector is kept in the store: EmbeddingCodes for a backbone,
+    file_source.FeatureCodes for features."""
+
+    dim: int
+    dtype: np.dtype[Any]
+    space: str
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray: ...
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+
+def split_in_arrival_order(y: np.ndarray, test_fraction: float) -> np.ndarray:
+    """Train mask: per label, the earlier windows train and the later `test_fraction` test (at least one
+    window of each label trains)."""
+    train = np.zeros(y.size, bool)
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)  # in arrival order
+        train[idx[:max(1, round(idx.size * (1.0 - test_fraction)))]] = True
+    return train
+
+
+class StoredWindows:
+    """A growing source's training data: the embeddings kept in the agent store, as ClientData split in arrival
+    order, rebuilt only when a window arrived; None (said once per change) while fewer than `min_windows`.
+    Shared by the MCU source and the file source."""
+
+    def __init__(self, store: AgentStore, codes: Codes,
+                 standardize: Callable[[np.ndarray], np.ndarray] | None, *, min_windows: int, test_fraction: float,
+                 what: str) -> None:
+        self.store, self.codes, self.standardize = store, codes, standardize
+        self.min_windows, self.test_fraction, self.what = min_windows, test_fraction, what
+        self._last_reported = -1
+        self._cached: tuple[int, ClientData] | None = None  # (seq of the newest embedding, the data built)
+
+    def client_data(self) -> ClientData | None:
+        count, newest = self.store.embedding_version()
+        if count < self.min_windows:
+            if count != self._last_reported:  # the idle loop asks every second: say it once per change
+                log.info("%d labelled window(s) from %s so far, %d needed to train", count, self.what,
+                         self.min_windows)
+                self._last_reported = count
+            return None
+        if self._cached is not None and self._cached[0] == newest:
+            return self._cached[1]  # nothing new
+        self._cached = None  # the previous data can go before the new is built
+        codes, y, newest = self.store.embeddings(self.codes.dim, self.codes.dtype)
+        train = split_in_arrival_order(y, self.test_fraction)
+        data = ClientData(self._features(codes, np.flatnonzero(train)), y[train],
+                          self._features(codes, np.flatnonzero(~train)), y[~train])
+        self._cached = (newest, data)
+        return data
+
+    def _features(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 head inputs of `rows`, a chunk at a time: standardized embeddings, or the features as stored."""
+        out = np.empty((rows.size, self.codes.dim), np.float32)
+        for lo in range(0, rows.size, _FEATURE_CHUNK):
+            chunk = self.codes.decode(codes[rows[lo: lo + _FEATURE_CHUNK]])
+            out[lo: lo + _FEATURE_CHUNK] = chunk if self.standardize is None else self.standardize(chunk)
+        return out
+
+
 class BridgeSource:
     """Every attached MCU (one serial link each) feeds the store and receives each new head."""
 
@@ -91,8 +153,8 @@ class BridgeSource:
             log.warning("%d stored embedding(s) came from another backbone model or output and were dropped (the "
                         "raw windows are not kept, so they cannot be recomputed); collecting anew", dropped)
         store.keep_newest_embeddings(max_windows)  # a lowered max_windows holds from the start
-        self._last_reported = -1
-        self._cached: tuple[int, ClientData] | None = None  # (seq of the newest embedding, the data built)
+        self.stored = StoredWindows(store, self.codes, standardizer, min_windows=min_windows,
+                                    test_fraction=test_fraction, what="the MCU")
         self.links = [SerialLink(url, baudrate=baudrate, require_port=False) for url in urls]
         self._stop = threading.Event()
         self._blob: bytes | None = None  # the latest head, for MCUs that (re)connect after it was pushed
@@ -178,32 +240,7 @@ class BridgeSource:
     def client_data(self) -> ClientData | None:
         """Everything kept so far, or None while there is too little to train on."""
         self._embed_waiting()
-        count, newest = self.store.embedding_version()
-        if count < self.min_windows:
-            if count != self._last_reported:  # the idle loop asks every second: say it once per change
-                log.info("%d labelled window(s) from the MCU so far, %d needed to train", count, self.min_windows)
-                self._last_reported = count
-            return None
-        if self._cached is not None and self._cached[0] == newest:
-            return self._cached[1]  # nothing new
-        self._cached = None  # the previous data can go before the new is built
-        codes, y, newest = self.store.embeddings(self.codes.dim, self.codes.dtype)
-        train = np.zeros(y.size, bool)
-        for label in np.unique(y):
-            idx = np.flatnonzero(y == label)  # in arrival order
-            cut = max(1, round(idx.size * (1.0 - self.test_fraction)))
-            train[idx[:cut]] = True
-        data = ClientData(self._features(codes, np.flatnonzero(train)), y[train],
-                          self._features(codes, np.flatnonzero(~train)), y[~train])
-        self._cached = (newest, data)
-        return data
-
-    def _features(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Standardized float32 embeddings of `rows`, a chunk at a time (each row as `standardizer(embed(x))`)."""
-        out = np.empty((rows.size, self.codes.dim), np.float32)
-        for lo in range(0, rows.size, _FEATURE_CHUNK):
-            out[lo: lo + _FEATURE_CHUNK] = self.standardizer(self.codes.decode(codes[rows[lo: lo + _FEATURE_CHUNK]]))
-        return out
+        return self.stored.client_data()
 
     def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
         """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away (it gets

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +40,8 @@ from ..faults import crash_point
 from ..fsutil import file_sha256
 from ..learning.features import EmbeddingStandardizer
 from ..learning.strategies import ClientData
-from .bridge_source import DEFAULT_MAX_WINDOWS, EmbeddingCodes
+from .bridge_source import DEFAULT_MAX_WINDOWS, Codes, EmbeddingCodes, StoredWindows
+from .bridge_source import split_in_arrival_order as split_in_arrival_order  # public here too (tests, docs)
 from .store import AgentStore
 
 log = logging.getLogger("edge_fl.agent.files")
@@ -50,7 +51,6 @@ PROCESSED, REJECTED = "processed", "rejected"
 # Refused unread: a file is loaded whole, and the agent has a small memory budget. 16 MiB is ~7,000 windows of
 # 100 x 6 float32, more than the default max_windows keeps.
 MAX_FILE_BYTES = 16 << 20
-_FEATURE_CHUNK = 512  # rows standardized at a time (as in bridge_source)
 
 # The files whose windows are in the embeddings table, by content. A row goes once none of its windows is kept
 # any more (the cap dropped them, or a new embedding space did), so the table never outgrows the embeddings.
@@ -59,17 +59,6 @@ CREATE TABLE IF NOT EXISTS stored_files (
     sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, windows INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     stored_at REAL NOT NULL);
 """
-
-
-class Codes(Protocol):
-    """How one window's feature vector is kept in the store (bridge_source.EmbeddingCodes for a backbone)."""
-
-    dim: int
-    dtype: np.dtype[Any]
-    space: str
-
-    def encode(self, embeddings: np.ndarray) -> np.ndarray: ...
-    def decode(self, codes: np.ndarray) -> np.ndarray: ...
 
 
 class FeatureCodes:
@@ -97,16 +86,6 @@ def read_card(directory: str | os.PathLike[str]) -> DatasetCard:
     return read_dataset_card(root)
 
 
-def split_in_arrival_order(y: np.ndarray, test_fraction: float) -> np.ndarray:
-    """Train mask: per label, the earlier windows train and the later `test_fraction` test (at least one
-    window of each label trains), as BridgeSource splits the MCU's windows."""
-    train = np.zeros(y.size, bool)
-    for label in np.unique(y):
-        idx = np.flatnonzero(y == label)  # in arrival order
-        train[idx[:max(1, round(idx.size * (1.0 - test_fraction)))]] = True
-    return train
-
-
 class FileSource:
     """Labelled windows from the files an application drops in `directory`, kept in the agent's store."""
 
@@ -132,8 +111,8 @@ class FileSource:
                         "(a file is read once, when it arrives); collecting anew", dropped)
         store.keep_newest_embeddings(max_windows)  # a lowered max_windows holds from the start
         self._forget_evicted()
-        self._last_reported = -1
-        self._cached: tuple[int, ClientData] | None = None  # (seq of the newest embedding, the data built)
+        self.stored = StoredWindows(store, self.codes, self.standardize, min_windows=min_windows,
+                                    test_fraction=test_fraction, what=self.description)
         self._stuck: set[str] = set()  # files that could not be moved away: left alone until a restart
         self._listing_error: str | None = None
         log.info("reading labelled %s from %s (card %r: %d classes, %s)", card.kind, self.description, card.name,
@@ -300,30 +279,7 @@ class FileSource:
     def client_data(self) -> ClientData | None:
         """Everything kept so far (after taking in the files that arrived), or None while it is too little."""
         self.take_new_files()
-        count, newest = self.store.embedding_version()
-        if count < self.min_windows:
-            if count != self._last_reported:  # the idle loop asks every second: say it once per change
-                log.info("%d labelled window(s) from %s so far, %d needed to train", count, self.description,
-                         self.min_windows)
-                self._last_reported = count
-            return None
-        if self._cached is not None and self._cached[0] == newest:
-            return self._cached[1]  # nothing new
-        self._cached = None  # the previous data can go before the new is built
-        codes, y, newest = self.store.embeddings(self.codes.dim, self.codes.dtype)
-        train = split_in_arrival_order(y, self.test_fraction)
-        data = ClientData(self._features(codes, np.flatnonzero(train)), y[train],
-                          self._features(codes, np.flatnonzero(~train)), y[~train])
-        self._cached = (newest, data)
-        return data
-
-    def _features(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """float32 head inputs of `rows`, a chunk at a time: standardized embeddings, or the features as stored."""
-        out = np.empty((rows.size, self.codes.dim), np.float32)
-        for lo in range(0, rows.size, _FEATURE_CHUNK):
-            chunk = self.codes.decode(codes[rows[lo: lo + _FEATURE_CHUNK]])
-            out[lo: lo + _FEATURE_CHUNK] = chunk if self.standardize is None else self.standardize(chunk)
-        return out
+        return self.stored.client_data()
 
     def push(self, params: Mapping[str, np.ndarray]) -> object:
         return None
