@@ -629,7 +629,7 @@ class AgentService:
                             f"{version} on {self.topics.model_current} has digest {digest}")
                 return None
             self.subscribe_whole_models(f"the held version {version} is not the aggregator's (digest "
-                                        f"{model_digest(held.params)}, the task says {task.model_digest})",
+                                        f"{digest}, the task says {task.model_digest})",
                                         logging.WARNING)
         elif held is None:
             self.subscribe_whole_models("this device holds no global model yet")
