@@ -712,6 +712,15 @@ per tensor (one scale for all {EMBEDDING_DIM} units). tanh would bound it, but m
 linear probe ({findings})."""
 
 
+def _training_section(f: dict[str, Any], rotation: str) -> str:
+    """The model card's training paragraph (the same for every dataset's backbone)."""
+    return f"""**Training.** Adam, learning rate {LEARNING_RATE} with cosine decay, batch {BATCH_SIZE}, {f['epochs']} epochs,
+softmax cross-entropy on the logits; the weights of the best validation epoch are kept. Fresh augmentation
+every epoch, applied to raw windows before standardization: {rotation} amplitude ×0.8–1.2 per window and
+×0.95–1.05 per channel (effort), a circular time shift of up to ±{MAX_SHIFT_S:g} s (window phase), then Gaussian noise
+of 0.05 std (sensor noise)."""
+
+
 def _tensors_section(f: dict[str, Any]) -> str:
     outputs_rows = "\n".join(
         f"| `{o['key']}` | {o['index']} | `{o['name']}` | {o['tensor_index']} | {o['shape']} | int8 | "
@@ -829,11 +838,7 @@ the later 30 % of every recording is test, so train and test windows never overl
 
 {_architecture_section(f)}
 
-**Training.** Adam, learning rate {LEARNING_RATE} with cosine decay, batch {BATCH_SIZE}, {f['epochs']} epochs,
-softmax cross-entropy on the logits; the weights of the best validation epoch are kept. Fresh augmentation
-every epoch, applied to raw windows before standardization: {rotation} amplitude ×0.8–1.2 per window and
-×0.95–1.05 per channel (effort), a circular time shift of up to ±0.2 s (window phase), then Gaussian noise
-of 0.05 std (sensor noise).
+{_training_section(f, rotation)}
 
 {_tensors_section(f)}
 
@@ -953,11 +958,7 @@ at {rate:g} Hz, {len(f['classes'])} classes `{' '.join(f['classes'])}`, read by
 
 {_architecture_section(f, "measured for the bundled backbone: MODEL_CARD.md, development findings")}
 
-**Training.** Adam, learning rate {LEARNING_RATE} with cosine decay, batch {BATCH_SIZE}, {f['epochs']} epochs,
-softmax cross-entropy on the logits; the weights of the best validation epoch are kept. Fresh augmentation
-every epoch, applied to raw windows before standardization: {rotation} amplitude ×0.8–1.2 per window and
-×0.95–1.05 per channel (effort), a circular time shift of up to ±{MAX_SHIFT_S:g} s (window phase), then Gaussian noise
-of 0.05 std (sensor noise).
+{_training_section(f, rotation)}
 
 {_tensors_section(f)}
 
