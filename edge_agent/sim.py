@@ -265,6 +265,8 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
         return moved
 
     rounds: list[dict[str, Any]] = []
+    # A dataset without held-out users (every user federates): new_user_acc is None, not the nan of an empty mean.
+    has_new_users = data.new_user_y.size > 0
 
     def emit_complete() -> None:
         while len(rounds) < config.rounds:
@@ -274,9 +276,12 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
             accs = observer.personal_acc.get(rec.version, {})
             if len(accs) < n_clients:
                 return  # the devices have not all scored this version yet
-            model = observer.models[rec.version]
-            new_head = model.strategy().new_user_head(model.server())
-            new_acc = accuracy(quantize_head(new_head).predict(data.new_user_x), data.new_user_y) if new_head else None
+            new_acc: float | None = None  # no new-user head (a personal-only strategy), or no new user to score
+            if has_new_users:
+                model = observer.models[rec.version]
+                new_head = model.strategy().new_user_head(model.server())
+                if new_head:
+                    new_acc = accuracy(quantize_head(new_head).predict(data.new_user_x), data.new_user_y)
             client_acc = {cid: accs[cid] for cid in data.client_ids}
             record = {"round": rec.round, "client_acc": client_acc, **summarize(list(client_acc.values())),
                       "new_user_acc": new_acc, "clients_reporting": rec.reporting, "uplink_bytes": rec.uplink,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ import numpy as np
 from ..backbone import BackboneError, FrozenBackbone
 from ..data.userdata import CARD_FILE, DatasetCard, UserData, UserDataError, read_user_file
 from ..data.userdata import read_card as read_dataset_card
-from ..db import transaction
 from ..faults import crash_point
 from ..fsutil import file_sha256
 from ..learning.features import EmbeddingStandardizer
@@ -51,14 +49,6 @@ PROCESSED, REJECTED = "processed", "rejected"
 # Refused unread: a file is loaded whole, and the agent has a small memory budget. 16 MiB is ~7,000 windows of
 # 100 x 6 float32, more than the default max_windows keeps.
 MAX_FILE_BYTES = 16 << 20
-
-# The files whose windows are in the embeddings table, by content. A row goes once none of its windows is kept
-# any more (the cap dropped them, or a new embedding space did), so the table never outgrows the embeddings.
-LEDGER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS stored_files (
-    sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, windows INTEGER NOT NULL, last_seq INTEGER NOT NULL,
-    stored_at REAL NOT NULL);
-"""
 
 
 class FeatureCodes:
@@ -101,7 +91,6 @@ class FileSource:
         self.min_windows, self.max_windows = min_windows, max_windows
         self.description = f"files in {self.directory}"
         self.codes, self.standardize = self._representation()
-        store.db.executescript(LEDGER_SCHEMA)
         # Stored labels mean the card's classes: another class list (or another backbone) makes them meaningless.
         space = json.dumps({"codes": json.loads(self.codes.space), "kind": card.kind,
                             "class_names": list(card.class_names)})
@@ -109,8 +98,8 @@ class FileSource:
         if dropped:
             log.warning("%d stored window(s) came from another backbone, card kind or class list and were dropped "
                         "(a file is read once, when it arrives); collecting anew", dropped)
-        store.keep_newest_embeddings(max_windows)  # a lowered max_windows holds from the start
-        self._forget_evicted()
+        # A lowered max_windows holds from the start; the store forgets the files none of whose windows is kept.
+        store.keep_newest_embeddings(max_windows)
         self.stored = StoredWindows(store, self.codes, self.standardize, min_windows=min_windows,
                                     test_fraction=test_fraction, what=self.description)
         self._stuck: set[str] = set()  # files that could not be moved away: left alone until a restart
@@ -198,10 +187,10 @@ class FileSource:
         except OSError as exc:
             return self._reject(path, f"{path}: cannot be read ({exc}); the agent must be able to read and move "
                                       "the files the application writes")
-        known = self.store.db.execute("SELECT name FROM stored_files WHERE sha256 = ?", (digest,)).fetchone()
+        known = self.store.stored_file(digest)
         if known is not None:
             log.info("%s: its windows are stored already (as %s, before a restart or under another name); not "
-                     "counted again", path.name, known[0])
+                     "counted again", path.name, known)
             self._done(path)
             return False
         try:
@@ -212,7 +201,8 @@ class FileSource:
             codes = self._embed(user)
         except BackboneError as exc:  # the interpreter refused these windows: they would be refused every time
             return self._reject(path, f"{path}: the backbone cannot embed its windows ({exc})")
-        self._store(digest, path.name, codes, user.y)
+        # The windows and the file's SHA-256 in one transaction: stored and recorded, or neither.
+        self.store.add_file_embeddings(digest, path.name, user.y, codes, cap=self.max_windows)
         log.info("stored %d labelled window(s) from %s", len(user), path.name)
         return True
 
@@ -220,24 +210,6 @@ class FileSource:
         """The file's rows as stored codes: embedded once (windows), or as they are (features)."""
         rows = user.x if self.backbone is None or self.card.kind == "features" else self.backbone.embed(user.x)
         return self.codes.encode(rows)
-
-    def _store(self, digest: str, name: str, codes: np.ndarray, labels: np.ndarray) -> None:
-        """The windows and the file's SHA-256 in one transaction: stored and recorded, or neither."""
-        db = self.store.db
-        # window_id: the window's place in its file (the MCU's windows carry the MCU's own number)
-        rows = ((i, int(labels[i]), np.ascontiguousarray(codes[i]).tobytes()) for i in range(labels.size))
-        with transaction(db):
-            db.executemany("INSERT INTO embeddings (window_id, label, codes) VALUES (?, ?, ?)", rows)
-            last = int(db.execute("SELECT MAX(seq) FROM embeddings").fetchone()[0])
-            db.execute("INSERT INTO stored_files VALUES (?, ?, ?, ?, ?)",
-                       (digest, name, int(labels.size), last, time.time()))
-            self.store._keep_newest(self.max_windows)
-            self._forget_evicted()
-
-    def _forget_evicted(self) -> None:
-        """Drop the records of files none of whose windows is kept any more (in the caller's transaction)."""
-        self.store.db.execute("DELETE FROM stored_files WHERE last_seq < "
-                              "(SELECT COALESCE(MIN(seq), 1 << 62) FROM embeddings)")
 
     def _done(self, path: Path) -> None:
         """A stored file leaves the directory: to processed/, or deleted."""

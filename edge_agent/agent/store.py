@@ -1,5 +1,6 @@
 """Device state in SQLite: the personal head, the round log, the outbox of unsent updates, and the
-embeddings of the windows an attached MCU sent (see "a device's own data" below).
+embeddings of the windows an attached MCU sent or an application dropped as files, with the ledger of
+those files (see "a device's own data" below).
 
 Training a round commits three things in ONE transaction: the new personal state, the round-log entry
 and the outbox row holding the encoded update. So a device killed at any instant either has not trained
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ CREATE TABLE IF NOT EXISTS residual (
     id INTEGER PRIMARY KEY CHECK (id = 1), codec TEXT NOT NULL, model_version INTEGER NOT NULL, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS held_model (
     id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS stored_files (
+    sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, windows INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    stored_at REAL NOT NULL);
 """
 
 
@@ -84,6 +88,11 @@ class OutboxItem:
     topic: str
     payload: bytes
     deadline: float | None = None  # its round's deadline (unix seconds): past it, nobody will count the update
+
+
+def _check_cap(cap: int) -> None:
+    if cap < 1:
+        raise ValueError(f"cap must be at least 1, got {cap}")
 
 
 def _add_outbox_deadline(db: sqlite3.Connection) -> None:
@@ -197,14 +206,17 @@ class AgentStore:
                       replaces_window: int | None = None) -> None:
         """One window's embedding codes; beyond `cap` embeddings the oldest are dropped, in the same
         transaction. `replaces_window`: the seq of the waiting window these codes came from, dropped with it."""
-        if cap < 1:
-            raise ValueError(f"cap must be at least 1, got {cap}")
+        _check_cap(cap)
         with transaction(self.db):
-            self.db.execute("INSERT INTO embeddings (window_id, label, codes) VALUES (?, ?, ?)",
-                            (window_id, label, np.ascontiguousarray(codes).tobytes()))
+            self._insert_embeddings([(window_id, label, codes)])
             self._keep_newest(cap)
             if replaces_window is not None:
                 self.drop_window(replaces_window)
+
+    def _insert_embeddings(self, rows: Iterable[tuple[int, int, np.ndarray]]) -> None:
+        """(window id, label, codes) rows, in order (in the caller's transaction)."""
+        self.db.executemany("INSERT INTO embeddings (window_id, label, codes) VALUES (?, ?, ?)",
+                            ((wid, label, np.ascontiguousarray(codes).tobytes()) for wid, label, codes in rows))
 
     def keep_newest_embeddings(self, cap: int) -> int:
         """Drop all but the newest `cap` embeddings; returns how many were dropped."""
@@ -213,8 +225,11 @@ class AgentStore:
 
     def _keep_newest(self, cap: int) -> int:
         # Everything at or below the (cap+1)-th newest seq goes: a walk of `cap` entries of the primary key.
-        return int(self.db.execute("DELETE FROM embeddings WHERE seq <= "
-                                   "(SELECT seq FROM embeddings ORDER BY seq DESC LIMIT 1 OFFSET ?)", (cap,)).rowcount)
+        dropped = int(self.db.execute("DELETE FROM embeddings WHERE seq <= "
+                                      "(SELECT seq FROM embeddings ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                                      (cap,)).rowcount)
+        self._forget_evicted_files()
+        return dropped
 
     def drop_window(self, seq: int) -> None:
         self.db.execute("DELETE FROM windows WHERE seq = ?", (seq,))
@@ -227,6 +242,7 @@ class AgentStore:
             dropped = 0
             if row is not None and row[0] != space:
                 dropped = self.db.execute("DELETE FROM embeddings").rowcount
+                self._forget_evicted_files()
             self.db.execute("INSERT OR REPLACE INTO embedding_space VALUES (1, ?)", (space,))
         return dropped
 
@@ -256,6 +272,38 @@ class AgentStore:
         finally:
             self.db.execute("COMMIT")
         return codes, labels, newest
+
+    # --- the files those embeddings came from (the file source: agent/file_source.py) ------------------------
+    # Each file whose windows are kept, by its content's SHA-256: a file stored again (the agent was killed
+    # between storing it and moving it away, or the application wrote the same content twice) is not counted
+    # twice. A file's row goes once none of its windows is kept any more (the cap or another embedding space
+    # dropped them, wherever that happens in this store), so the ledger never outgrows the embeddings, and that
+    # content, should it come again, is new data.
+
+    def stored_file(self, sha256: str) -> str | None:
+        """The name of the file with this content whose windows are kept, or None."""
+        row = self.db.execute("SELECT name FROM stored_files WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def add_file_embeddings(self, sha256: str, name: str, labels: np.ndarray, codes: np.ndarray, *,
+                            cap: int) -> None:
+        """One file's windows (codes[i], labels[i]; window id: i, the window's place in its file, where the MCU's
+        windows carry the MCU's own number) and the file's SHA-256 in one transaction: stored and recorded, or
+        neither. Beyond `cap` embeddings the oldest are dropped, in the same transaction."""
+        _check_cap(cap)
+        if len(codes) != labels.size:
+            raise ValueError(f"{name}: {len(codes)} rows of codes but {labels.size} labels")
+        with transaction(self.db):
+            self._insert_embeddings((i, int(labels[i]), codes[i]) for i in range(labels.size))
+            last = int(self.db.execute("SELECT MAX(seq) FROM embeddings").fetchone()[0])  # the file's newest window
+            self.db.execute("INSERT INTO stored_files VALUES (?, ?, ?, ?, ?)",
+                            (sha256, name, int(labels.size), last, time.time()))
+            self._keep_newest(cap)
+
+    def _forget_evicted_files(self) -> None:
+        """Drop the records of files none of whose windows is kept any more (in the caller's transaction)."""
+        self.db.execute("DELETE FROM stored_files WHERE last_seq < "
+                        "(SELECT COALESCE(MIN(seq), 1 << 62) FROM embeddings)")
 
     def evaluated(self, version: int) -> bool:
         return self.db.execute("SELECT 1 FROM evaluations WHERE version=?", (version,)).fetchone() is not None

@@ -1,6 +1,7 @@
 """The systemd units in deploy/: systemd itself accepts them (`systemd-analyze verify`), they rate 2.5 or
 lower in `systemd-analyze security`, they start what deploy/README.md installs, and the memory protection
-they ask for (MemoryDenyWriteExecute) does not break the agent's interpreter.
+they ask for (MemoryDenyWriteExecute) does not break the agent's interpreter. The agent's files-source.conf
+drop-in opens only the directory the example config and docs/data-format.md name, and keeps the rating.
 
 `scripts/setup --dev` installs systemd-analyze (Debian package `systemd`); without it these tests skip and
 say so. Nothing here needs systemd as PID 1."""
@@ -41,6 +42,10 @@ CREDENTIALS = {
 PASSWORDS = {"edge-fl-agent.service": "/etc/edge-fl/mqtt-password",
              "edge-fl-aggregator.service": "/etc/edge-fl/aggregator-password"}
 INSTALLED_BINARY = "/opt/edge-fl/bin/edge-fl"  # the venv deploy/README.md creates
+FILES_DROP_IN = DEPLOY / "edge-fl-agent.service.d" / "files-source.conf"
+# Where a [data] dir cannot be: the agent's unit hides these (ProtectHome=yes, PrivateTmp=yes), and
+# ReadWritePaths= does not bring them back.
+HIDDEN_BY_THE_UNIT = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
 MAX_EXPOSURE = 2.5
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -73,6 +78,47 @@ def test_the_unit_starts_what_the_install_guide_installs(name: str) -> None:
         assert step in guide, f"deploy/README.md does not mention {step!r}, which {name} relies on"
     example = (DEPLOY / f"{command}.example.toml").read_text()
     assert f'"/var/lib/{state}' in example  # the example's state path is inside the unit's StateDirectory
+
+
+def _sections(unit: Path) -> list[str]:
+    return [line.strip() for line in unit.read_text().splitlines() if line.startswith("[")]
+
+
+def _example_files_dir() -> str:
+    """[data] dir of agent.example.toml's commented-out files source, uncommented and read as TOML."""
+    lines = (DEPLOY / "agent.example.toml").read_text().splitlines()
+    block = []
+    for line in lines[lines.index('# source = "files"') - 1:]:  # from its "# [data]" to the next blank line
+        if not line.startswith("#"):
+            break
+        block.append(line.removeprefix("#").removeprefix(" "))
+    return str(tomllib.loads("\n".join(block))["data"]["dir"])
+
+
+def _docs_files_dir() -> str:
+    """[data] dir of the config in docs/data-format.md, "Feeding an agent from files"."""
+    section = (ROOT / "docs" / "data-format.md").read_text().split("\n## Feeding an agent from files\n", 1)[1]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    return str(tomllib.loads(block)["data"]["dir"])
+
+
+def test_the_files_drop_in_opens_only_the_data_directory_the_docs_name() -> None:
+    assert _sections(FILES_DROP_IN) == ["[Service]"]
+    d = _directives(FILES_DROP_IN)
+    directory = d["ReadWritePaths"][0]
+    # Nothing but the directory, the group that owns it, and a umask that keeps others out.
+    assert d == {"ReadWritePaths": [directory], "SupplementaryGroups": ["my-app"], "UMask": ["0007"]}
+    assert directory == _example_files_dir() == _docs_files_dir() == "/var/lib/my-app/edge-fl-data"
+    assert directory.startswith("/") and not any(directory == hidden or directory.startswith(hidden + "/")
+                                                 for hidden in HIDDEN_BY_THE_UNIT)
+    unit = _directives(DEPLOY / "edge-fl-agent.service")  # what the drop-in is an exception to
+    assert unit["ProtectSystem"] == ["strict"] and unit["UMask"] == ["0077"] and "ReadWritePaths" not in unit
+    assert unit_credentials([DEPLOY / "edge-fl-agent.service", FILES_DROP_IN]) == CREDENTIALS["edge-fl-agent.service"]
+    guide, docs = (DEPLOY / "README.md").read_text(), (ROOT / "docs" / "data-format.md").read_text()
+    installed = "/etc/systemd/system/edge-fl-agent.service.d/files-source.conf"
+    for step in (f"edge-fl-agent.service.d/files-source.conf {installed}", "systemctl daemon-reload", directory):
+        assert step in guide, f"deploy/README.md does not mention {step!r}, which installing the drop-in needs"
+    assert "`deploy/edge-fl-agent.service.d/files-source.conf`" in docs and f"`{installed}`" in docs
 
 
 def test_the_aggregator_reloads_its_registry_on_systemctl_reload() -> None:
@@ -144,6 +190,21 @@ def test_the_unit_rates_at_most_2_5_exposure(name: str, tmp_path: Path) -> None:
     assert found, p.stdout + p.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, p.stdout
     assert p.returncode == 0, p.stdout + p.stderr  # --threshold: non-zero above 2.5
+
+
+@needs_analyze
+def test_the_agent_unit_with_the_files_drop_in_rates_at_most_2_5_exposure(tmp_path: Path) -> None:
+    # `security --offline` reads no drop-in, so the drop-in's [Service] section is appended to a copy of the unit,
+    # as systemd merges it. (`verify` above reads the drop-ins beside the unit: it checks this one's syntax.)
+    merged = tmp_path / "edge-fl-agent.service"
+    merged.write_text((DEPLOY / "edge-fl-agent.service").read_text() + FILES_DROP_IN.read_text())
+    p = subprocess.run([ANALYZE or "", "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}",
+                        str(merged)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout)
+    assert found, p.stdout + p.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, p.stdout
+    assert re.search(r"UMask=\s+Files created by service are group-writable", p.stdout), p.stdout  # merged, seen
+    assert p.returncode == 0, p.stdout + p.stderr
 
 
 MDWE_PROBE = r"""
