@@ -1,0 +1,250 @@
+"""The evaluation protocol: which of a user's windows train, which choose settings, which are read once for the
+report.
+
+Every federated user's windows are cut in time (never at random: overlapping windows of one stretch of signal
+are near-copies) into three parts:
+
+- TEST, by `Protocol.test_by`:
+  - "session": whole sessions (recordings) held out, chosen by the seed: for each class, one of the sessions
+    holding it (a HAPT session holds every activity, so one session is held out; a watch recording holds one
+    exercise, so one recording per exercise is). The test set varies with the seed, as a reviewer expects.
+  - "segment": the later `test_fraction` of every run of one activity; the same windows for every seed.
+  - "next-session": the user's first session trains, the next one tests (adaptation over time).
+- VALIDATION, by `Protocol.validation_by`, from the training period only:
+  - "run": the last bout (run of consecutive windows) of every activity that has two or more bouts in the
+    training period; an activity with one bout gives its later `validation_fraction`. A HAPT session holds two
+    or three bouts of each activity, minutes apart: validation then resembles a held-out session, where windows
+    next to the training ones would flatter whatever memorises a bout (measured: on the watch data, scored on
+    the later part of each recording, local training ranks first; on a held-out recording it ranks last).
+  - "segment": the later `validation_fraction` of every run (windows straddling the cut are dropped, as
+    `split_in_time` does). Matches a "segment" test split.
+- TRAIN: the rest.
+
+Phase "validation" trains on TRAIN and scores on VALIDATION: every choice (hyperparameters, the default strategy,
+augmentation) is made there. Phase "test" trains on TRAIN and VALIDATION together (all the labelled data a
+device has) and scores on TEST, read once for the report. The test windows are the same in both phases, and
+no window of a user ever scores in the phase that trained on it.
+
+The partition regime (natural, few-shot, label-skew, dirichlet) then decides which of the training windows a
+client holds, exactly as in `edge-fl simulate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.augment import AugmentConfig, augment_windows, channel_groups_from_names
+from ..data.federated import FederatedData
+from ..data.from_userdata import UserFeatures
+from ..data.partition import PartitionConfig, partition_clients
+from ..data.userdata import DatasetCard, UserData, split_in_time
+from ..data.windows import WindowSet
+from ..learning.features import fit_user_standardizer
+from ..learning.strategies import ClientData
+
+TEST_BY = {
+    "session": "whole sessions held out, one per class, chosen by the seed",
+    "segment": "the later part of every activity run, the same for every seed",
+    "next-session": "the first session trains, the next one tests",
+}
+PHASES = ("validation", "test")
+
+Embed = Callable[[np.ndarray], np.ndarray]
+
+
+VALIDATION_BY = {
+    "run": "the last bout of every activity in the training period",
+    "segment": "the later part of every activity run of the training period",
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    test_by: str = "session"
+    validation_by: str = "run"
+    test_fraction: float = 0.3  # "segment" only: the later share of every run
+    validation_fraction: float = 0.25  # "segment" (or an activity with one bout): the later share of a run
+
+    def __post_init__(self) -> None:
+        if self.test_by not in TEST_BY:
+            raise ValueError(f"unknown test split {self.test_by!r}; choose one of {', '.join(TEST_BY)}")
+        if self.validation_by not in VALIDATION_BY:
+            raise ValueError(f"unknown validation split {self.validation_by!r}; choose one of "
+                             f"{', '.join(VALIDATION_BY)}")
+        if not 0 < self.validation_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ValueError(f"fractions must lie in (0, 1): test {self.test_fraction}, "
+                             f"validation {self.validation_fraction}")
+
+
+@dataclass(frozen=True)
+class UserParts:
+    """Indices into one user's windows (time order)."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+    def phase(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
+        """(training windows, scored windows) of a phase."""
+        if phase == "validation":
+            return self.train, self.validation
+        if phase == "test":
+            return np.sort(np.concatenate([self.train, self.validation])), self.test
+        raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(PHASES)}")
+
+
+def _held_out_sessions(user: UserData, seed: int, number: int) -> np.ndarray:
+    """The sessions that test: for each class in turn, one session holding it (unless one already chosen
+    does), drawn with the user's own generator so that a user's choice does not depend on the others."""
+    if user.session is None:
+        raise ValueError(f"user {user.user_id!r} has no session ids: hold out by 'segment' instead")
+    rng = np.random.default_rng([seed, number, 0x5E55])
+    chosen: list[int] = []
+    for label in np.unique(user.y):
+        holding = np.unique(user.session[user.y == label])
+        if np.isin(holding, chosen).any():
+            continue
+        if holding.size < 2:
+            raise ValueError(f"user {user.user_id!r}: class {int(label)} is in one session only, so holding a "
+                             "session out would leave no window of it to train on; hold out by 'segment'")
+        chosen.append(int(rng.choice(holding)))
+    if np.unique(user.y[~np.isin(user.session, chosen)]).size != np.unique(user.y).size:
+        raise ValueError(f"user {user.user_id!r}: the held-out sessions {chosen} hold every window of some class")
+    return np.asarray(chosen, np.int64)
+
+
+def bouts(user: UserData, card: DatasetCard, period: np.ndarray) -> list[np.ndarray]:
+    """`period` (sorted indices) as runs of consecutive windows of one label and session with no gap in time
+    (consecutive windows further apart than 1.5 strides, when start times are known)."""
+    if period.size == 0:
+        return []
+    y = user.y[period]
+    change = y[1:] != y[:-1]
+    if user.session is not None:
+        s = user.session[period]
+        change |= s[1:] != s[:-1]
+    if user.t is not None and card.window_stride is not None and card.sample_rate_hz is not None:
+        change |= np.diff(user.t[period]) > 1.5 * card.window_stride / card.sample_rate_hz
+    return np.split(period, np.flatnonzero(change) + 1)
+
+
+def _cut_training_period(user: UserData, card: DatasetCard, period: np.ndarray,
+                         protocol: Protocol) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of `period`, by `protocol.validation_by`."""
+    fraction = protocol.validation_fraction
+    if protocol.validation_by == "segment":
+        sub = split_in_time(user.select(period), card, test_fraction=fraction, rule="segment")
+        return period[sub.train], period[sub.test]
+    by_label: dict[int, list[np.ndarray]] = {}
+    for run in bouts(user, card, period):
+        by_label.setdefault(int(user.y[run[0]]), []).append(run)
+    train, validation = [], []
+    for runs in by_label.values():
+        if len(runs) >= 2:
+            train += runs[:-1]
+            validation.append(runs[-1])
+        else:
+            sub = split_in_time(user.select(runs[0]), card, test_fraction=fraction, rule="segment")
+            train.append(runs[0][sub.train])
+            validation.append(runs[0][sub.test])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(validation))
+
+
+def user_parts(user: UserData, card: DatasetCard, protocol: Protocol, seed: int, number: int) -> UserParts:
+    """Cut one user's windows; `number` (the user's position in the card, from 1) seeds its own choice."""
+    if protocol.test_by == "segment":
+        whole = split_in_time(user, card, test_fraction=protocol.test_fraction, rule="segment")
+        period = np.sort(np.concatenate([whole.train, whole.validation]))
+        test = whole.test
+    else:
+        if user.session is None or user.sessions().size < 2:
+            raise ValueError(f"user {user.user_id!r} has fewer than two sessions: test by 'segment' instead")
+        if protocol.test_by == "next-session":
+            first, second = user.sessions()[:2]
+            period, test = np.flatnonzero(user.session == first), np.flatnonzero(user.session == second)
+        else:
+            held = np.isin(user.session, _held_out_sessions(user, seed, number))
+            period, test = np.flatnonzero(~held), np.flatnonzero(held)
+    train, validation = _cut_training_period(user, card, period, protocol)
+    return UserParts(train, validation, test)
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """What a device does with its data before training, beside the strategy."""
+
+    # Statistics of the user's own unlabelled windows, shrunk towards the population's (fit_user_standardizer).
+    per_user_standardization: bool = False
+    augment: AugmentConfig | None = None  # copies of each labelled window, embedded by the frozen backbone
+
+
+@dataclass(frozen=True)
+class PhaseData:
+    """The federation of one (phase, seed, regime): what run_simulation takes, plus per client the indices of
+    its training and scored windows among its user's windows (for augmentation and for the report)."""
+
+    federated: FederatedData
+    train_index: Mapping[str, np.ndarray]
+    score_index: Mapping[str, np.ndarray]
+
+
+def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, partition: PartitionConfig,
+                   options: DeviceOptions = DeviceOptions(), *, embed: Embed | None = None) -> PhaseData:
+    """One client per federated user: its phase's training windows under the partition regime, its phase's
+    scored windows; the holdout users are the never-seen users, scored on every window."""
+    dataset, card = prepared.dataset, prepared.dataset.card
+    numbers = {uid: i + 1 for i, uid in enumerate(card.roles.all())}
+    fed = card.roles.federate
+    parts = {u: user_parts(dataset.users[u], card, protocol, partition.seed, numbers[u]) for u in fed}
+    std = prepared.standardizer
+    # The partition regimes read only labels and the client of each window; `start` carries the window's index
+    # among its user's windows so that a client's choice maps back to them.
+    sets = []
+    for which in (0, 1):
+        cols = []
+        for u in fed:
+            idx = parts[u].phase(phase)[which]
+            cols.append((prepared.features[u][idx], dataset.users[u].y[idx], np.full(idx.size, numbers[u]),
+                         np.zeros(idx.size, np.int64), idx, idx + 1))
+        sets.append(WindowSet(*(np.concatenate(c) for c in zip(*cols, strict=True))))
+    splits = partition_clients(sets[0], sets[1], partition, tuple(numbers[u] for u in fed))
+    clients, train_index, score_index = [], {}, {}
+    for u, s in zip(fed, splits, strict=True):
+        tr, sc = sets[0].start[s.train_idx], sets[1].start[s.test_idx]
+        user, feats = dataset.users[u], prepared.features[u]
+        own = std
+        if options.per_user_standardization:
+            # The user's whole training period, unlabelled: in few-shot it holds far more windows than labels.
+            own = fit_user_standardizer(feats[parts[u].phase(phase)[0]], std)
+        x_train, y_train = own(feats[tr]), user.y[tr]
+        if options.augment is not None and options.augment.enabled:
+            x_aug, y_aug = augmented(user, tr, options.augment, card, partition.seed, numbers[u], embed)
+            x_train, y_train = np.concatenate([x_train, own(x_aug)]), np.concatenate([y_train, y_aug])
+        clients.append(ClientData(x_train, y_train, own(feats[sc]), user.y[sc]))
+        train_index[u], score_index[u] = tr, sc
+    holdout = dataset.in_role("holdout")
+    if holdout:
+        new_x = std(np.concatenate([prepared.features[h.user_id] for h in holdout]))
+        new_y = np.concatenate([h.y for h in holdout])
+    else:
+        new_x, new_y = np.zeros((0, prepared.dim), np.float32), np.zeros(0, np.int64)
+    data = FederatedData(tuple(fed), tuple(clients), new_x, new_y, card.num_classes, prepared.dim,
+                         card.class_names, partition)
+    return PhaseData(data, train_index, score_index)
+
+
+def augmented(user: UserData, index: np.ndarray, config: AugmentConfig, card: DatasetCard, seed: int, number: int,
+              embed: Embed | None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings (unstandardized) and labels of `config.copies` perturbed copies of the user's windows
+    `index`, drawn with the user's own generator (a client's copies do not depend on the others')."""
+    if card.kind != "windows" or embed is None:
+        raise ValueError(f"augmentation perturbs sensor windows: {card.name} holds {card.kind} "
+                         f"({'no backbone given' if embed is None else 'a backbone given'}); it needs a windows "
+                         "dataset and the backbone that embeds it")
+    rng = np.random.default_rng([seed, number, 0xA6])
+    x, y = augment_windows(user.x[index], user.y[index], config, rng,
+                           channel_groups_from_names(card.channel_names or ()))
+    return np.asarray(embed(x), np.float32), y
