@@ -82,3 +82,14 @@ def test_spread_names_the_worst_user_and_the_worst_quarter() -> None:
     assert s.best_minus_worst == pytest.approx(0.35)
     assert list(s.per_user) == list(USERS)  # best first
     assert s.mean.mean == pytest.approx(means.mean())
+
+
+def test_p10_is_an_accuracy_that_90_percent_of_clients_reach() -> None:
+    from edge_agent.learning.metrics import summarize
+
+    six = [0.9, 0.5, 0.95, 0.8, 0.7, 0.85]
+    assert summarize(six)["p10_acc"] == 0.5 == summarize(six)["worst_acc"]  # under 10 clients: the worst one
+    twenty = [0.5 + i / 100 for i in range(20)]
+    p10 = summarize(twenty)["p10_acc"]
+    assert p10 == 0.51 and p10 in twenty
+    assert sum(a >= p10 for a in twenty) >= 0.9 * len(twenty)
