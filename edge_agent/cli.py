@@ -126,13 +126,6 @@ def _prepare_user_data(args: argparse.Namespace, progress: Progress) -> tuple[An
     return prepared, _backbone_doc(backbone)
 
 
-def _without_new_users(result: dict[str, Any]) -> None:
-    """No held-out user in the dataset: no new-user accuracy (rather than the nan of an empty mean)."""
-    result["summary"]["new_user_acc"] = None
-    for record in result["rounds"]:
-        record["new_user_acc"] = None
-
-
 def _simulate_usage_error(args: argparse.Namespace) -> str | None:
     """Options that contradict `--data` (they describe the bundled recordings), or None."""
     if args.data is None:
@@ -181,8 +174,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             f"worst {100 * rec['worst_acc']:.1f}%", final=(r == n and not progress.tty))
 
         results[name] = run_simulation(data, cfg, progress=tick)
-        if data.new_user_y.size == 0:
-            _without_new_users(results[name])
         results[name]["backbone"] = backbone_doc
         if data_doc is not None:
             results[name]["data"] = data_doc
@@ -312,21 +303,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("edge-fl demo: --username, --password and --password-file go with --broker (the private broker "
               "makes its own users)", file=sys.stderr)
         return 2
+    if args.data is None and (args.backbone is not None or args.split is not None):
+        print("edge-fl demo: --backbone and --split go with --data DIR (the bundled recordings run the bundled "
+              "backbone and their own time split)", file=sys.stderr)
+        return 2
     password = args.password
     if args.password_file is not None:
         password = args.password_file.read_text().strip()
     cfg = DemoConfig(train=train, partition=partition, broker=args.broker, username=args.username,
                      password=password, timeout_s=args.timeout, workdir=args.workdir, agents=args.agents,
-                     keep_logs=args.keep_logs, plain=args.plain)
+                     keep_logs=args.keep_logs, plain=args.plain, data=args.data, backbone=args.backbone,
+                     split=args.split or "auto")
     t0 = time.perf_counter()
     try:
-        result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True))
+        result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True), warn=_warn)
     except Interrupted as stop:  # every process the demo started has been stopped
         print(f"edge-fl: demo stopped by {stop.name}", file=sys.stderr)
         return stop.exit_code
     s = result["summary"]
     print(f"done in {time.perf_counter() - t0:.0f} s: personalized mean {100 * s['mean_acc']:.1f}%, "
           f"10th percentile {100 * s['p10_acc']:.1f}%, worst {100 * s['worst_acc']:.1f}%"
+          + (_demo_new_users(result) if "data" in result else "")
           + (f"; results written to {args.out}" if args.out else ""))
     return 0
 
@@ -546,6 +543,14 @@ def _codec_text(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _demo_new_users(result: dict[str, Any]) -> str:
+    """The new users' part of the demo's last line (a run on a dataset directory)."""
+    if not result["data"]["users"]["holdout"]:
+        return "; no held-out users in the dataset: no new-user accuracy"
+    acc = result["summary"]["new_user_acc"]
+    return f"; new users {'-' if acc is None else f'{100 * acc:.1f}%'}"
+
+
 def _demo_agents(text: str) -> int:
     """`--agents`: a whole number of at least 1 (argparse turns the error into a usage message, exit 2)."""
     if not text.isdigit() or int(text) < 1:
@@ -625,16 +630,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a whole fleet on this machine through a real Mosquitto",
                           description="Start a private Mosquitto (or use --broker), the aggregator and --agents agent "
-                                      "processes on the real recordings (by default one per federated subject); print "
+                                      "processes on the real recordings (by default one per federated subject), or "
+                                      "on a per-user dataset directory (--data DIR: one per federated user); print "
                                       "a table per round. SIGINT, SIGTERM and SIGHUP stop every process it started "
                                       "(exit code 128 + signal number). Logs are kept, and their path printed, when "
                                       "the run fails.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(STRATEGIES))
     _add_fleet_options(demo)
-    demo.add_argument("--agents", type=_demo_agents, default=len(CLIENT_SUBJECTS),
-                      help=f"agent processes; beyond {len(CLIENT_SUBJECTS)} they share the subjects' recordings, "
+    demo.add_argument("--agents", type=_demo_agents, default=None,
+                      help=f"agent processes (default: one per federated subject, {len(CLIENT_SUBJECTS)}, or per "
+                           "federated user of --data); beyond that they share the subjects' (users') data in turn, "
                            "each with its own device id")
+    demo.add_argument("--data", type=Path, metavar="DIR",
+                      help="run the agents on a per-user dataset directory (docs/data-format.md; `edge-fl data "
+                           "import`) instead of the bundled recordings: one agent per federated user (device id = "
+                           "user id), the holdout users scored as new users")
+    demo.add_argument("--backbone", "--model", dest="backbone", type=Path, metavar="MODEL",
+                      help="with --data (a windows dataset): the agents' backbone .tflite (default: the bundled "
+                           "models/backbone_int8.tflite, which takes 100 x 6 windows)")
+    demo.add_argument("--split", choices=["auto", "session", "segment"],
+                      help="with --data: how each user's windows are cut in time into train and test, as "
+                           "`simulate --split` (default: auto)")
     demo.add_argument("--plain", action="store_true",
                       help="the development setup: password logins over plain MQTT, no signatures (default: the "
                            "private broker runs mutual TLS and every update, task and model is signed)")

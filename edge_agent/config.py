@@ -134,13 +134,19 @@ def secret_source(broker: BrokerConfig, environ: Mapping[str, str] = os.environ)
 
 @dataclass(frozen=True)
 class DataConfig:
-    # the demo's data (this subject's bundled recordings), "serial": an attached MCU, or "files": files a device
-    # application writes in `dir` (docs/data-format.md, "Feeding an agent from files")
+    # "watch-dataset": the demo's data (this subject's bundled recordings); "serial": an attached MCU; "files": files a
+    # device application writes in `dir` (docs/data-format.md, "Feeding an agent from files"); "user-dataset": one
+    # federated user (`user`) of the per-user dataset directory `dir` (docs/data-format.md, `edge-fl demo --data`),
+    # through the backbone `[backbone] model` names (a windows dataset), split in time by `split`, partitioned by
+    # regime, seed, shots, ... as `edge-fl simulate --data dir` gives that user
     source: str = "watch-dataset"
     port: str | None = None  # serial: any pyserial URL (/dev/ttyACM0, socket://host:port, a pty)
     more_ports: list[str] = field(default_factory=list)  # serial: further MCUs attached to this agent
     baudrate: int = 115200
-    dir: str | None = None  # files: the directory the application writes its .npz files and dataset.json in
+    # files: the directory the application writes its .npz files and dataset.json in; user-dataset: the dataset
+    dir: str | None = None
+    user: str | None = None  # user-dataset: the user id (one of the card's roles.federate)
+    split: str = "auto"  # user-dataset: the time split, as `edge-fl simulate --split` ("auto", "session", "segment")
     keep_files: bool = True  # files: a stored file moves to dir/processed/ (false: it is deleted)
     min_windows: int = 14  # serial, files: labelled windows needed before the device trains
     # serial, files: embeddings of windows kept (64 bytes each on disk, 256 as training data); beyond it the oldest go
@@ -159,6 +165,9 @@ class DataConfig:
             raise ValueError(f"max_windows ({self.max_windows}) must be at least min_windows ({self.min_windows})")
         if self.source == "files" and not self.dir:
             raise ValueError("source = 'files' needs dir: the directory the application writes its files in")
+        if self.source == "user-dataset" and not (self.dir and self.user):
+            raise ValueError("source = 'user-dataset' needs dir (a dataset directory, docs/data-format.md) and user "
+                             "(one of its federated users)")
 
 
 @dataclass(frozen=True)
@@ -628,6 +637,14 @@ def _topic_name(v: str) -> str | None:
     return None
 
 
+def _user_id(v: str) -> str | None:
+    try:
+        check_name("user", v)  # user ids have the alphabet of device ids (docs/data-format.md)
+    except ValueError:
+        return "a user id of the dataset: 1-64 letters, digits, '.', '_' or '-'"
+    return None
+
+
 def _http_address(v: str | None) -> str | None:
     """HOST:PORT, :PORT or PORT, as edge_agent.aggregator.web.parse_address reads it."""
     host, sep, port = (v or "").rpartition(":")
@@ -655,7 +672,9 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (TlsConfig, "check_hostname"): lambda v: None if v else (
         "true: the broker's certificate must always match the host connected to; set host to a name its "
         "subjectAltName lists (scripts/fleet-ca broker NAME --ip ADDR) instead of turning the check off"),
-    (DataConfig, "source"): _one_of("watch-dataset", "serial", "files"),
+    (DataConfig, "source"): _one_of("watch-dataset", "serial", "files", "user-dataset"),
+    (DataConfig, "user"): lambda v: None if v is None else _user_id(v),
+    (DataConfig, "split"): _one_of("auto", "session", "segment"),
     (DataConfig, "baudrate"): _at_least(1),
     (DataConfig, "min_windows"): _at_least(1),
     (DataConfig, "max_windows"): _at_least(1),

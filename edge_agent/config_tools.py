@@ -608,6 +608,25 @@ def _check_paths(report: CheckReport, kind: str, where: str, base: Path, environ
                                "broker can forge messages (deploy/README.md, \"Keys\")")
 
 
+def _user_dataset_problem(directory: str, user: str) -> str | None:
+    """What stops an agent with `source = "user-dataset"` before it reads a window: no dataset card in `directory`,
+    or `user` no federated user of it (the users' files are checked when the agent starts, as `edge-fl data check
+    DIR` checks them)."""
+    from .data.from_userdata import check_federated_user
+    from .data.userdata import UserDataError, UserDataset, read_card
+
+    root = Path(directory)
+    if not root.is_dir():
+        return (f"dir {directory}: no such directory; give a dataset directory (dataset.json and users/, "
+                "docs/data-format.md; `edge-fl data import ...` writes one)")
+    try:
+        card = read_card(root)
+        check_federated_user(UserDataset(card, {}, root), user)
+    except UserDataError as exc:
+        return str(exc)
+    return None
+
+
 def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[Override] = (),
                  environ: Mapping[str, str] = os.environ) -> CheckReport:
     """Every problem in an agent or aggregator config, and what would run if there is none."""
@@ -647,6 +666,11 @@ def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[
             if cfg.data.dir and not (Path(cfg.data.dir) / "dataset.json").is_file():
                 report.problems.append(f"{path} [data]: {cfg.data.dir} has no dataset.json: the agent reads every "
                                        "file against it (docs/data-format.md, 'Feeding an agent from files')")
+        elif cfg.data.source == "user-dataset":
+            data = f"user {cfg.data.user} of the dataset in {cfg.data.dir}"
+            problem = _user_dataset_problem(cfg.data.dir or "", cfg.data.user or "")
+            if problem:
+                report.problems.append(f"{path} [data]: {problem}")
         else:
             data = f"bundled recordings of subject {cfg.data.subject}"
         report.summary = (f"agent {cfg.device_id!r} in fleet {cfg.fleet!r}, broker {cfg.broker.host}:{cfg.broker.port}"

@@ -3,8 +3,11 @@
 A private Mosquitto from broker_config/ (or `--broker host:port`), the aggregator, and `--agents N` agent
 processes on the real recordings: by default one per federated subject; more agents than subjects take the
 subjects' recordings in turn (`subject-04-2` is the second agent on subject 4's data, with its own device id and
-random stream). The demo process itself only watches: it subscribes to telemetry and status, prints a table per
-round, and writes a results document shaped like `edge-fl simulate`'s.
+random stream). With `--data DIR`, a per-user dataset directory instead: one agent per federated user of its card,
+device id = user id (`<user>-2` and so on beyond), each reading its user's windows from DIR (demo_data.py). The
+demo process itself only watches: it subscribes to telemetry and status (with --data also to the global model,
+to score its new-user head on the held-out users), prints a table per round, and writes a results document
+shaped like `edge-fl simulate`'s.
 
 No process outlives the demo, whatever ends it:
 - Success, an error, SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signals raise `Interrupted` in the main thread, so
@@ -47,7 +50,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -55,7 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from .data.partition import CLIENT_SUBJECTS, PartitionConfig
+from .data.partition import PartitionConfig
+from .demo_data import DemoData
 from .faults import ENV as CRASH_ENV
 from .learning.metrics import summarize
 from .learning.training import TrainingConfig
@@ -81,9 +85,16 @@ class DemoConfig:
     deadline_s: float = 60.0
     workdir: Path | None = None  # default: a temporary directory, removed after a successful run
     fleet: str = "demo"
-    agents: int = len(CLIENT_SUBJECTS)
+    agents: int | None = None  # default: one per federated subject (or user of `data`)
     keep_logs: bool = False  # keep the temporary work directory after a successful run too
     plain: bool = False  # passwords over plain MQTT and no signatures (always so with `broker`): development only
+    data: Path | None = None  # a per-user dataset directory (docs/data-format.md); default: the bundled recordings
+    backbone: Path | None = None  # with `data` (windows): the agents' backbone; default: the bundled one
+    split: str = "auto"  # with `data`: the time split, as `edge-fl simulate --split`
+
+
+#: DemoConfig's fields that only mean something with `data` (left out of the results of a run without it).
+DATA_FIELDS = ("data", "backbone", "split")
 
 
 #: What `--plain` prints (to stdout, with the table, where nobody can miss it).
@@ -142,19 +153,6 @@ class _StopSignals:
         self.previous.clear()
 
 
-def agent_ids(count: int) -> list[tuple[str, int]]:
-    """(device id, subject) of `count` agents: the federated subjects in turn, `subject-04`, ..., `subject-09`,
-    then `subject-04-2` (the second agent on subject 4's recordings), and so on."""
-    if count < 1:
-        raise ValueError(f"the demo needs at least one agent, got {count}")
-    ids = []
-    for i in range(count):
-        copy, subject = divmod(i, len(CLIENT_SUBJECTS))
-        s = CLIENT_SUBJECTS[subject]
-        ids.append((f"subject-{s:02d}" if copy == 0 else f"subject-{s:02d}-{copy + 1}", s))
-    return ids
-
-
 def _toml_value(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
 
@@ -179,9 +177,11 @@ def _tls_section(tls: TlsOptions | None) -> dict[str, dict[str, Any]]:
 def write_aggregator_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
                             fleet: str, clients: int, train: TrainingConfig, deadline_s: float, min_clients: int = 1,
                             max_update_bytes: int | None = None, password_file: Path | None = None,
-                            tls: TlsOptions | None = None, signing: dict[str, str] | None = None) -> Path:
+                            tls: TlsOptions | None = None, signing: dict[str, str] | None = None,
+                            embedding_dim: int | None = None, num_classes: int | None = None) -> Path:
     """The aggregator's TOML. Give `password_file` (and no `password`) to keep the secret out of the file;
-    `tls` for [broker.tls], `signing` for [signing] (key, registry)."""
+    `tls` for [broker.tls], `signing` for [signing] (key, registry); `embedding_dim` and `num_classes` size the
+    head (default: the aggregator's, the bundled backbone's 64 features and the bundled recordings' 7 classes)."""
     path = workdir / "aggregator.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
@@ -191,24 +191,32 @@ def write_aggregator_config(workdir: Path, host: str, port: int, username: str |
                    "max_update_bytes": max_update_bytes},
          "train": asdict(train),
          **({"signing": signing} if signing else {})},
-        {"state": str(workdir / "aggregator.db"), "fleet_name": fleet}))
+        {"state": str(workdir / "aggregator.db"), "fleet_name": fleet, "embedding_dim": embedding_dim,
+         "num_classes": num_classes}))
     return path
 
 
 def write_agent_config(workdir: Path, host: str, port: int, username: str | None, password: str | None, *,
-                       fleet: str, subject: int, rng_stream: int, partition: PartitionConfig,
+                       fleet: str, rng_stream: int, partition: PartitionConfig, subject: int | None = None,
+                       data: Mapping[str, Any] | None = None, backbone: str | None = None,
                        max_payload_bytes: int | None = None, device_id: str | None = None,
                        password_file: Path | None = None, tls: TlsOptions | None = None,
                        signing: dict[str, Any] | None = None) -> Path:
-    """An agent's TOML (device id `subject-NN` unless given) on `subject`'s recordings; `tls` for [broker.tls],
+    """An agent's TOML on `subject`'s recordings (device id `subject-NN` unless given), or on what the [data] keys
+    `data` name (then give `device_id`), with `backbone` as [backbone] model if given; `tls` for [broker.tls],
     `signing` for [signing] (key, fleet_keys)."""
+    if subject is None and (data is None or device_id is None):
+        raise ValueError("write_agent_config: give the subject, or the [data] keys that name the agent's data and "
+                         "its device id")
+    data = {"subject": subject} if data is None else data
     device = device_id or f"subject-{subject:02d}"
     path = workdir / f"{device}.toml"
     path.write_text(_toml(
         {"broker": {"host": host, "port": port, "username": username, "password": password,
                     "password_file": _path_or_none(password_file), "max_payload_bytes": max_payload_bytes},
          **_tls_section(tls),
-         "data": {"subject": subject, "regime": partition.regime, "seed": partition.seed,
+         **({"backbone": {"model": backbone}} if backbone else {}),
+         "data": {**data, "regime": partition.regime, "seed": partition.seed,
                   "shots": partition.shots, "classes_per_client": partition.classes_per_client,
                   "alpha": partition.alpha},
          **({"signing": signing} if signing else {})},
@@ -345,17 +353,48 @@ def run_supervised(argv: list[str]) -> int:
     return main(argv)
 
 
-def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None] = print) -> dict[str, Any]:
+def fleet_data(cfg: DemoConfig, warn: Callable[[str], None]) -> DemoData:
+    """What the agents train on: the bundled recordings, or `cfg.data` (read, checked and embedded here, before
+    anything starts: a dataset the agents could not use is refused in one line)."""
+    from .demo_data import bundled_data, user_dataset_data
+
+    if cfg.data is None:
+        if cfg.backbone is not None or cfg.split != "auto":
+            raise ValueError("a backbone and a split rule go with a dataset directory (--data DIR): the bundled "
+                             "recordings run the bundled backbone and their own time split")
+        return bundled_data(cfg.agents)
+    return user_dataset_data(cfg.data, cfg.agents, cfg.partition, backbone=cfg.backbone, split=cfg.split, warn=warn)
+
+
+def _describe(report: dict[str, Any], backbone: str | None) -> str:
+    """The `data:` line of a run on a dataset directory, from its `data` section."""
+    held = len(report["users"]["holdout"])
+    return (f"data: {report['name']} in {report['path']} ({report['kind']}, {report['num_classes']} classes, "
+            f"{len(report['users']['federate'])} federated users, "
+            + (f"{held} held out as new users" if held else "no held-out users: no new-user accuracy")
+            + f"; split {report['split']['rule']}" + (f", backbone {backbone}" if backbone else "") + ")")
+
+
+def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None] = print,
+             warn: Callable[[str], None] = log.warning) -> dict[str, Any]:
     """Run the fleet for `cfg.train.rounds` rounds and return (and write to `out`) the results.
 
     Raises `Interrupted` on SIGINT, SIGTERM or SIGHUP (from the main thread), after stopping everything; the
     temporary work directory is kept, and its path printed, unless the run succeeded (and `keep_logs` is off).
+    `warn` gets what is legal in a dataset directory but worth saying (`edge-fl data check`'s problems).
     """
     from .broker import LocalBroker
+    from .codec.envelope import decode_envelope
+    from .demo_data import new_user_accuracy
     from .demo_pki import AGGREGATOR, MONITOR, DemoPki, make_demo_pki
+    from .fleet import GlobalModel, decode_global
     from .transport import Message, MqttLink
 
-    clients = agent_ids(cfg.agents)
+    data = fleet_data(cfg, warn)
+    clients = data.agents
+    # With --data the results carry a new-user accuracy per round: the new-user head of each global version (read
+    # from model/current, as devices read it) on the held-out users' windows; null without held-out users.
+    has_new_users = data.new_user_y is not None and data.new_user_y.size > 0
     secure = not (cfg.plain or cfg.broker)
     owned = cfg.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="edge-fl-demo-")) if cfg.workdir is None else Path(cfg.workdir)
@@ -372,7 +411,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
     try:
         stop_signals.raising()
         if secure:
-            pki = make_demo_pki(workdir / "pki", [device for device, _ in clients])
+            pki = make_demo_pki(workdir / "pki", [a.device for a in clients])
             users: dict[str, str] = {}  # no password file entries: a certificate is the only way in
             broker = LocalBroker(workdir / "broker", users=users, config=pki.broker_config)
             broker.start()
@@ -405,17 +444,22 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         monitor.connect(timeout=10)
         monitor.subscribe(topics.telemetry_filter, qos=1)
         monitor.subscribe(topics.status, qos=1)
+        if has_new_users:
+            monitor.subscribe(topics.model_current, qos=1)
+        if data.report is not None:
+            printer(_describe(data.report, data.backbone))
         agg = write_aggregator_config(workdir, host, port, user_names.get("aggregator"), None, fleet=cfg.fleet,
                                       clients=len(clients), train=cfg.train, deadline_s=cfg.deadline_s,
                                       password_file=secret_files.get("aggregator"),
                                       tls=pki.tls(AGGREGATOR) if pki else None,
                                       signing={"key": str(pki.fleet_key), "registry": str(pki.registry)}
-                                      if pki else None)
+                                      if pki else None, embedding_dim=data.embedding_dim, num_classes=data.num_classes)
         fleet.spawn("aggregator", "aggregator", "--config", str(agg), "--exit-when-done")
-        for i, (device, subject) in enumerate(clients):
+        for i, agent in enumerate(clients):
+            device = agent.device
             path = write_agent_config(workdir, host, port, user_names.get("device"), None, fleet=cfg.fleet,
-                                      subject=subject, rng_stream=i, partition=cfg.partition, device_id=device,
-                                      password_file=secret_files.get("device"),
+                                      data=agent.data, backbone=data.backbone, rng_stream=i, partition=cfg.partition,
+                                      device_id=device, password_file=secret_files.get("device"),
                                       tls=pki.tls(device) if pki else None,
                                       signing={"key": str(pki.device_key(device)), "fleet_keys": [str(pki.fleet_pub)]}
                                       if pki else None)
@@ -424,9 +468,9 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         (workdir / "pids.json").write_text(json.dumps(
             {**({"broker": broker.pid} if broker is not None else {}), **fleet.pids()}, indent=1))
         t = cfg.train
-        subjects = len({s for _, s in clients})
+        owners = len({a.owner for a in clients})
         printer(f"started the aggregator and {len(clients)} agents"
-                + (f" on the data of {subjects} subjects" if subjects != len(clients) else "")
+                + (f" on the data of {owners} {data.owners}" if owners != len(clients) else "")
                 + f" ({t.strategy}, {cfg.partition.regime}, {t.rounds} rounds, seed {t.seed}"
                 + (f", fraction {t.fraction}" if t.fraction < 1 else "") + f"); logs in {workdir}")
         header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
@@ -435,6 +479,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         printer("-" * len(header))
         telemetry: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         status: dict[int, dict[str, Any]] = {}
+        models: dict[int, GlobalModel] = {}  # with has_new_users: the global versions not yet scored
         rows: list[dict[str, Any]] = []
         wire = SocketTally()
         printed = 0
@@ -450,12 +495,17 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                 continue
             if not isinstance(msg, Message) or not msg.payload:
                 continue
+            if msg.topic == topics.model_current:
+                model = decode_global(decode_envelope(msg.payload))
+                models[model.version] = model
+                continue
             doc = json.loads(msg.payload)
             if msg.topic == topics.status:
                 status[int(doc["model_version"])] = doc
             else:
                 telemetry[int(doc["version"])][doc["device"]] = doc
-            while printed + 1 in status and len(telemetry[printed + 1]) == len(clients):
+            while (printed + 1 in status and len(telemetry[printed + 1]) == len(clients)
+                   and (not has_new_users or printed + 1 in models)):
                 v = printed + 1
                 reports, st = telemetry[v], status[v]
                 accs = {d: r["personal_acc"] for d, r in sorted(reports.items())}
@@ -466,6 +516,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                        "clients_reporting": st["reporting"], "uplink_bytes": st["bytes_in"],
                        "downlink_bytes": st["bytes_out"], "rejected": st["rejected"],
                        "device_socket_bytes_received": down, "device_socket_bytes_sent": up}
+                if data.reports_new_users:
+                    row["new_user_acc"] = new_user_accuracy(models.pop(v), data) if has_new_users else None
                 rows.append(row)
                 g = "-" if row["global_acc"] is None else f"{100 * row['global_acc']:.1f}"
                 per_device = ("-", "-") if down is None or up is None else (f"{down / len(clients):,.0f}",
@@ -478,9 +530,13 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                 # are not needed any more.
                 shutil.rmtree(secrets_dir, ignore_errors=True)
         last = rows[-1]
-        config = {k: v for k, v in asdict(cfg).items() if k != "password"}
-        result = {
-            "config": {**config, "workdir": str(workdir),
+        config = {k: v for k, v in asdict(cfg).items()
+                  if k != "password" and (cfg.data is not None or k not in DATA_FIELDS)}
+        for key in ("data", "backbone"):
+            if config.get(key) is not None:
+                config[key] = str(config[key])
+        result: dict[str, Any] = {
+            "config": {**config, "agents": len(clients), "workdir": str(workdir),
                        "security": "mutual TLS, signed" if secure else "plain, unsigned"},
             "rounds": rows,
             "summary": {"mean_acc": last["mean_acc"], "p10_acc": last["p10_acc"], "worst_acc": last["worst_acc"],
@@ -489,6 +545,10 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                             max(1, r["clients_reporting"]) for r in rows),
                         **wire.summary(rows, len(clients))},
         }
+        if data.reports_new_users:
+            result["summary"]["new_user_acc"] = last["new_user_acc"]
+            result["backbone"] = data.backbone_doc
+            result["data"] = data.report
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=float))

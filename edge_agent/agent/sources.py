@@ -1,6 +1,7 @@
 """Where a device's local data comes from: one interface, chosen in one place (`open_source`).
 
 - the bundled recordings of one subject (the demo), through the real backbone;
+- one federated user of a per-user dataset directory (`edge-fl demo --data`), through the real backbone;
 - fixed data handed over in process (`edge-fl simulate` runs real agents on data it already embedded);
 - the microcontrollers attached on serial lines (bridge_source.py), whose data grows as windows arrive
   and which run every new personalized head;
@@ -132,9 +133,67 @@ def watch_client_data(dataset: WatchDataset, backbone: FrozenBackbone, subject: 
     train, test = (WindowSet(*(np.concatenate(cols) for cols in zip(*(
         (w.x, w.y, w.subject, w.recording, w.start, w.stop) for w in parts[name]), strict=True)))
         for name in ("train", "test"))
-    (split,) = partition_clients(train, test, partition, (subject,))
+    (split,) = partition_clients(train, test, partition, (subject,), num_classes=len(dataset.class_names))
     return ClientData(standardize(backbone.embed(train.x[split.train_idx])), train.y[split.train_idx],
                       standardize(backbone.embed(test.x[split.test_idx])), test.y[split.test_idx])
+
+
+def user_dataset_source(cfg: AgentConfig) -> FixedSource:
+    """`[data] source = "user-dataset"`: one federated user of a per-user dataset directory (docs/data-format.md),
+    the ClientData `edge-fl simulate --data DIR` gives that user (`user_client_data`, tested equal).
+
+    The directory is read and checked whole (the time split "auto" picks one rule for every federated user);
+    then only the pretrain users' windows (the standardization statistics) and this user's are kept, the rest
+    freed before the backbone loads, and only those are embedded. Every window, the dataset and the backbone are
+    released before the agent starts its rounds.
+    """
+    from pathlib import Path
+
+    from ..data.from_userdata import (
+        TEST_FRACTION,
+        BackboneMismatchError,
+        check_backbone_input,
+        check_federated_user,
+        choose_split,
+        client_users,
+        only_users,
+        user_client_data,
+    )
+    from ..data.partition import PartitionConfig
+    from ..data.userdata import load_user_dataset
+
+    d = cfg.data
+    if not d.dir or not d.user:
+        raise ValueError("data.source = 'user-dataset' needs data.dir (a dataset directory, docs/data-format.md) "
+                         "and data.user (one of its federated users)")
+    if not Path(d.dir).is_dir():
+        raise ValueError(f"[data] dir {d.dir}: no such directory; give the directory that holds dataset.json and "
+                         "users/ (write one with `edge-fl data import ...`, docs/data-format.md)")
+    partition = PartitionConfig(regime=d.regime, seed=d.seed, shots=d.shots,
+                                classes_per_client=d.classes_per_client, alpha=d.alpha)
+    dataset = load_user_dataset(d.dir)
+    try:
+        check_federated_user(dataset, d.user)
+    except ValueError as exc:
+        raise ValueError(f"[data] user: {exc}") from None
+    split = choose_split(dataset, d.split, TEST_FRACTION)  # on every federated user, as simulate chooses it
+    # Only the windows this client is made of outlive the read; the other users' are freed, and their pages
+    # handed back, before the interpreter loads.
+    dataset = only_users(dataset, client_users(dataset.card, d.user))
+    release_freed_memory()
+    backbone = None
+    if dataset.card.kind == "windows":
+        backbone = open_backbone(cfg)
+        try:
+            check_backbone_input(dataset, backbone.input_shape, str(backbone.path))
+        except BackboneMismatchError as exc:
+            raise BackboneMismatchError(f"{exc} (an agent's backbone is [backbone] model)") from None
+    data = user_client_data(dataset, d.user, partition, embed=backbone.embed if backbone else None,
+                            sidecar_standardizer=backbone.embedding_standardizer() if backbone else None,
+                            split=split)
+    del dataset, backbone
+    release_freed_memory()  # the windows, the interpreter and its buffers are gone: hand their pages back
+    return FixedSource(data, f"user {d.user} of {d.dir}")
 
 
 def release_freed_memory() -> None:
@@ -184,4 +243,6 @@ def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:
         card = read_card(d.dir)  # first: a missing or broken card is said before the backbone loads
         return FileSource(d.dir, card, store, open_backbone(cfg) if card.kind == "windows" else None,
                           keep_files=d.keep_files, min_windows=d.min_windows, max_windows=d.max_windows)
-    raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset', 'serial' or 'files'")
+    if d.source == "user-dataset":
+        return user_dataset_source(cfg)
+    raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset', 'serial', 'files' or 'user-dataset'")

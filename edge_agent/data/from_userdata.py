@@ -11,13 +11,15 @@ bundled recordings (edge_agent/data/federated.py):
 - the number of classes is the card's, whatever labels happen to be present.
 
 `prepare_users` does the expensive part once (embedding, the split); `federate_users` builds the clients for a
-partition regime from it, cheaply, as often as asked.
+partition regime from it, cheaply, as often as asked. `user_client_data` builds one federated user's client alone,
+equal to its client in `federate_users`, from the pretrain users' windows and its own: what a device of `edge-fl
+demo --data` (an agent with `[data] source = "user-dataset"`) trains on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,13 @@ import numpy as np
 from ..learning.features import EmbeddingStandardizer
 from ..learning.strategies import ClientData
 from .federated import FederatedData
-from .partition import PartitionConfig, partition_clients
-from .userdata import SPLIT_RULES, TimeSplit, UserDataError, UserDataset
-from .windows import WindowConfig, WindowSet
+from .partition import PartitionConfig, partition_client
+from .userdata import SPLIT_RULES, DatasetCard, TimeSplit, UserDataError, UserDataset
+from .windows import WindowConfig
 
 __all__ = ["TEST_FRACTION", "SESSION_SHARE_TOLERANCE", "BackboneMismatchError", "SplitChoice", "UserFeatures",
-           "check_backbone_input", "backbone_notes", "choose_split", "prepare_users", "federate_users"]
+           "check_backbone_input", "backbone_notes", "choose_split", "prepare_users", "federate_users", "user_number",
+           "check_federated_user", "client_users", "only_users", "user_client_data"]
 
 # The later 30 % of each federated user's windows are test windows, as the bundled recordings are cut today.
 TEST_FRACTION = WindowConfig().test_fraction
@@ -199,42 +202,111 @@ def prepare_users(dataset: UserDataset, *, embed: Embed | None = None,
     return UserFeatures(dataset, features, std, source, split, test_fraction)
 
 
-def _window_sets(prepared: UserFeatures) -> tuple[WindowSet, WindowSet, tuple[int, ...]]:
-    """The federated users' train and test parts as the WindowSets partition_clients reads (it reads only y and
-    subject). A user's number is its position in the card's roles (pretrain, federate, holdout) from 1: it seeds
-    that client's partition, so the bundled recordings' import (subject-01 .. subject-10 in that order) gets
-    the very partitions the bundled simulation draws."""
-    order = {uid: i + 1 for i, uid in enumerate(prepared.dataset.card.roles.all())}
-    parts: dict[str, list[tuple[np.ndarray, ...]]] = {"train": [], "test": []}
-    for uid, split in prepared.split.splits.items():
-        user, feats = prepared.dataset.users[uid], prepared.features[uid]
-        session = user.session if user.session is not None else np.zeros(len(user), np.int64)
-        for name in ("train", "test"):
-            idx = getattr(split, name)
-            parts[name].append((feats[idx], user.y[idx], np.full(idx.size, order[uid], np.int64), session[idx],
-                                idx.astype(np.int64), idx.astype(np.int64) + 1))
-    sets = tuple(WindowSet(*(np.concatenate(col) for col in zip(*parts[name], strict=True)))
-                 for name in ("train", "test"))
-    return sets[0], sets[1], tuple(order[u] for u in prepared.split.splits)
+def user_number(card: DatasetCard, user_id: str) -> int:
+    """A user's number: its position in the card's roles (pretrain, federate, holdout) from 1. It seeds that
+    client's partition, so the bundled recordings' import (subject-01 .. subject-10 in that order) draws the very
+    partitions the bundled simulation draws."""
+    return card.roles.all().index(user_id) + 1
+
+
+def _client(dataset: UserDataset, user_id: str, features: np.ndarray, split: TimeSplit,
+            standardize: EmbeddingStandardizer, partition: PartitionConfig) -> ClientData:
+    """One federated user's ClientData from its (unstandardized) features and its time split."""
+    y = dataset.users[user_id].y
+    y_train, y_test = y[split.train], y[split.test]
+    own = partition_client(user_id, user_number(dataset.card, user_id), y_train, y_test, partition,
+                           dataset.card.num_classes)
+    return ClientData(standardize(features[split.train][own.train_idx]), y_train[own.train_idx],
+                      standardize(features[split.test][own.test_idx]), y_test[own.test_idx])
 
 
 def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = None) -> FederatedData:
     """One client per federated user (client id = user id) under a partition regime (default: natural), and the
-    new users. The heads get the card's number of classes; partition_clients itself counts classes from the
-    largest label among the federated users' windows, so label-skew and dirichlet draw over the classes up to
-    that label (a class beyond it has no window to keep anyway)."""
+    new users. The heads get the card's number of classes, and label-skew and dirichlet draw over them."""
     partition = partition or PartitionConfig()
-    std = prepared.standardizer
-    train, test, numbers = _window_sets(prepared)
-    user_of = dict(zip(numbers, prepared.split.splits, strict=True))
-    splits = partition_clients(train, test, partition, numbers)
-    clients = tuple(ClientData(std(train.x[s.train_idx]), train.y[s.train_idx], std(test.x[s.test_idx]),
-                               test.y[s.test_idx]) for s in splits)
-    ids = tuple(user_of[s.subject] for s in splits)
-    holdout = prepared.dataset.in_role("holdout")
+    std, dataset = prepared.standardizer, prepared.dataset
+    ids = tuple(prepared.split.splits)
+    clients = tuple(_client(dataset, uid, prepared.features[uid], split, std, partition)
+                    for uid, split in prepared.split.splits.items())
+    holdout = dataset.in_role("holdout")
     dim = prepared.dim
     new_x = np.concatenate([prepared.features[u.user_id] for u in holdout]) if holdout else np.zeros((0, dim),
                                                                                                    np.float32)
     new_y = np.concatenate([u.y for u in holdout]) if holdout else np.zeros(0, np.int64)
-    card = prepared.dataset.card
+    card = dataset.card
     return FederatedData(ids, clients, std(new_x), new_y, card.num_classes, dim, card.class_names, partition)
+
+
+# --- one federated user alone (a device of `edge-fl demo --data`, [data] source = "user-dataset") -------------
+
+
+def check_federated_user(dataset: UserDataset, user_id: str) -> None:
+    """Refuse (UserDataError) a user who is not a federated client of `dataset`: only those have a ClientData."""
+    roles, where = dataset.card.roles, dataset.path or dataset.card.name
+    if user_id in roles.federate:
+        return
+    choose = f"choose one of the federated users (roles.federate): {', '.join(roles.federate)}"
+    if user_id in roles.all():
+        role = roles.of(user_id)
+        raise UserDataError(f"{where}: user {user_id!r} is a {role} user (roles.{role} in dataset.json), not a "
+                            f"federated one, so it is no client: {choose}")
+    raise UserDataError(f"{where}: no user {user_id!r} in dataset.json; {choose}")
+
+
+def client_users(card: DatasetCard, user_id: str) -> tuple[str, ...]:
+    """The users whose windows one federated user's ClientData is made of, in the card's order: the pretrain
+    users (the standardization statistics) and the user itself. Without pretrain users the statistics are the
+    backbone sidecar's, failing that the federated users' training windows: then every federated user."""
+    roles = card.roles
+    if roles.pretrain:
+        return (*roles.pretrain, user_id)
+    return roles.federate
+
+
+def only_users(dataset: UserDataset, user_ids: tuple[str, ...]) -> UserDataset:
+    """`dataset` holding only `user_ids` (the card unchanged): what one client needs, the rest left to be freed."""
+    keep = set(user_ids)
+    return replace(dataset, users={uid: u for uid, u in dataset.users.items() if uid in keep})
+
+
+def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionConfig | None = None, *,
+                     embed: Embed | None = None, sidecar_standardizer: EmbeddingStandardizer | None = None,
+                     split: SplitChoice | None = None, rule: str = "auto",
+                     test_fraction: float = TEST_FRACTION) -> ClientData:
+    """`federate_users(prepare_users(dataset, embed=embed, sidecar_standardizer=..., rule=rule), partition)`'s
+    ClientData of `user_id`, embedding only the windows it is made of: the pretrain users' (the standardization
+    statistics, fitted on the same windows in the same order) and this user's (`client_users`). Equal, not close
+    (tested): a window's embedding does not depend on the windows embedded with it, and the partition draws
+    per client (`partition_client`).
+
+    `split`: the time split `choose_split(full dataset, rule, test_fraction)` chose, which lets `dataset` hold
+    only the users `client_users` names (`only_users`); without it, it is chosen here from `dataset`, which must
+    then hold every federated user ("auto" picks one rule for all of them). Refuses (UserDataError) a user who is
+    not federated, or whom the split leaves without training or test windows."""
+    check_federated_user(dataset, user_id)
+    needed = (*client_users(dataset.card, user_id), *(dataset.card.roles.federate if split is None else ()))
+    missing = [u for u in dict.fromkeys(needed) if u not in dataset.users]
+    if missing:
+        raise ValueError(f"{dataset.path or dataset.card.name}: the data of user {user_id!r} needs the windows of "
+                         f"{', '.join(missing)}, which were left out; keep every user client_users() names and "
+                         "pass the split chosen on the whole dataset")
+    if split is None:
+        split = choose_split(dataset, rule, test_fraction)
+    own = SplitChoice(split.rule, split.why, {user_id: split.splits[user_id]})
+    _refuse_unscorable(dataset, own, test_fraction)
+    standardizing = dataset.card.roles.pretrain if dataset.card.roles.pretrain else (
+        () if sidecar_standardizer is not None else tuple(split.splits))
+    features = {uid: _user_features(dataset, uid, embed) for uid in dict.fromkeys((*standardizing, user_id))}
+    std, _ = _standardizer(dataset, features, split, sidecar_standardizer)
+    return _client(dataset, user_id, features[user_id], split.splits[user_id], std,
+                   partition or PartitionConfig())
+
+
+def _user_features(dataset: UserDataset, user_id: str, embed: Embed | None) -> np.ndarray:
+    """One user's windows as feature vectors: a features dataset's x as it is, a windows dataset's embedded."""
+    x = dataset.users[user_id].x
+    if dataset.card.kind == "features":
+        return x
+    if embed is None:
+        raise ValueError(f"{dataset.path or dataset.card.name}: a windows dataset needs a backbone to embed it")
+    return np.asarray(embed(x), np.float32)

@@ -60,7 +60,7 @@ def test_the_config_names_the_directory_relative_to_the_config_file(tmp_path: Pa
     _, problems, _ = check_toml('device_id = "d"\nstate_dir = "s"\n[data]\nsource = "files"\n', AgentConfig, "a.toml")
     assert problems == ["a.toml [data]: source = 'files' needs dir: the directory the application writes its files in"]
     _, problems, _ = check_toml('device_id = "d"\nstate_dir = "s"\n[data]\nsource = "file"\n', AgentConfig, "a.toml")
-    assert problems == ["a.toml [data]: source must be one of 'watch-dataset', 'serial', 'files', got 'file'"]
+    assert problems == ["a.toml [data]: source must be one of 'watch-dataset', 'serial', 'files', 'user-dataset', got 'file'"]
 
 
 def test_features_are_kept_exactly_in_arrival_order_and_split_per_label_in_time(tmp_path: Path) -> None:
