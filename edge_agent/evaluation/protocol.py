@@ -38,10 +38,9 @@ import numpy as np
 
 from ..data.augment import AugmentConfig, augment_windows, channel_groups_from_names
 from ..data.federated import FederatedData
-from ..data.from_userdata import UserFeatures
-from ..data.partition import PartitionConfig, partition_clients
+from ..data.from_userdata import UserFeatures, user_number
+from ..data.partition import PartitionConfig, partition_client
 from ..data.userdata import DatasetCard, UserData, split_in_time
-from ..data.windows import WindowSet
 from ..learning.features import fit_user_standardizer
 from ..learning.strategies import ClientData
 
@@ -196,29 +195,20 @@ def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, parti
     """One client per federated user: its phase's training windows under the partition regime, its phase's
     scored windows; the holdout users are the never-seen users, scored on every window."""
     dataset, card = prepared.dataset, prepared.dataset.card
-    numbers = {uid: i + 1 for i, uid in enumerate(card.roles.all())}
+    numbers = {uid: user_number(card, uid) for uid in card.roles.all()}
     fed = card.roles.federate
     parts = {u: user_parts(dataset.users[u], card, protocol, partition.seed, numbers[u]) for u in fed}
     std = prepared.standardizer
-    # The partition regimes read only labels and the client of each window; `start` carries the window's index
-    # among its user's windows so that a client's choice maps back to them.
-    sets = []
-    for which in (0, 1):
-        cols = []
-        for u in fed:
-            idx = parts[u].phase(phase)[which]
-            cols.append((prepared.features[u][idx], dataset.users[u].y[idx], np.full(idx.size, numbers[u]),
-                         np.zeros(idx.size, np.int64), idx, idx + 1))
-        sets.append(WindowSet(*(np.concatenate(c) for c in zip(*cols, strict=True))))
-    splits = partition_clients(sets[0], sets[1], partition, tuple(numbers[u] for u in fed))
     clients, train_index, score_index = [], {}, {}
-    for u, s in zip(fed, splits, strict=True):
-        tr, sc = sets[0].start[s.train_idx], sets[1].start[s.test_idx]
+    for u in fed:
         user, feats = dataset.users[u], prepared.features[u]
+        period, scored = parts[u].phase(phase)
+        own_share = partition_client(u, numbers[u], user.y[period], user.y[scored], partition, card.num_classes)
+        tr, sc = period[own_share.train_idx], scored[own_share.test_idx]
         own = std
         if options.per_user_standardization:
             # The user's whole training period, unlabelled: in few-shot it holds far more windows than labels.
-            own = fit_user_standardizer(feats[parts[u].phase(phase)[0]], std)
+            own = fit_user_standardizer(feats[period], std)
         x_train, y_train = own(feats[tr]), user.y[tr]
         if options.augment is not None and options.augment.enabled:
             x_aug, y_aug = augmented(user, tr, options.augment, card, partition.seed, numbers[u], embed)
