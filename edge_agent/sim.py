@@ -12,7 +12,7 @@ import queue
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -20,10 +20,11 @@ from .codec.envelope import decode_envelope, encode_envelope
 from .data.federated import FederatedData
 from .db import MEMORY
 from .fleet import GlobalModel, decode_global
-from .learning.head import HeadConfig, quantize_head
+from .learning.head import HeadConfig, Int8Head, quantize_head
 from .learning.metrics import accuracy, summarize
 from .learning.robust import RobustConfig
 from .learning.strategies import (
+    ClientData,
     ClientDataError,
     ServerState,
     check_client_data,
@@ -33,6 +34,10 @@ from .learning.training import TrainingConfig
 from .memory_broker import MemoryBroker, MemoryLink
 from .messaging import Message
 from .protocol import Topics
+
+if TYPE_CHECKING:
+    from .agent.service import AgentService
+    from .agent.sources import DataSource
 
 Uplink = Callable[[str, int, bytes], None]  # (device id, round, the update message as sent) for tests
 
@@ -164,11 +169,69 @@ class _AttackerLink(MemoryLink):
         return super().publish(topic, self.rewrite(topic, payload), **kwargs)
 
 
+# --- data that changes over the run, and the heads devices score with: for tests and benchmarks ---------------
+
+@dataclass(frozen=True)
+class SimClient:
+    """What a `sources` factory of run_simulation is given for one simulated device."""
+
+    index: int  # the device's position among the clients (its rng stream)
+    client_id: str
+    data: ClientData  # the client's data in the FederatedData
+    round_open: Callable[[], int]  # the round the aggregator has opened last (0 before the first)
+
+
+SourceFactory = Callable[[SimClient], "DataSource"]
+# (round, device id -> the int8 head that device scored its telemetry personal_acc with after that round)
+HeadWatch = Callable[[int, Mapping[str, Int8Head]], None]
+
+
+class StagedSource:
+    """Data that grows by stages, as a device's does when new labelled windows arrive: `stages` are
+    (first round, ClientData), the first from round 1; `client_data()` is the latest stage whose round has
+    opened. What a device trains on in round r is what it holds when round r's task arrives."""
+
+    runs_heads = False
+
+    def __init__(self, stages: list[tuple[int, ClientData]], round_open: Callable[[], int], description: str) -> None:
+        starts = [start for start, _ in stages]
+        if not stages or starts[0] != 1 or starts != sorted(set(starts)):
+            raise ValueError(f"{description}: stages must start at round 1 and at increasing rounds, got {starts}")
+        self.stages, self.round_open, self.description = stages, round_open, description
+
+    def client_data(self) -> ClientData | None:
+        now = max(1, self.round_open())
+        return [data for start, data in self.stages if start <= now][-1]
+
+    def push(self, params: Mapping[str, np.ndarray]) -> object:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _watched_agent_class(heads: dict[int, dict[str, Int8Head]]) -> type[AgentService]:
+    """AgentService that also keeps, per version it scores, the head it scored with (in `heads`)."""
+    from .agent.service import AgentService
+
+    class WatchedAgent(AgentService):
+        def evaluate(self, model: GlobalModel, data: ClientData | None = None) -> None:
+            scored_before = self.store.evaluated(model.version)
+            super().evaluate(model, data)
+            if not scored_before and self.store.evaluated(model.version):
+                scored = data or self.data()
+                assert scored is not None  # evaluated: it had data
+                heads.setdefault(model.version, {})[self.cfg.device_id] = self.personal_head(model, scored)
+
+    return WatchedAgent
+
+
 def run_simulation(data: FederatedData, config: TrainingConfig, *,
                    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
                    watch_uplink: Uplink | None = None,
                    watch_server: Callable[[ServerState], None] | None = None,
-                   robust: RobustConfig | None = None, attack: Attack | None = None) -> dict[str, Any]:
+                   robust: RobustConfig | None = None, attack: Attack | None = None,
+                   sources: SourceFactory | None = None, watch_heads: HeadWatch | None = None) -> dict[str, Any]:
     """Run `config.rounds` rounds of a real fleet in one process; returns the results document.
 
     The aggregator and one agent per client are the real services (edge-fl aggregator / edge-fl agent),
@@ -178,6 +241,11 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
 
     `robust`: the aggregator's [aggregator] table (default: its defaults). `attack` (tests and benchmarks only)
     makes some devices malicious.
+
+    `sources` (tests and benchmarks): each device's data source, made from its SimClient (default: its fixed
+    data), e.g. a StagedSource whose data grows at a given round. `watch_heads` is called once per round, in order,
+    with each device's personalized head after that round (the one its telemetry personal_acc scores), so that a
+    caller can score windows of its own.
     """
     from .agent.service import AgentService
     from .agent.sources import FixedSource
@@ -221,8 +289,14 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
             return link
         return attacker
 
-    agents = [AgentService(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
-                           FixedSource(cd, cid), link_factory=link_factory(cid), clock=clock)
+    heads: dict[int, dict[str, Int8Head]] = {}  # version -> device -> the head it scored (watch_heads only)
+    agent_class = AgentService if watch_heads is None else _watched_agent_class(heads)
+
+    def source(i: int, cid: str, cd: ClientData) -> DataSource:
+        return FixedSource(cd, cid) if sources is None else sources(SimClient(i, cid, cd, aggregator.rounds_opened))
+
+    agents = [agent_class(AgentConfig(device_id=cid, state_dir=MEMORY, fleet=SIM_FLEET, rng_stream=i, broker=memory),
+                          source(i, cid, cd), link_factory=link_factory(cid), clock=clock)
               for i, (cid, cd) in enumerate(zip(data.client_ids, data.clients, strict=True))]
     # What every device downloads (tasks, whole models or their changes, receipts), by the round open when the
     # broker delivered it; what came before round 1 (the retained model at connection) counts in round 1.
@@ -287,6 +361,10 @@ def run_simulation(data: FederatedData, config: TrainingConfig, *,
                       "new_user_acc": new_acc, "clients_reporting": rec.reporting, "uplink_bytes": rec.uplink,
                       "downlink_bytes": downlink[rec.round]}
             rounds.append(record)
+            if watch_heads is not None:
+                watch_heads(rec.round, heads[rec.version])
+                for older in [v for v in heads if v < rec.version]:
+                    del heads[older]
             if progress:
                 progress(rec.round, config.rounds, record)
 

@@ -64,7 +64,7 @@ from ..fleet import (
 )
 from ..keys import KeyFileError, load_fleet_keys, load_private_key
 from ..learning import rng
-from ..learning.head import quantize_head
+from ..learning.head import Int8Head, quantize_head
 from ..learning.metrics import accuracy
 from ..learning.strategies import (
     ClientData,
@@ -183,6 +183,14 @@ class AgentService:
         """The device's data now: fixed for the bundled recordings, growing for an attached MCU."""
         return self.source.client_data()
 
+    def personal_head(self, model: GlobalModel, data: ClientData) -> Int8Head:
+        """The int8 head this device scores (and uses) under global `model`: its strategy's personalized head
+        of the stored state, with the version's own generator."""
+        strategy = model.strategy()
+        personal = strategy.personalized(model.server(), self._state(model, strategy), data,
+                                         rng.personalize(model.training.seed, model.version, self.cfg.rng_stream))
+        return quantize_head(personal)
+
     def evaluate(self, model: GlobalModel, data: ClientData | None = None) -> None:
         """Score this device's heads under global `model` on its own held-out data, once per version."""
         version = model.version
@@ -196,16 +204,12 @@ class AgentService:
         except ClientDataError as exc:
             log.error("version %d: not evaluating: %s", version, exc)
             return
-        strategy, server = model.strategy(), model.server()
-        state = self._state(model, strategy)
-        personal = strategy.personalized(server, state, data,
-                                         rng.personalize(model.training.seed, version, self.cfg.rng_stream))
         report: dict[str, Any] = {
             "device": self.cfg.device_id, "version": version, "n_test": int(data.y_test.size),
-            "personal_acc": accuracy(quantize_head(personal).predict(data.x_test), data.y_test),
+            "personal_acc": accuracy(self.personal_head(model, data).predict(data.x_test), data.y_test),
             "global_acc": None,
         }
-        glob = strategy.new_user_head(server)
+        glob = model.strategy().new_user_head(model.server())
         if glob is not None:
             report["global_acc"] = accuracy(quantize_head(glob).predict(data.x_test), data.y_test)
         traffic = self.link.socket_traffic()
