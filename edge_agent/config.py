@@ -132,6 +132,14 @@ def secret_source(broker: BrokerConfig, environ: Mapping[str, str] = os.environ)
     return None
 
 
+# What a device does with its labelled windows before training, when its config leaves the key unset. Off until
+# the validation benchmark shows they help (edge_agent/evaluation/protocol.py); switching one on is changing its
+# constant here: a source that cannot apply one (an MCU's windows, a features card) then stays without it.
+DEFAULT_AUGMENT_COPIES = 0  # copies of each labelled window; 8 is what edge_agent/data/augment.py measured
+DEFAULT_PER_USER_STANDARDIZATION = False
+MAX_AUGMENT_COPIES = 32  # each copy costs one backbone invoke per labelled window and one stored embedding
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # "watch-dataset": the demo's data (this subject's bundled recordings); "serial": an attached MCU; "files": files a
@@ -159,6 +167,14 @@ class DataConfig:
     alpha: float = 0.5
     dataset: str | None = None
     cache_dir: str | None = None
+    # watch-dataset, user-dataset (windows), files (windows card): this many augmented copies of each labelled
+    # training window (edge_agent/data/augment.py), embedded by the backbone and trained on beside it; 0: none.
+    # Unset: DEFAULT_AUGMENT_COPIES where the source can augment, 0 elsewhere.
+    augment_copies: int | None = None
+    # Standardize the embeddings with this user's own statistics (of its training windows, labels unread), shrunk
+    # towards the population's (edge_agent/learning/features.py, fit_user_standardizer). Unset:
+    # DEFAULT_PER_USER_STANDARDIZATION where the source has population statistics, false elsewhere.
+    per_user_standardization: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_windows < self.min_windows:
@@ -168,6 +184,24 @@ class DataConfig:
         if self.source == "user-dataset" and not (self.dir and self.user):
             raise ValueError("source = 'user-dataset' needs dir (a dataset directory, docs/data-format.md) and user "
                              "(one of its federated users)")
+        if self.source == "serial" and self.augment_copies:
+            raise ValueError(f"augment_copies = {self.augment_copies} cannot apply to source = 'serial': the MCU's "
+                             "windows are embedded one at a time as they arrive and are not augmented; set "
+                             "augment_copies = 0 (or leave it out), or feed the windows as files (source = 'files')")
+
+    def copies_to_make(self, *, can_augment: bool) -> int:
+        """Augmented copies of each labelled window, for a source that `can_augment` (has raw sensor windows and
+        augments them) or not: the key's value, or unset the default where it applies."""
+        if self.augment_copies is not None:
+            return self.augment_copies
+        return DEFAULT_AUGMENT_COPIES if can_augment else 0
+
+    def standardizes_per_user(self, *, has_population: bool) -> bool:
+        """Whether to standardize with the user's own statistics, for a source that has population statistics to
+        shrink them towards or not: the key's value, or unset the default where it applies."""
+        if self.per_user_standardization is not None:
+            return self.per_user_standardization
+        return DEFAULT_PER_USER_STANDARDIZATION and has_population
 
 
 @dataclass(frozen=True)
@@ -678,6 +712,9 @@ _CHECKS: dict[tuple[type[Any], str], Check] = {
     (DataConfig, "baudrate"): _at_least(1),
     (DataConfig, "min_windows"): _at_least(1),
     (DataConfig, "max_windows"): _at_least(1),
+    (DataConfig, "augment_copies"): lambda v: None if 0 <= v <= MAX_AUGMENT_COPIES else (
+        f"between 0 (no augmentation) and {MAX_AUGMENT_COPIES} (each copy of a labelled window costs a backbone "
+        "invoke and a stored embedding; 8 is the measured choice)"),
     (BackboneConfig, "runtime"): _one_of("auto", "litert", "ai-edge-litert", "tflite-runtime"),
     (BackboneConfig, "num_threads"): _between(1, 64),
     (DataConfig, "subject"): _at_least(1),

@@ -608,23 +608,63 @@ def _check_paths(report: CheckReport, kind: str, where: str, base: Path, environ
                                "broker can forge messages (deploy/README.md, \"Keys\")")
 
 
-def _user_dataset_problem(directory: str, user: str) -> str | None:
-    """What stops an agent with `source = "user-dataset"` before it reads a window: no dataset card in `directory`,
-    or `user` no federated user of it (the users' files are checked when the agent starts, as `edge-fl data check
-    DIR` checks them)."""
+def _user_dataset_problem(directory: str, user: str) -> tuple[str | None, str | None]:
+    """(what stops an agent with `source = "user-dataset"` before it reads a window, the card's kind): no dataset
+    card in `directory`, or `user` no federated user of it (the users' files are checked when the agent starts, as
+    `edge-fl data check DIR` checks them)."""
     from .data.from_userdata import check_federated_user
     from .data.userdata import UserDataError, UserDataset, read_card
 
     root = Path(directory)
     if not root.is_dir():
         return (f"dir {directory}: no such directory; give a dataset directory (dataset.json and users/, "
-                "docs/data-format.md; `edge-fl data import ...` writes one)")
+                "docs/data-format.md; `edge-fl data import ...` writes one)"), None
     try:
         card = read_card(root)
         check_federated_user(UserDataset(card, {}, root), user)
     except UserDataError as exc:
-        return str(exc)
-    return None
+        return str(exc), None
+    return None, card.kind
+
+
+def _files_card_kind(report: CheckReport, path: str | Path, directory: str) -> tuple[str | None, str | None]:
+    """(what stops an agent with `source = "files"` before it takes a file, the card's kind). A card that does not
+    read is a warning: the application may install it with the directory, and the agent checks it when it starts."""
+    from .data.userdata import UserDataError, read_card
+
+    root = Path(directory)
+    if not (root / "dataset.json").is_file():
+        return (f"{directory} has no dataset.json: the agent reads every file against it (docs/data-format.md, "
+                "'Feeding an agent from files')"), None
+    try:
+        return None, read_card(root).kind
+    except UserDataError as exc:
+        report.warnings.append(f"{path} [data]: {exc}; the agent refuses to start until the card reads, and the "
+                               "augmentation and standardization keys are checked against it then")
+        return None, None
+
+
+def _data_options(report: CheckReport, path: str | Path, cfg: AgentConfig, kind: str | None) -> str:
+    """What the agent does with its labelled windows (`[data] augment_copies`, `per_user_standardization`) for its
+    source (`kind`: the card's, where the source has one); a key the source cannot apply is a problem."""
+    from .agent.data_options import describe, option_problems
+
+    d = cfg.data
+    if d.source == "serial":
+        windows, population, what = False, True, "an MCU on a serial line"
+    elif d.source == "files":
+        if kind is None:  # no card to tell: said above
+            return ""
+        windows = population = kind == "windows"
+        what = f"the {kind} card of {d.dir}"
+    elif d.source == "user-dataset":
+        if kind is None:
+            return ""
+        windows, population, what = kind == "windows", True, f"the {kind} dataset {d.dir}"
+    else:
+        windows, population, what = True, True, "the bundled recordings"
+    report.problems += [f"{path} {p}" for p in option_problems(d, windows=windows, population=population, what=what)]
+    return f" ({describe(d, windows=windows, population=population)})"
 
 
 def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[Override] = (),
@@ -659,20 +699,21 @@ def check_config(path: str | Path, kind: str | None = None, overrides: Sequence[
                                    "(a pyserial URL such as /dev/ttyACM0)")
     _check_paths(report, report.kind, str(path), base, environ)
     if isinstance(cfg, AgentConfig):
+        card_kind: str | None = None
+        problem: str | None = None
         if cfg.data.source == "serial":
             data = f"serial {', '.join([cfg.data.port or '?', *cfg.data.more_ports])}"
         elif cfg.data.source == "files":
             data = f"files dropped in {cfg.data.dir}"
-            if cfg.data.dir and not (Path(cfg.data.dir) / "dataset.json").is_file():
-                report.problems.append(f"{path} [data]: {cfg.data.dir} has no dataset.json: the agent reads every "
-                                       "file against it (docs/data-format.md, 'Feeding an agent from files')")
+            problem, card_kind = _files_card_kind(report, path, cfg.data.dir or "")
         elif cfg.data.source == "user-dataset":
             data = f"user {cfg.data.user} of the dataset in {cfg.data.dir}"
-            problem = _user_dataset_problem(cfg.data.dir or "", cfg.data.user or "")
-            if problem:
-                report.problems.append(f"{path} [data]: {problem}")
+            problem, card_kind = _user_dataset_problem(cfg.data.dir or "", cfg.data.user or "")
         else:
             data = f"bundled recordings of subject {cfg.data.subject}"
+        if problem:
+            report.problems.append(f"{path} [data]: {problem}")
+        data += _data_options(report, path, cfg, card_kind)
         report.summary = (f"agent {cfg.device_id!r} in fleet {cfg.fleet!r}, broker {cfg.broker.host}:{cfg.broker.port}"
                           f" as {cfg.broker.username or 'anonymous'}, data from {data}, state in {cfg.state_dir}")
     elif isinstance(cfg, AggregatorConfig):

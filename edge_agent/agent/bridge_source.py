@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..backbone import BackboneError, FrozenBackbone, dequantize
+from ..learning.features import EmbeddingStandardizer, fit_user_standardizer
 from ..learning.head import quantize_head
 from ..learning.strategies import ClientData
 from .store import AgentStore
@@ -90,14 +91,24 @@ def split_in_arrival_order(y: np.ndarray, test_fraction: float) -> np.ndarray:
 
 class StoredWindows:
     """A growing source's training data: the embeddings kept in the agent store, as ClientData split in arrival
-    order, rebuilt only when a window arrived; None (said once per change) while fewer than `min_windows`.
-    Shared by the MCU source and the file source."""
+    order, rebuilt only when a window arrived; None (said once per change) while fewer than `min_windows` windows.
+    Shared by the MCU source and the file source.
 
-    def __init__(self, store: AgentStore, codes: Codes,
-                 standardize: Callable[[np.ndarray], np.ndarray] | None, *, min_windows: int, test_fraction: float,
-                 what: str) -> None:
-        self.store, self.codes, self.standardize = store, codes, standardize
+    The stored augmented copies of a window (file_source.py) train when their window trains and never test: a copy
+    of a window that tests would leak it into training. `per_user_standardization`: the statistics are refitted
+    each time the data is rebuilt, from the embeddings of the training windows (copies and test windows left out;
+    labels unread), shrunk towards `population` (`fit_user_standardizer`); `standardizer` is what the data last
+    handed out was standardized with (the MCU source folds it into the head it pushes)."""
+
+    def __init__(self, store: AgentStore, codes: Codes, population: EmbeddingStandardizer | None, *,
+                 min_windows: int, test_fraction: float, what: str, per_user_standardization: bool = False) -> None:
+        if per_user_standardization and population is None:
+            raise ValueError(f"{what}: per-user standardization needs population statistics to shrink towards; "
+                             "features used as they are have none (set [data] per_user_standardization = false)")
+        self.store, self.codes, self.population = store, codes, population
         self.min_windows, self.test_fraction, self.what = min_windows, test_fraction, what
+        self.per_user_standardization = per_user_standardization
+        self.standardizer = population
         self._last_reported = -1
         self._cached: tuple[int, ClientData] | None = None  # (seq of the newest embedding, the data built)
 
@@ -112,19 +123,28 @@ class StoredWindows:
         if self._cached is not None and self._cached[0] == newest:
             return self._cached[1]  # nothing new
         self._cached = None  # the previous data can go before the new is built
-        codes, y, newest = self.store.embeddings(self.codes.dim, self.codes.dtype)
-        train = split_in_arrival_order(y, self.test_fraction)
-        data = ClientData(self._features(codes, np.flatnonzero(train)), y[train],
-                          self._features(codes, np.flatnonzero(~train)), y[~train])
-        self._cached = (newest, data)
+        rows = self.store.embedding_rows(self.codes.dim, self.codes.dtype)
+        windows = rows.windows
+        train = split_in_arrival_order(rows.labels[windows], self.test_fraction)
+        train_rows, test_rows = windows[train], windows[~train]
+        copy_rows = np.flatnonzero(np.isin(rows.original, train_rows))  # copies of training windows, in order
+        standardize = self.population
+        if self.per_user_standardization:
+            assert self.population is not None
+            standardize = fit_user_standardizer(self._features(rows.codes, train_rows, None), self.population)
+        fit = np.concatenate([train_rows, copy_rows])
+        data = ClientData(self._features(rows.codes, fit, standardize), rows.labels[fit],
+                          self._features(rows.codes, test_rows, standardize), rows.labels[test_rows])
+        self._cached, self.standardizer = (newest, data), standardize
         return data
 
-    def _features(self, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _features(self, codes: np.ndarray, rows: np.ndarray,
+                  standardize: EmbeddingStandardizer | None) -> np.ndarray:
         """float32 head inputs of `rows`, a chunk at a time: standardized embeddings, or the features as stored."""
         out = np.empty((rows.size, self.codes.dim), np.float32)
         for lo in range(0, rows.size, _FEATURE_CHUNK):
             chunk = self.codes.decode(codes[rows[lo: lo + _FEATURE_CHUNK]])
-            out[lo: lo + _FEATURE_CHUNK] = chunk if self.standardize is None else self.standardize(chunk)
+            out[lo: lo + _FEATURE_CHUNK] = chunk if standardize is None else standardize(chunk)
         return out
 
 
@@ -134,7 +154,8 @@ class BridgeSource:
     runs_heads = True
 
     def __init__(self, urls: list[str], store: AgentStore, backbone: FrozenBackbone, *, baudrate: int = 115200,
-                 test_fraction: float = 0.3, min_windows: int = 14, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
+                 test_fraction: float = 0.3, min_windows: int = 14, max_windows: int = DEFAULT_MAX_WINDOWS,
+                 per_user_standardization: bool = False) -> None:
         from firmware_bridge.link import SerialLink  # pyserial only where a bridge is configured
 
         standardizer = backbone.embedding_standardizer()
@@ -154,7 +175,8 @@ class BridgeSource:
                         "raw windows are not kept, so they cannot be recomputed); collecting anew", dropped)
         store.keep_newest_embeddings(max_windows)  # a lowered max_windows holds from the start
         self.stored = StoredWindows(store, self.codes, standardizer, min_windows=min_windows,
-                                    test_fraction=test_fraction, what="the MCU")
+                                    test_fraction=test_fraction, what="the MCU",
+                                    per_user_standardization=per_user_standardization)
         self.links = [SerialLink(url, baudrate=baudrate, require_port=False) for url in urls]
         self._stop = threading.Event()
         self._blob: bytes | None = None  # the latest head, for MCUs that (re)connect after it was pushed
@@ -242,12 +264,19 @@ class BridgeSource:
         self._embed_waiting()
         return self.stored.client_data()
 
+    def head_blob(self, params: Mapping[str, np.ndarray]) -> bytes:
+        """The int8 twin of `params` and the statistics the MCU standardizes its embeddings with before it: those
+        the data last handed out was standardized with, which `params` were trained on (the sidecar's, or with
+        per-user standardization this user's, refitted as windows arrive)."""
+        from firmware_bridge.head_blob import encode_head
+
+        standardizer = self.stored.standardizer or self.standardizer
+        return encode_head(quantize_head(params), standardizer.mean, standardizer.std)
+
     def push(self, params: Mapping[str, np.ndarray]) -> list[int | None]:
         """Send the int8 twin of `params` to every MCU; per MCU its head id, or None if it is away (it gets
         the head when it reconnects)."""
-        from firmware_bridge.head_blob import encode_head
-
-        blob = encode_head(quantize_head(params), self.standardizer.mean, self.standardizer.std)
+        blob = self.head_blob(params)
         self._blob = blob
         return [self._push_one(link, blob) for link in self.links]
 

@@ -18,6 +18,16 @@ false`). A file that breaks the format moves to `rejected/`, with `<name>.why` b
 nothing a file holds stops the agent.
 
 Per label, the earlier windows train and the later ones test, as for the MCU's windows.
+
+`[data] augment_copies = N` (a windows card): each new file's labelled windows get N augmented copies at arrival
+(edge_agent/data/augment.py), embedded by the backbone and stored beside them, marked as copies of the window they
+were made from, in the same transaction as the windows and the file's SHA-256 (a kill between the two stores
+neither). The copies' perturbations come from the device's own stream for that file's content (`rng.augment`).
+Copies are no windows: they never count towards `min_windows` or `max_windows`, go when their window goes (so at
+most max_windows * (1 + N) rows are kept), train only when their window trains and never test. Switching
+augmentation off drops the stored copies when the source opens; switching it on augments the files that arrive
+from then on (the windows already stored are embeddings, no longer windows). `[data] per_user_standardization`:
+the statistics are refitted from the stored training windows (not the copies) whenever the data is rebuilt.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..backbone import BackboneError, FrozenBackbone
+from ..data.device_client import OFF, DataOptions
 from ..data.userdata import CARD_FILE, DatasetCard, UserData, UserDataError, read_user_file
 from ..data.userdata import read_card as read_dataset_card
 from ..faults import crash_point
@@ -40,7 +51,7 @@ from ..learning.features import EmbeddingStandardizer
 from ..learning.strategies import ClientData
 from .bridge_source import DEFAULT_MAX_WINDOWS, Codes, EmbeddingCodes, StoredWindows
 from .bridge_source import split_in_arrival_order as split_in_arrival_order  # public here too (tests, docs)
-from .store import AgentStore
+from .store import AgentStore, Copies
 
 log = logging.getLogger("edge_fl.agent.files")
 
@@ -83,9 +94,13 @@ class FileSource:
 
     def __init__(self, directory: str | os.PathLike[str], card: DatasetCard, store: AgentStore,
                  backbone: FrozenBackbone | None, *, keep_files: bool = True, test_fraction: float = 0.3,
-                 min_windows: int = 14, max_windows: int = DEFAULT_MAX_WINDOWS) -> None:
+                 min_windows: int = 14, max_windows: int = DEFAULT_MAX_WINDOWS, options: DataOptions = OFF) -> None:
         if max_windows < min_windows:
             raise ValueError(f"max_windows ({max_windows}) must be at least min_windows ({min_windows})")
+        if options.augment is not None and card.kind != "windows":
+            raise ValueError(f"{Path(directory) / CARD_FILE}: a {card.kind} card holds no sensor windows to augment; "
+                             "set [data] augment_copies = 0")
+        self.options = options
         self.directory, self.card, self.store, self.backbone = Path(directory), card, store, backbone
         self.keep_files, self.test_fraction = keep_files, test_fraction
         self.min_windows, self.max_windows = min_windows, max_windows
@@ -100,8 +115,14 @@ class FileSource:
                         "(a file is read once, when it arrives); collecting anew", dropped)
         # A lowered max_windows holds from the start; the store forgets the files none of whose windows is kept.
         store.keep_newest_embeddings(max_windows)
+        if options.augment is None:
+            copies = store.drop_copies()
+            if copies:
+                log.info("augmentation is off ([data] augment_copies = 0): the %d stored augmented copies were "
+                         "dropped", copies)
         self.stored = StoredWindows(store, self.codes, self.standardize, min_windows=min_windows,
-                                    test_fraction=test_fraction, what=self.description)
+                                    test_fraction=test_fraction, what=self.description,
+                                    per_user_standardization=options.per_user_standardization)
         self._stuck: set[str] = set()  # files that could not be moved away: left alone until a restart
         self._listing_error: str | None = None
         log.info("reading labelled %s from %s (card %r: %d classes, %s)", card.kind, self.description, card.name,
@@ -199,12 +220,27 @@ class FileSource:
             return self._reject(path, str(exc))
         try:
             codes = self._embed(user)
+            copies = self._copies(user, digest)
         except BackboneError as exc:  # the interpreter refused these windows: they would be refused every time
             return self._reject(path, f"{path}: the backbone cannot embed its windows ({exc})")
-        # The windows and the file's SHA-256 in one transaction: stored and recorded, or neither.
-        self.store.add_file_embeddings(digest, path.name, user.y, codes, cap=self.max_windows)
-        log.info("stored %d labelled window(s) from %s", len(user), path.name)
+        # The windows, their copies and the file's SHA-256 in one transaction: stored and recorded, or none.
+        self.store.add_file_embeddings(digest, path.name, user.y, codes, cap=self.max_windows, copies=copies)
+        made = f" and {copies.labels.size} augmented cop{'y' if copies.labels.size == 1 else 'ies'}" if copies else ""
+        log.info("stored %d labelled window(s)%s from %s", len(user), made, path.name)
         return True
+
+    def _copies(self, user: UserData, digest: str) -> Copies | None:
+        """The file's augmented copies as stored codes (None: augmentation is off), drawn from the device's stream
+        for this content: the same file always gets the same copies."""
+        augment = self.options.augment
+        if augment is None or self.backbone is None:
+            return None
+        from ..data.embedded_copies import embedded_copies
+
+        rng = self.options.rng(int(digest[:16], 16))
+        embeddings, labels = embedded_copies(user.x, user.y, augment, rng, self.options.channel_groups,
+                                             self.backbone.embed)
+        return Copies(self.codes.encode(embeddings), labels, np.repeat(np.arange(len(user)), augment.copies))
 
     def _embed(self, user: UserData) -> np.ndarray:
         """The file's rows as stored codes: embedded once (windows), or as they are (features)."""

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..config import AgentConfig
+from ..data.device_client import OFF, DataOptions, device_client_data
 from ..learning.strategies import ClientData
+from .data_options import data_options
 from .store import AgentStore
 
 if TYPE_CHECKING:
@@ -37,7 +39,8 @@ class DataSource(Protocol):
         ...
 
     def push(self, params: Mapping[str, np.ndarray]) -> object:
-        """The device's new personalized head (float params): run it where the data comes from."""
+        """The device's new personalized head (float params), trained on what the last `client_data()` returned:
+        run it where the data comes from (with that data's standardization)."""
         ...
 
     def close(self) -> None: ...
@@ -82,7 +85,9 @@ def dataset_source(cfg: AgentConfig) -> FixedSource:
     # freed and its pages handed back before the interpreter loads, so the two are never resident together.
     recordings = subject_recordings(load_watch_dataset(d.dataset), d.subject)
     release_freed_memory()
-    data = watch_client_data(recordings, open_backbone(cfg), d.subject, partition)
+    options = data_options(d, cfg.rng_stream, windows=True, population=True, channel_names=recordings.channel_names,
+                           what=f"subject {d.subject} of the bundled recordings")
+    data = watch_client_data(recordings, open_backbone(cfg), d.subject, partition, options)
     del recordings
     release_freed_memory()  # the recordings, windows and the interpreter's buffers are gone: hand their pages back
     return FixedSource(data, f"subject {d.subject}")
@@ -99,7 +104,7 @@ def subject_recordings(dataset: WatchDataset, subject: int) -> WatchDataset:
 
 
 def watch_client_data(dataset: WatchDataset, backbone: FrozenBackbone, subject: int,
-                      partition: PartitionConfig) -> ClientData:
+                      partition: PartitionConfig, options: DataOptions = OFF) -> ClientData:
     """`federate(embed_dataset(dataset, backbone), partition)`'s ClientData of `subject`, computed from
     `dataset` (which must hold that subject's and the backbone subjects' recordings) one recording at a
     time, so that only this subject's windows and the backbone subjects' embeddings are ever held.
@@ -108,6 +113,10 @@ def watch_client_data(dataset: WatchDataset, backbone: FrozenBackbone, subject: 
     statistics come from the same backbone-subject windows in the same order (windows are cut per
     recording, in dataset order); and a partition draws per client from `default_rng([seed, subject])`
     by position among the client's own windows.
+
+    `options` (`[data] augment_copies`, `per_user_standardization`): per-user statistics from every training
+    window of the subject (the time split's training part, labels unread), copies of its labelled training
+    windows after the partition (edge_agent/data/device_client.py). Off (the default), `federate()`'s exactly.
     """
     from dataclasses import replace
 
@@ -134,8 +143,15 @@ def watch_client_data(dataset: WatchDataset, backbone: FrozenBackbone, subject: 
         (w.x, w.y, w.subject, w.recording, w.start, w.stop) for w in parts[name]), strict=True)))
         for name in ("train", "test"))
     (split,) = partition_clients(train, test, partition, (subject,), num_classes=len(dataset.class_names))
-    return ClientData(standardize(backbone.embed(train.x[split.train_idx])), train.y[split.train_idx],
-                      standardize(backbone.embed(test.x[split.test_idx])), test.y[split.test_idx])
+    if options.off:
+        return ClientData(standardize(backbone.embed(train.x[split.train_idx])), train.y[split.train_idx],
+                          standardize(backbone.embed(test.x[split.test_idx])), test.y[split.test_idx])
+    labelled = train.x[split.train_idx]
+    # The whole training period is embedded only for its statistics; a window's embedding is the same either way.
+    period = backbone.embed(train.x) if options.per_user_standardization else None
+    return device_client_data(backbone.embed(labelled) if period is None else period[split.train_idx],
+                              train.y[split.train_idx], backbone.embed(test.x[split.test_idx]), test.y[split.test_idx],
+                              standardize, options, period=period, train_windows=labelled, embed=backbone.embed)
 
 
 def user_dataset_source(cfg: AgentConfig) -> FixedSource:
@@ -176,6 +192,9 @@ def user_dataset_source(cfg: AgentConfig) -> FixedSource:
         check_federated_user(dataset, d.user)
     except ValueError as exc:
         raise ValueError(f"[data] user: {exc}") from None
+    kind = dataset.card.kind
+    options = data_options(d, cfg.rng_stream, windows=kind == "windows", population=True,
+                           channel_names=dataset.card.channel_names, what=f"the {kind} dataset {d.dir}")
     split = choose_split(dataset, d.split, TEST_FRACTION)  # on every federated user, as simulate chooses it
     # Only the windows this client is made of outlive the read; the other users' are freed, and their pages
     # handed back, before the interpreter loads.
@@ -190,7 +209,7 @@ def user_dataset_source(cfg: AgentConfig) -> FixedSource:
             raise BackboneMismatchError(f"{exc} (an agent's backbone is [backbone] model)") from None
     data = user_client_data(dataset, d.user, partition, embed=backbone.embed if backbone else None,
                             sidecar_standardizer=backbone.embedding_standardizer() if backbone else None,
-                            split=split)
+                            split=split, options=options)
     del dataset, backbone
     release_freed_memory()  # the windows, the interpreter and its buffers are gone: hand their pages back
     return FixedSource(data, f"user {d.user} of {d.dir}")
@@ -233,16 +252,21 @@ def open_source(cfg: AgentConfig, store: AgentStore) -> DataSource:
 
         if not d.port:
             raise ValueError("data.source = 'serial' needs data.port (a pyserial URL such as /dev/ttyACM0)")
+        options = data_options(d, cfg.rng_stream, windows=False, population=True, what="an MCU on a serial line")
         return BridgeSource([d.port, *d.more_ports], store, open_backbone(cfg), baudrate=d.baudrate,
-                            min_windows=d.min_windows, max_windows=d.max_windows)
+                            min_windows=d.min_windows, max_windows=d.max_windows,
+                            per_user_standardization=options.per_user_standardization)
     if d.source == "files":
         from .file_source import FileSource, read_card
 
         if not d.dir:
             raise ValueError("data.source = 'files' needs data.dir (the directory the application writes in)")
         card = read_card(d.dir)  # first: a missing or broken card is said before the backbone loads
-        return FileSource(d.dir, card, store, open_backbone(cfg) if card.kind == "windows" else None,
-                          keep_files=d.keep_files, min_windows=d.min_windows, max_windows=d.max_windows)
+        windows = card.kind == "windows"
+        options = data_options(d, cfg.rng_stream, windows=windows, population=windows,
+                               channel_names=card.channel_names, what=f"the {card.kind} card of {d.dir}")
+        return FileSource(d.dir, card, store, open_backbone(cfg) if windows else None, keep_files=d.keep_files,
+                          min_windows=d.min_windows, max_windows=d.max_windows, options=options)
     if d.source == "user-dataset":
         return user_dataset_source(cfg)
     raise ValueError(f"unknown data source {d.source!r}; choose 'watch-dataset', 'serial', 'files' or 'user-dataset'")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..codec.tensor_pack import pack_tensors, unpack_tensors
 from ..db import connect, transaction
+from ..faults import crash_point
 from ..learning.strategies import ClientState
 
 SCHEMA = """
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS windows (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL,
     shape TEXT NOT NULL, samples BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS embeddings (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL, codes BLOB NOT NULL);
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, window_id INTEGER NOT NULL, label INTEGER NOT NULL, codes BLOB NOT NULL,
+    copy_of INTEGER);
 CREATE TABLE IF NOT EXISTS embedding_space (id INTEGER PRIMARY KEY CHECK (id = 1), space TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS residual (
     id INTEGER PRIMARY KEY CHECK (id = 1), codec TEXT NOT NULL, model_version INTEGER NOT NULL, blob BLOB NOT NULL);
@@ -102,11 +104,46 @@ def _add_outbox_deadline(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE outbox ADD COLUMN deadline REAL")
 
 
+def _add_embedding_copies(db: sqlite3.Connection) -> None:
+    """Embeddings stored before augmented copies have no copy_of column: add it (NULL: an original window), and the
+    index that finds a window's copies when the window goes."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(embeddings)")}
+    if "copy_of" not in columns:
+        db.execute("ALTER TABLE embeddings ADD COLUMN copy_of INTEGER")
+    db.execute("CREATE INDEX IF NOT EXISTS embeddings_copy_of ON embeddings (copy_of) WHERE copy_of IS NOT NULL")
+
+
+@dataclass(frozen=True)
+class Copies:
+    """Augmented copies of a file's windows, stored with them: codes[k], labels[k] made from the file's window
+    of[k] (its place in the file)."""
+
+    codes: np.ndarray
+    labels: np.ndarray
+    of: np.ndarray
+
+
+@dataclass(frozen=True)
+class EmbeddingRows:
+    """Every kept embedding, originals and copies, in arrival order (the copies of a file after its windows)."""
+
+    codes: np.ndarray  # (n, dim)
+    labels: np.ndarray  # (n,) int64
+    original: np.ndarray  # (n,) int64: -1 for an original window; for a copy, the row of the window it was made from
+    newest: int  # the seq of the newest row
+
+    @property
+    def windows(self) -> np.ndarray:
+        """The rows of the original windows, in arrival order."""
+        return np.flatnonzero(self.original == -1)
+
+
 class AgentStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.db = connect(self.path, SCHEMA)
         _add_outbox_deadline(self.db)
+        _add_embedding_copies(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -187,6 +224,10 @@ class AgentStore:
     # what it can train on in bounded memory and disk. Windows that could not be embedded when they were stored
     # (a database from an earlier edge-fl, which kept raw windows) wait in `windows` until the data source
     # embeds them.
+    # A file's augmented copies ([data] augment_copies) are kept beside its windows, each marked with the seq of
+    # the window it was made from (`copy_of`): they are no windows of the device. They never count towards
+    # `cap` or towards the windows a source needs to train, and they go when their window goes; so a device keeps
+    # at most cap windows and cap * copies copies.
 
     def add_window(self, window_id: int, label: int, x: np.ndarray) -> None:
         """A labelled window not embedded yet: the data source embeds it (once) and drops it."""
@@ -224,10 +265,17 @@ class AgentStore:
             return self._keep_newest(cap)
 
     def _keep_newest(self, cap: int) -> int:
-        # Everything at or below the (cap+1)-th newest seq goes: a walk of `cap` entries of the primary key.
-        dropped = int(self.db.execute("DELETE FROM embeddings WHERE seq <= "
-                                      "(SELECT seq FROM embeddings ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                                      (cap,)).rowcount)
+        """Drop all but the newest `cap` windows, with the copies made from the dropped ones; returns how many
+        windows went."""
+        # Every window at or below the (cap+1)-th newest window's seq goes: a walk of `cap` windows (and the copies
+        # between them) along the primary key. A copy's seq is above its window's: its window's seq finds it.
+        row = self.db.execute("SELECT seq FROM embeddings WHERE copy_of IS NULL ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                              (cap,)).fetchone()
+        dropped = 0
+        if row is not None:
+            dropped = int(self.db.execute("DELETE FROM embeddings WHERE seq <= ? AND copy_of IS NULL",
+                                          (row[0],)).rowcount)
+            self.db.execute("DELETE FROM embeddings WHERE copy_of <= ?", (row[0],))
         self._forget_evicted_files()
         return dropped
 
@@ -241,37 +289,66 @@ class AgentStore:
             row = self.db.execute("SELECT space FROM embedding_space WHERE id = 1").fetchone()
             dropped = 0
             if row is not None and row[0] != space:
-                dropped = self.db.execute("DELETE FROM embeddings").rowcount
+                dropped = self._count_windows()
+                self.db.execute("DELETE FROM embeddings")
                 self._forget_evicted_files()
             self.db.execute("INSERT OR REPLACE INTO embedding_space VALUES (1, ?)", (space,))
         return dropped
 
+    def _count_windows(self) -> int:
+        """The embedded windows, copies not counted (both counts from the b-trees: the table and the copies' index)."""
+        return int(self.db.execute("SELECT (SELECT COUNT(*) FROM embeddings) - "
+                                   "(SELECT COUNT(*) FROM embeddings WHERE copy_of IS NOT NULL)").fetchone()[0])
+
     def embedding_version(self) -> tuple[int, int]:
-        """(how many embeddings are kept, the seq of the newest): the second changes whenever one is added."""
-        count, newest = self.db.execute("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM embeddings").fetchone()
-        return int(count), int(newest)
+        """(how many windows' embeddings are kept, copies not counted; the seq of the newest row, copy or not): the
+        second changes whenever a row is added."""
+        (newest,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM embeddings").fetchone()
+        return self._count_windows(), int(newest)
 
     def window_count(self) -> int:
-        """The device's windows: embedded (at most the cap) and waiting to be embedded."""
-        return int(self.db.execute("SELECT (SELECT COUNT(*) FROM embeddings) + (SELECT COUNT(*) FROM windows)")
-                   .fetchone()[0])
+        """The device's windows: embedded (at most the cap; copies are no windows) and waiting to be embedded."""
+        return self._count_windows() + int(self.db.execute("SELECT COUNT(*) FROM windows").fetchone()[0])
 
     def embeddings(self, dim: int, dtype: np.dtype[Any] | type[Any]) -> tuple[np.ndarray, np.ndarray, int]:
-        """Every kept embedding in arrival order, as (codes (n, dim) of `dtype`, labels, seq of the newest).
+        """Every kept window's embedding in arrival order, copies left out, as (codes (n, dim) of `dtype`, labels,
+        seq of the newest row)."""
+        rows = self.embedding_rows(dim, dtype)
+        windows = rows.windows
+        return rows.codes[windows], rows.labels[windows], rows.newest
+
+    def embedding_rows(self, dim: int, dtype: np.dtype[Any] | type[Any]) -> EmbeddingRows:
+        """Every kept embedding, windows and copies, in arrival order.
 
         Read row by row into arrays sized up front, inside one read snapshot (WAL) for the count and the rows,
         without blocking the collectors, which keep inserting through their own connections meanwhile.
         """
         self.db.execute("BEGIN")
         try:
-            n, newest = self.embedding_version()
+            n, newest = self.db.execute("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM embeddings").fetchone()
             codes = np.empty((n, dim), dtype)
             labels = np.empty(n, np.int64)
-            for i, (label, blob) in enumerate(self.db.execute("SELECT label, codes FROM embeddings ORDER BY seq")):
-                codes[i], labels[i] = np.frombuffer(blob, dtype), label
+            seqs = np.empty(n, np.int64)
+            copy_of = np.full(n, -1, np.int64)
+            for i, (seq, label, blob, of) in enumerate(
+                    self.db.execute("SELECT seq, label, codes, copy_of FROM embeddings ORDER BY seq")):
+                codes[i], labels[i], seqs[i] = np.frombuffer(blob, dtype), label, seq
+                if of is not None:
+                    copy_of[i] = of
         finally:
             self.db.execute("COMMIT")
-        return codes, labels, newest
+        # A copy's window, as a row: the window precedes its copies (a smaller seq) and goes with them.
+        original = np.full(n, -1, np.int64)
+        copies = np.flatnonzero(copy_of >= 0)
+        if copies.size:
+            rows = np.minimum(np.searchsorted(seqs, copy_of[copies]), n - 1)
+            found = seqs[rows] == copy_of[copies]
+            original[copies] = np.where(found, rows, -2)  # -2: its window is not kept (never trains)
+        return EmbeddingRows(codes, labels, original, int(newest))
+
+    def drop_copies(self) -> int:
+        """Drop every augmented copy (augmentation was switched off); returns how many went."""
+        return int(self.db.execute("DELETE FROM embeddings WHERE copy_of IS NOT NULL").rowcount)
 
     # --- the files those embeddings came from (the file source: agent/file_source.py) ------------------------
     # Each file whose windows are kept, by its content's SHA-256: a file stored again (the agent was killed
@@ -286,16 +363,31 @@ class AgentStore:
         return None if row is None else str(row[0])
 
     def add_file_embeddings(self, sha256: str, name: str, labels: np.ndarray, codes: np.ndarray, *,
-                            cap: int) -> None:
+                            cap: int, copies: Copies | None = None) -> None:
         """One file's windows (codes[i], labels[i]; window id: i, the window's place in its file, where the MCU's
-        windows carry the MCU's own number) and the file's SHA-256 in one transaction: stored and recorded, or
-        neither. Beyond `cap` embeddings the oldest are dropped, in the same transaction."""
+        windows carry the MCU's own number), their augmented `copies` (window id: that of the window each was made
+        from) and the file's SHA-256 in one transaction: stored and recorded, or none of them. Beyond `cap` windows
+        the oldest are dropped with their copies, in the same transaction."""
         _check_cap(cap)
         if len(codes) != labels.size:
             raise ValueError(f"{name}: {len(codes)} rows of codes but {labels.size} labels")
+        if copies is not None and not (len(copies.codes) == copies.labels.size == copies.of.size):
+            raise ValueError(f"{name}: {len(copies.codes)} rows of copies' codes, {copies.labels.size} labels and "
+                             f"{copies.of.size} windows they were made from")
+        if copies is not None and copies.of.size and not (0 <= copies.of.min() and copies.of.max() < labels.size):
+            raise ValueError(f"{name}: copies made from windows outside the file's 0..{labels.size - 1}")
         with transaction(self.db):
             self._insert_embeddings((i, int(labels[i]), codes[i]) for i in range(labels.size))
-            last = int(self.db.execute("SELECT MAX(seq) FROM embeddings").fetchone()[0])  # the file's newest window
+            # The file's newest window; the file's windows have the seqs up to it (the write lock is held).
+            last = int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM embeddings").fetchone()[0])
+            if copies is not None and copies.of.size:
+                # Where the fault-tolerance tests kill the agent: the windows are written, their copies not yet.
+                crash_point("agent.between_file_windows_and_copies", 1)
+                first = last - labels.size + 1
+                self.db.executemany(
+                    "INSERT INTO embeddings (window_id, label, codes, copy_of) VALUES (?, ?, ?, ?)",
+                    ((int(copies.of[k]), int(copies.labels[k]), np.ascontiguousarray(copies.codes[k]).tobytes(),
+                      first + int(copies.of[k])) for k in range(copies.labels.size)))
             self.db.execute("INSERT INTO stored_files VALUES (?, ?, ?, ?, ?)",
                             (sha256, name, int(labels.size), last, time.time()))
             self._keep_newest(cap)

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..learning.features import EmbeddingStandardizer
 from ..learning.strategies import ClientData
+from .device_client import OFF, DataOptions, device_client_data
 from .federated import FederatedData
 from .partition import PartitionConfig, partition_client
 from .userdata import SPLIT_RULES, DatasetCard, TimeSplit, UserDataError, UserDataset
@@ -272,7 +273,7 @@ def only_users(dataset: UserDataset, user_ids: tuple[str, ...]) -> UserDataset:
 def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionConfig | None = None, *,
                      embed: Embed | None = None, sidecar_standardizer: EmbeddingStandardizer | None = None,
                      split: SplitChoice | None = None, rule: str = "auto",
-                     test_fraction: float = TEST_FRACTION) -> ClientData:
+                     test_fraction: float = TEST_FRACTION, options: DataOptions = OFF) -> ClientData:
     """`federate_users(prepare_users(dataset, embed=embed, sidecar_standardizer=..., rule=rule), partition)`'s
     ClientData of `user_id`, embedding only the windows it is made of: the pretrain users' (the standardization
     statistics, fitted on the same windows in the same order) and this user's (`client_users`). Equal, not close
@@ -282,7 +283,12 @@ def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionCon
     `split`: the time split `choose_split(full dataset, rule, test_fraction)` chose, which lets `dataset` hold
     only the users `client_users` names (`only_users`); without it, it is chosen here from `dataset`, which must
     then hold every federated user ("auto" picks one rule for all of them). Refuses (UserDataError) a user who is
-    not federated, or whom the split leaves without training or test windows."""
+    not federated, or whom the split leaves without training or test windows.
+
+    `options` (a device's `[data] augment_copies` and `per_user_standardization`, edge_agent/data/device_client.py):
+    per-user statistics from the user's whole training period (its windows of the time split's training part,
+    unlabelled), copies of its labelled training windows after the partition, embedded by `embed`. Off (the
+    default), the ClientData is `federate_users`' exactly."""
     check_federated_user(dataset, user_id)
     needed = (*client_users(dataset.card, user_id), *(dataset.card.roles.federate if split is None else ()))
     missing = [u for u in dict.fromkeys(needed) if u not in dataset.users]
@@ -298,8 +304,17 @@ def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionCon
         () if sidecar_standardizer is not None else tuple(split.splits))
     features = {uid: _user_features(dataset, uid, embed) for uid in dict.fromkeys((*standardizing, user_id))}
     std, _ = _standardizer(dataset, features, split, sidecar_standardizer)
-    return _client(dataset, user_id, features[user_id], split.splits[user_id], std,
-                   partition or PartitionConfig())
+    if options.off:
+        return _client(dataset, user_id, features[user_id], split.splits[user_id], std,
+                       partition or PartitionConfig())
+    user, period = dataset.users[user_id], split.splits[user_id]
+    share = partition_client(user_id, user_number(dataset.card, user_id), user.y[period.train], user.y[period.test],
+                             partition or PartitionConfig(), dataset.card.num_classes)
+    train, test = period.train[share.train_idx], period.test[share.test_idx]  # as `_client` takes them
+    feats = features[user_id]
+    return device_client_data(feats[train], user.y[train], feats[test], user.y[test], std, options,
+                              period=feats[period.train],
+                              train_windows=user.x[train] if dataset.card.kind == "windows" else None, embed=embed)
 
 
 def _user_features(dataset: UserDataset, user_id: str, embed: Embed | None) -> np.ndarray:

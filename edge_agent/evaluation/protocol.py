@@ -36,13 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.augment import AugmentConfig, augment_windows, channel_groups_from_names
+from ..data.augment import AugmentConfig, channel_groups_from_names
+from ..data.device_client import DataOptions, device_client_data
 from ..data.federated import FederatedData
 from ..data.from_userdata import UserFeatures, user_number
 from ..data.partition import PartitionConfig, partition_client
 from ..data.userdata import DatasetCard, UserData, split_in_time
-from ..learning.features import fit_user_standardizer
-from ..learning.strategies import ClientData
 
 TEST_BY = {
     "session": "whole sessions held out, one per class, chosen by the seed",
@@ -199,21 +198,24 @@ def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, parti
     fed = card.roles.federate
     parts = {u: user_parts(dataset.users[u], card, protocol, partition.seed, numbers[u]) for u in fed}
     std = prepared.standardizer
+    groups = channel_groups_from_names(card.channel_names or ()) if card.kind == "windows" else ()
+    augment = options.augment if options.augment is not None and options.augment.enabled else None
+    if augment is not None and (card.kind != "windows" or embed is None):
+        raise ValueError(f"augmentation perturbs sensor windows: {card.name} holds {card.kind}"
+                         + (", and no backbone was given to embed the copies" if embed is None else ""))
     clients, train_index, score_index = [], {}, {}
-    for u in fed:
+    for device, u in enumerate(fed):
         user, feats = dataset.users[u], prepared.features[u]
         period, scored = parts[u].phase(phase)
         own_share = partition_client(u, numbers[u], user.y[period], user.y[scored], partition, card.num_classes)
         tr, sc = period[own_share.train_idx], scored[own_share.test_idx]
-        own = std
-        if options.per_user_standardization:
-            # The user's whole training period, unlabelled: in few-shot it holds far more windows than labels.
-            own = fit_user_standardizer(feats[period], std)
-        x_train, y_train = own(feats[tr]), user.y[tr]
-        if options.augment is not None and options.augment.enabled:
-            x_aug, y_aug = augmented(user, tr, options.augment, card, partition.seed, numbers[u], embed)
-            x_train, y_train = np.concatenate([x_train, own(x_aug)]), np.concatenate([y_train, y_aug])
-        clients.append(ClientData(x_train, y_train, own(feats[sc]), user.y[sc]))
+        # Exactly what an agent does with [data] augment_copies / per_user_standardization (the simulated device
+        # `device` draws its copies from its own stream, as agent rng_stream `device` would).
+        opts = DataOptions(augment=augment, channel_groups=groups, seed=partition.seed, device=device,
+                           per_user_standardization=options.per_user_standardization)
+        clients.append(device_client_data(feats[tr], user.y[tr], feats[sc], user.y[sc], std, opts,
+                                          period=feats[period], train_windows=user.x[tr] if augment else None,
+                                          embed=embed))
         train_index[u], score_index[u] = tr, sc
     holdout = dataset.in_role("holdout")
     if holdout:
@@ -224,17 +226,3 @@ def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, parti
     data = FederatedData(tuple(fed), tuple(clients), new_x, new_y, card.num_classes, prepared.dim,
                          card.class_names, partition)
     return PhaseData(data, train_index, score_index)
-
-
-def augmented(user: UserData, index: np.ndarray, config: AugmentConfig, card: DatasetCard, seed: int, number: int,
-              embed: Embed | None) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings (unstandardized) and labels of `config.copies` perturbed copies of the user's windows
-    `index`, drawn with the user's own generator (a client's copies do not depend on the others')."""
-    if card.kind != "windows" or embed is None:
-        raise ValueError(f"augmentation perturbs sensor windows: {card.name} holds {card.kind} "
-                         f"({'no backbone given' if embed is None else 'a backbone given'}); it needs a windows "
-                         "dataset and the backbone that embeds it")
-    rng = np.random.default_rng([seed, number, 0xA6])
-    x, y = augment_windows(user.x[index], user.y[index], config, rng,
-                           channel_groups_from_names(card.channel_names or ()))
-    return np.asarray(embed(x), np.float32), y

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_SERVER_INIT, _CLIENT_INIT, _SELECTION, _CLIENT_ROUND, _PERSONALIZE = range(5)
+_SERVER_INIT, _CLIENT_INIT, _SELECTION, _CLIENT_ROUND, _PERSONALIZE, _AUGMENT = range(6)
 
 
 def server_init(seed: int) -> np.random.Generator:
@@ -35,3 +35,13 @@ def client_round(seed: int, round_no: int, device: int) -> np.random.Generator:
 def personalize(seed: int, version: int, device: int) -> np.random.Generator:
     """A device's personalized head under global model `version` (fine-tuning strategies draw here)."""
     return np.random.default_rng([seed, _PERSONALIZE, version, device])
+
+
+def augment(seed: int, device: int, item: int = 0) -> np.random.Generator:
+    """The perturbations of a device's augmented copies of its labelled windows (edge_agent/data/augment.py).
+
+    A stream of its own: switching augmentation on or off, or changing how many copies, shifts no other draw.
+    `item` tells apart what a device augments at different times: 0 for data built once (a dataset source),
+    a number derived from a file's content for each file a file source takes in (the same file always gets the
+    same copies, whatever arrived before it and however often the agent restarted)."""
+    return np.random.default_rng([seed, _AUGMENT, device, item])
