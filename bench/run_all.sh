@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run every performance benchmark; results go to bench/results/<name>.{json,md}. About 3 minutes on 2 cores.
-#   bench/run_all.sh              set up .venv and .venv-bench (scripts/setup --bench), then run all three
+# Run every benchmark; results go to bench/results/<name>.{json,md}. About two hours on 2 cores (times below).
+#   bench/run_all.sh              set up .venv and .venv-bench (scripts/setup --bench), then run them all
 #   bench/run_all.sh --no-setup   skip the setup step (environments already there)
 # OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (a workaround for old OpenBLAS builds on some machines) slow down
 # the OpenBLAS inside current numpy wheels, so they are removed for the benchmark processes only; the
@@ -37,5 +37,10 @@ bench embedding_throughput
 bench round_bookkeeping    # the per-update round bookkeeping at 1,000 to 100,000 selected devices (pure, seconds)
 bench aggregator_throughput # real aggregator workers + private Mosquitto/PostgreSQL, 100 to 100,000 devices (~30 min)
 bench compression           # every update codec on the real recordings, validation and test seeds (~30 min)
+bench augment_cost          # few-label augmentation on the device: time and memory (seconds)
+bench tune                  # every setting chosen on validation data, both datasets (~30 min)
+bench strategies            # the accuracy report on test seeds, at the tuned settings (~25 min)
+bench continual             # adaptation over time and forgetting on UCI HAPT (~3 min)
 echo "== done in $((SECONDS - start)) s; results:"
-for name in head_training device_footprint embedding_throughput; do echo "  bench/results/$name.json  bench/results/$name.md"; done
+for name in head_training device_footprint embedding_throughput round_bookkeeping aggregator_throughput compression \
+    augment_cost tuning strategies continual; do echo "  bench/results/$name.json  bench/results/$name.md"; done

@@ -1,0 +1,210 @@
+"""What bench/tune.py and bench/strategies.py share: the two datasets, their backbones, and one run of the
+protocol (edge_agent/evaluation/protocol.py) through the real services (`run_simulation`).
+
+Both datasets are read in the per-user format (docs/data-format.md), imported once into the cache directory:
+- "watch": the bundled smartwatch recordings (10 subjects: 3 build the backbone, 6 federate, 1 is the new
+  user), with the bundled backbone;
+- "hapt": UCI HAPT (30 users: 15 build the backbone, 10 federate, 5 are new users), with
+  models/backbone_hapt_int8.tflite, which was trained on the 15 pretrain users only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.backbone import EmbeddingCache, FrozenBackbone
+from edge_agent.data.federated import default_cache_dir
+from edge_agent.data.from_userdata import UserFeatures, prepare_users
+from edge_agent.data.importers import import_hapt, import_watch
+from edge_agent.data.partition import PartitionConfig
+from edge_agent.data.userdata import UserDataset, load_user_dataset
+from edge_agent.evaluation.protocol import DeviceOptions, PhaseData, Protocol, federate_phase
+from edge_agent.learning.training import TrainingConfig
+from edge_agent.sim import run_simulation
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+DATASETS = ("watch", "hapt")
+BACKBONES: dict[str, Path | None] = {"watch": None, "hapt": ROOT / "models" / "backbone_hapt_int8.tflite"}
+IMPORTERS: dict[str, Callable[[Path], Any]] = {"watch": import_watch, "hapt": import_hapt}
+# Seeds: settings are chosen on TUNING_SEEDS (validation phase); the report reads TEST_SEEDS (test phase) once.
+TUNING_SEEDS = (100, 101, 102)
+TEST_SEEDS = tuple(range(10))
+# How each dataset is cut (edge_agent/evaluation/protocol.py). HAPT: a whole session per user is held out for
+# test, chosen by the seed, and validation is the last bout of each activity in the other session. Watch: one
+# recording per exercise is all it has in each part, so test is the later 30 % of every recording (the same
+# windows for every seed) and validation the later quarter of the rest; "watch, a new recording" in
+# bench/strategies.py reports the held-out-recording split beside it.
+PROTOCOLS: dict[str, Protocol] = {"watch": Protocol(test_by="segment", validation_by="segment"),
+                                  "hapt": Protocol(test_by="session", validation_by="run")}
+REGIME_SETTINGS: dict[str, PartitionConfig] = {
+    "natural": PartitionConfig(regime="natural"),
+    "few-shot": PartitionConfig(regime="few-shot", shots=5),
+    "label-skew": PartitionConfig(regime="label-skew"),
+    "dirichlet": PartitionConfig(regime="dirichlet"),
+}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BenchData:
+    name: str
+    prepared: UserFeatures
+    backbone: FrozenBackbone
+    embed: Callable[[np.ndarray], np.ndarray]
+    protocol: Protocol
+
+
+def data_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edge-fl" / "datasets" / name
+
+
+def dataset_names(text: str) -> list[str]:
+    """--data: "watch", "hapt", "both", or a per-user dataset directory (docs/data-format.md)."""
+    if text == "both":
+        return list(DATASETS)
+    if text in DATASETS or (Path(text) / "dataset.json").exists():
+        return [text]
+    raise SystemExit(f"--data {text}: neither {', '.join(DATASETS)}, both, nor a directory with a dataset.json "
+                     "(write one with `edge-fl data import`)")
+
+
+def label(name: str) -> str:
+    """What the results call a dataset: its short name, or its directory's name."""
+    return name if name in DATASETS else Path(name).resolve().name
+
+
+def auto_protocol(dataset: UserDataset) -> Protocol:
+    """For a dataset of one's own: whole sessions held out and the last bout validating where every federated
+    user allows it, else the later part of every run for both."""
+    from edge_agent.evaluation.protocol import user_parts
+
+    preferred = Protocol(test_by="session", validation_by="run")
+    try:
+        for number, uid in enumerate(dataset.card.roles.all(), 1):
+            if uid in dataset.card.roles.federate:
+                user_parts(dataset.users[uid], dataset.card, preferred, 0, number)
+    except ValueError:
+        return Protocol(test_by="segment", validation_by="segment")
+    return preferred
+
+
+def load(name: str, backbone_path: Path | None = None) -> BenchData:
+    """The dataset (imported on first use; or a dataset directory), embedded by its backbone through the
+    embedding cache. `backbone_path`: the model for a dataset directory (default: the bundled one)."""
+    if name in DATASETS:
+        directory = data_dir(name)
+        if not (directory / "dataset.json").exists():
+            log(f"importing {name} into {directory}")
+            IMPORTERS[name](directory)
+        model = BACKBONES[name]
+    else:
+        directory, model = Path(name), backbone_path
+    dataset = load_user_dataset(directory)
+    backbone = FrozenBackbone(model) if model else FrozenBackbone()
+    cache = EmbeddingCache(default_cache_dir())
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        return cache.embed(backbone, x)
+
+    prepared = prepare_users(dataset, embed=embed, rule="segment")
+    protocol = PROTOCOLS[name] if name in DATASETS else auto_protocol(dataset)
+    return BenchData(label(name), prepared, backbone, embed, protocol)
+
+
+def run(bench: BenchData, phase: str, partition: PartitionConfig, config: TrainingConfig,
+        options: DeviceOptions | None = None, protocol: Protocol | None = None) -> dict[str, Any]:
+    """One simulated federation: per-user accuracy on the phase's scored windows, the new users' accuracy
+    (test phase only: the new users are test users), and the uplink."""
+    phase_data: PhaseData = federate_phase(bench.prepared, protocol or bench.protocol, phase, partition,
+                                           options or DeviceOptions(), embed=bench.embed)
+    doc = run_simulation(phase_data.federated, replace(config, seed=partition.seed))
+    last = doc["rounds"][-1]
+    return {"users": {u: float(a) for u, a in last["client_acc"].items()},
+            "mean": float(last["mean_acc"]),
+            "new_user": last["new_user_acc"] if phase == "test" else None,
+            "uplink": doc["summary"]["uplink_bytes_per_client_round"],
+            "train_windows": {u: int(i.size) for u, i in phase_data.train_index.items()}}
+
+
+# --- jobs: one simulated federation each, run in worker processes, recorded as they finish --------------------
+# A job is a JSON-able dict: dataset-independent fields "strategy", "settings" (TrainingConfig fields), "options"
+# (DeviceOptions fields; "augment": "default" for AugmentConfig()), "regime", "seed", "phase", and optionally
+# "shots" (few-shot) and "protocol" (Protocol fields, when not the dataset's own).
+
+JOB_KEYS = ("phase", "strategy", "settings", "options", "regime", "seed", "shots", "protocol")
+
+
+def job_key(job: dict[str, Any]) -> str:
+    return json.dumps({k: job.get(k) for k in JOB_KEYS}, sort_keys=True)
+
+
+def device_options(spec: dict[str, Any]) -> DeviceOptions:
+    opts: dict[str, Any] = dict(spec)
+    if opts.get("augment") == "default":
+        from edge_agent.data.augment import AugmentConfig
+
+        opts["augment"] = AugmentConfig()
+    return DeviceOptions(**opts)
+
+
+_BENCH: BenchData | None = None
+
+
+def _init_worker(name: str, backbone_path: Path | None) -> None:
+    import logging
+
+    logging.disable(logging.WARNING)  # the services' INFO lines, thousands per run
+    global _BENCH
+    _BENCH = load(name, backbone_path)
+
+
+def _run_job(job: dict[str, Any]) -> dict[str, Any]:
+    assert _BENCH is not None
+    t0 = time.perf_counter()
+    partition = replace(REGIME_SETTINGS[job["regime"]], seed=job["seed"])
+    if job.get("shots") is not None:
+        partition = replace(partition, shots=job["shots"])
+    protocol = Protocol(**job["protocol"]) if job.get("protocol") else None
+    config = replace(TrainingConfig(strategy=job["strategy"]), **job["settings"])
+    result = run(_BENCH, job["phase"], partition, config, device_options(job["options"]), protocol)
+    return {**job, **result, "seconds": time.perf_counter() - t0}
+
+
+def run_jobs(name: str, jobs: list[dict[str, Any]], log_path: Path, n_jobs: int,
+             backbone_path: Path | None = None) -> list[dict[str, Any]]:
+    """Every job's result, running only those not yet in `log_path` (JSON lines, appended as they finish: an
+    interrupted run loses nothing and a rerun continues)."""
+    done: dict[str, dict[str, Any]] = {}
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            rec = json.loads(line)
+            done[job_key(rec)] = rec
+    todo = [j for j in jobs if job_key(j) not in done]
+    log(f"{name}: {len(jobs)} runs, {len(jobs) - len(todo)} already recorded in {log_path.name}")
+    if todo:
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(n_jobs, initializer=_init_worker, initargs=(name, backbone_path)) as pool, \
+                log_path.open("a") as out:
+            for i, rec in enumerate(pool.map(_run_job, todo), 1):
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+                done[job_key(rec)] = rec
+                if i % 20 == 0 or i == len(todo):
+                    left = (time.perf_counter() - t0) / i * (len(todo) - i)
+                    log(f"  {name}: {i}/{len(todo)} ({left / 60:.0f} min left)")
+    return [done[job_key(j)] for j in jobs]
