@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import evallib
 
 from edge_agent.data.federated import FederatedData
-from edge_agent.data.from_userdata import UserFeatures
+from edge_agent.data.from_userdata import UserFeatures, user_number
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.data.userdata import DatasetCard, UserData
 from edge_agent.evaluation.protocol import bouts
@@ -142,7 +142,7 @@ def run_one(prepared: UserFeatures, strategy: str, scenario: Scenario, seed: int
     """One fleet of the federated users through ROUNDS rounds; per round and user, accuracy on each session's
     held-out windows."""
     card = prepared.dataset.card
-    numbers = {uid: i + 1 for i, uid in enumerate(card.roles.all())}
+    numbers = {uid: user_number(card, uid) for uid in card.roles.all()}
     users = card.roles.federate
     stages = {u: user_stages(prepared, u, numbers[u], scenario, seed) for u in users}
     dim = prepared.dim

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_agent.backbone import EmbeddingCache, FrozenBackbone
 from edge_agent.data.federated import default_cache_dir
-from edge_agent.data.from_userdata import UserFeatures, prepare_users
+from edge_agent.data.from_userdata import UserFeatures, prepare_users, user_number
 from edge_agent.data.importers import import_hapt, import_watch
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.data.userdata import UserDataset, load_user_dataset
@@ -40,13 +40,14 @@ IMPORTERS: dict[str, Callable[[Path], Any]] = {"watch": import_watch, "hapt": im
 # Seeds: settings are chosen on TUNING_SEEDS (validation phase); the report reads TEST_SEEDS (test phase) once.
 TUNING_SEEDS = (100, 101, 102)
 TEST_SEEDS = tuple(range(10))
-# How each dataset is cut (edge_agent/evaluation/protocol.py). HAPT: a whole session per user is held out for
-# test, chosen by the seed, and validation is the last bout of each activity in the other session. Watch: one
-# recording per exercise is all it has in each part, so test is the later 30 % of every recording (the same
-# windows for every seed) and validation the later quarter of the rest; "watch, a new recording" in
-# bench/strategies.py reports the held-out-recording split beside it.
+# How each dataset is cut (edge_agent/evaluation/protocol.py), so that no window the tuning reads (train or
+# validation, at any seed) is ever a test window. HAPT: each user's first session trains and validates (its last
+# bout of each activity), the second session tests: adaptation over time, the same test windows for every seed (a
+# seed-chosen session would put windows tuning read into some seed's test set: with two sessions there is no
+# third to validate on). Watch: one recording per exercise in each part at most, so test is the later 30 % of
+# every recording (the same windows for every seed) and validation the later quarter of the rest.
 PROTOCOLS: dict[str, Protocol] = {"watch": Protocol(test_by="segment", validation_by="segment"),
-                                  "hapt": Protocol(test_by="session", validation_by="run")}
+                                  "hapt": Protocol(test_by="next-session", validation_by="run")}
 REGIME_SETTINGS: dict[str, PartitionConfig] = {
     "natural": PartitionConfig(regime="natural"),
     "few-shot": PartitionConfig(regime="few-shot", shots=5),
@@ -89,15 +90,14 @@ def label(name: str) -> str:
 
 
 def auto_protocol(dataset: UserDataset) -> Protocol:
-    """For a dataset of one's own: whole sessions held out and the last bout validating where every federated
-    user allows it, else the later part of every run for both."""
+    """For a dataset of one's own: the first session trains (its last bouts validate) and the next one tests where
+    every federated user allows it, else the later part of every run for both."""
     from edge_agent.evaluation.protocol import user_parts
 
-    preferred = Protocol(test_by="session", validation_by="run")
+    preferred = Protocol(test_by="next-session", validation_by="run")
     try:
-        for number, uid in enumerate(dataset.card.roles.all(), 1):
-            if uid in dataset.card.roles.federate:
-                user_parts(dataset.users[uid], dataset.card, preferred, 0, number)
+        for uid in dataset.card.roles.federate:
+            user_parts(dataset.users[uid], dataset.card, preferred, 0, user_number(dataset.card, uid))
     except ValueError:
         return Protocol(test_by="segment", validation_by="segment")
     return preferred
@@ -121,7 +121,9 @@ def load(name: str, backbone_path: Path | None = None) -> BenchData:
     def embed(x: np.ndarray) -> np.ndarray:
         return cache.embed(backbone, x)
 
-    prepared = prepare_users(dataset, embed=embed, rule="segment")
+    # As a device of this dataset standardizes: the pretrain users' statistics, else the backbone's sidecar.
+    prepared = prepare_users(dataset, embed=embed, rule="segment",
+                             sidecar_standardizer=backbone.embedding_standardizer())
     protocol = PROTOCOLS[name] if name in DATASETS else auto_protocol(dataset)
     return BenchData(label(name), prepared, backbone, embed, protocol)
 

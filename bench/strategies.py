@@ -11,8 +11,9 @@ What is compared, per dataset and partition regime:
   interval excludes zero; otherwise "no difference".
 - the few-label curve (1, 2, 5, 10 labelled windows per class);
 - device options, each switched off from the default strategy's tuned choice, and on for local training;
-- HAPT: adaptation over time (train on the first session, test on the next);
-- watch: a held-out recording instead of the later part of each recording;
+- HAPT is cut for adaptation over time: each user's first session trains, the next one tests;
+- watch: a held-out recording instead of the later part of each recording, as a robustness check (the settings
+  were tuned on the first 70 % of every recording, these test recordings included: not a clean test);
 - fairness: each user's accuracy under every strategy, the worst users by name, and what predicts them (how
   well the population's class means, from the backbone's own users, classify that user's windows).
 """
@@ -34,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 import evallib
 
+from edge_agent.evaluation.protocol import TEST_BY, VALIDATION_BY
 from edge_agent.evaluation.stats import Accuracies, paired_difference, spread
 from edge_agent.learning.strategies import STRATEGIES
+from edge_agent.learning.training import TrainingConfig
 
 CURVE_SHOTS = (1, 2, 5, 10)
 CURVE_EXTRA = ("fedavg", "fedrep", "ncm")  # beside the default strategy and local
@@ -112,9 +115,13 @@ def population_fit(bench: evallib.BenchData) -> dict[str, float]:
     over to this one, before any federated training."""
     prepared = bench.prepared
     std, card = prepared.standardizer, prepared.dataset.card
+    if not card.roles.pretrain:
+        return {}  # no pretrain users: nothing to measure the fit against (the report says so)
     x = np.concatenate([std(prepared.features[u]) for u in card.roles.pretrain])
     y = np.concatenate([prepared.dataset.users[u].y for u in card.roles.pretrain])
-    means = np.stack([x[y == c].mean(axis=0) for c in range(card.num_classes)])
+    # A class the pretrain users lack has no mean: it is never guessed (its distance is infinite).
+    means = np.stack([x[y == c].mean(axis=0) if (y == c).any() else np.full(x.shape[1], np.inf)
+                      for c in range(card.num_classes)])
     out = {}
     for u in card.roles.federate:
         e = std(prepared.features[u])
@@ -173,7 +180,8 @@ def report_dataset(name: str, tuning: dict[str, Any], args: argparse.Namespace) 
     natural = doc["regimes"]["natural"]
     doc["fairness"] = {
         "population_fit": fit,
-        "rank_correlation_with_fit": {s: rank_correlation(natural[s]["per_user"], fit) for s in STRATEGIES},
+        "rank_correlation_with_fit": {s: rank_correlation(natural[s]["per_user"], fit) for s in STRATEGIES}
+        if fit else {},
         "worst_users": {s: natural[s]["worst_user"] for s in STRATEGIES},
         "users": {u: len(bench.prepared.dataset.users[u]) for u in bench.prepared.dataset.card.roles.federate},
     }
@@ -220,15 +228,18 @@ def markdown(doc: dict[str, Any]) -> str:
     seeds = doc["seeds"]
     lines = [f"# Strategies on unseen data: {len(seeds)} test seeds {seeds[0]}-{seeds[-1]}, settings chosen on "
              "validation", "",
-             "Accuracy (%) on each federated user's TEST windows, int8 heads, 30 rounds. Differences are paired "
+             f"Accuracy (%) on each federated user's TEST windows, int8 heads, {TrainingConfig().rounds} rounds. "
+             "Differences are paired "
              "(same seed, same user) in accuracy points, with the 95 % t interval over seeds; **higher** / "
              "**lower** only where it excludes zero. \"worst user\": lowest mean over seeds, by name; \"worst 1/4\": "
              "mean of the lowest quarter of users. Settings: bench/results/tuning.md. "
              f"Default strategy (chosen on validation): **{default}**.", ""]
     for name, d in doc["datasets"].items():
         p = d["protocol"]
-        varies = "varies with the seed" if p["test_by"] == "session" else "the same windows for every seed"
-        lines += [f"## {name}", "", f"Test split: {p['test_by']} ({varies}); validation: {p['validation_by']}.", ""]
+        lines += [f"## {name}", "", f"Test split: {TEST_BY[p['test_by']]}; validation: "
+                  f"{VALIDATION_BY[p['validation_by']]}. The test windows are the same for every seed (a seed "
+                  "draws the partition, the shots and the initialisation); no window the tuning read is among them.",
+                  ""]
         for regime, rows in d["regimes"].items():
             lines += [f"### {regime}", "",
                       "| strategy | mean [95 % CI] | vs tuned local | vs fedavg | worst user | worst 1/4 | best-worst "
@@ -257,7 +268,9 @@ def markdown(doc: dict[str, Any]) -> str:
                 cells = [diff_cell(regimes[r]["chosen_minus_flipped"]) for r in ("natural", "few-shot")]
                 lines.append(f"| {s} | {option} | {'on' if has else 'off'} | " + " | ".join(cells) + " |")
         for protocol, regimes in d["shifts"].items():
-            lines += ["", f"### {protocol}", "", "| regime | strategy | mean [95 % CI] | vs tuned local | worst user |",
+            lines += ["", f"### {protocol}: {TEST_BY[SHIFTS[name][protocol]['test_by']]} (a robustness check: the "
+                      "tuning read the earlier part of these recordings)", "",
+                      "| regime | strategy | mean [95 % CI] | vs tuned local | worst user |",
                       "|---|---|---|---|---|"]
             for regime, rows in regimes.items():
                 for s, r in rows.items():
@@ -265,13 +278,13 @@ def markdown(doc: dict[str, Any]) -> str:
                     lines.append(f"| {regime} | {s} | {pct(m['mean'])} [{pct(m['low'])}, {pct(m['high'])}] | "
                                  f"{diff_cell(r.get('vs_local'))} | {r['worst_user']} {pct(r['worst_user_acc'])} |")
         f = d["fairness"]
-        users = list(f["population_fit"])
         nat = d["regimes"]["natural"]
+        users = list(nat[default]["per_user"])
         lines += ["", "### Fairness: each user's accuracy (natural regime, mean over seeds)", "",
                   "| user | windows | population fit | " + " | ".join(STRATEGIES) + " |",
                   "|---|---|---|" + "---|" * len(STRATEGIES)]
         for u in sorted(users, key=lambda u: nat[default]["per_user"][u]):
-            lines.append(f"| {u} | {f['users'][u]} | {pct(f['population_fit'][u])} | "
+            lines.append(f"| {u} | {f['users'][u]} | {pct(f['population_fit'].get(u))} | "
                          + " | ".join(pct(nat[s]["per_user"][u]) for s in STRATEGIES) + " |")
         lines += ["", "Population fit: nearest class mean of the backbone's own (pretrain) users on all of the "
                   "user's windows. Rank correlation of each strategy's per-user accuracy with it: "

@@ -7,7 +7,7 @@ bench/evallib.TUNING_SEEDS, never the seeds the report uses. Every run is append
 bench/results/tuning_<dataset>.jsonl as it finishes (a rerun skips what is there), and the choices go to
 bench/results/tuning.json, which bench/strategies.py reads.
 
-    .venv/bin/python bench/tune.py                    # both datasets; about an hour on 2 cores
+    .venv/bin/python bench/tune.py                    # both datasets; 30-40 minutes on 2 cores
     .venv/bin/python bench/tune.py --data hapt --jobs 2
 
 How a choice is made: for each strategy, the configuration with the best mean validation accuracy over the
@@ -122,16 +122,19 @@ def tune_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
             chosen[strategy].setdefault("option_scores", {})[json.dumps(options, sort_keys=True)] = score
             if score > chosen[strategy]["validation_mean"]:
                 chosen[strategy].update(options=options, validation_mean=score)
-    return {"seeds": list(seeds), "candidates": table, "chosen": chosen}
+    return {"seeds": list(seeds), "budget": args.budget, "candidates": table, "chosen": chosen}
 
 
 def markdown(doc: dict[str, Any]) -> str:
     seeds = sorted({s for d in doc["datasets"].values() for s in d["seeds"]})
     lines = ["# Settings chosen on validation data", "",
-             "Validation phase only (each federated user's training period: HAPT trains on the earlier bouts of "
-             "each activity and scores the last one; watch scores the later quarter of each recording's training "
-             f"part), tuning seeds {seeds}, 30 rounds, mean over the four partition regimes. No test window and "
-             "no new user was read. "
+             "Validation phase only, in each federated user's training period: HAPT trains on the earlier bouts "
+             "of each activity of the user's FIRST session and scores the last bout (the second session is the "
+             "test session); watch scores the later quarter of the earlier 70 % of each recording (the later 30 % "
+             f"is the test part). Tuning seeds {seeds}, {TrainingConfig().rounds} rounds, mean over the four "
+             "partition regimes; configurations tried per strategy: "
+             + ", ".join(f"{n} {d.get('budget', doc.get('budget'))}" for n, d in doc["datasets"].items())
+             + " (the strategy's defaults and a seeded sample of its grid). No test window and no new user was read. "
              f"Default strategy chosen: **{doc['default_strategy']}** (was {doc['previous_default']}).", ""]
     for name, d in doc["datasets"].items():
         lines += [f"## {name}", "", "| strategy | validation mean % | settings | device options | tried |",

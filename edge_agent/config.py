@@ -132,9 +132,10 @@ def secret_source(broker: BrokerConfig, environ: Mapping[str, str] = os.environ)
     return None
 
 
-# What a device does with its labelled windows before training, when its config leaves the key unset. Off until
-# the validation benchmark shows they help (edge_agent/evaluation/protocol.py); switching one on is changing its
-# constant here: a source that cannot apply one (an MCU's windows, a features card) then stays without it.
+# What a device does with its labelled windows before training, when its config leaves the key unset. Off: the
+# validation search (bench/results/tuning.md) picks them for some strategies on one dataset and not the other,
+# so they are a per-deployment choice (README, "Which strategy"); switching one on is changing its constant
+# here: a source that cannot apply one (an MCU's windows, a features card) then stays without it.
 DEFAULT_AUGMENT_COPIES = 0  # copies of each labelled window; 8 is what edge_agent/data/augment.py measured
 DEFAULT_PER_USER_STANDARDIZATION = False
 MAX_AUGMENT_COPIES = 32  # each copy costs one backbone invoke per labelled window and one stored embedding

@@ -583,7 +583,7 @@ def _session_split_fits(user: UserData, test_fraction: float, validation_fractio
     return all(set(np.unique(user.y[p]).tolist()) == classes for p in parts)
 
 
-def _positions(user: UserData, card: DatasetCard) -> tuple[np.ndarray, float]:
+def window_positions(user: UserData, card: DatasetCard) -> tuple[np.ndarray, float]:
     """Each window's start and every window's length, in one unit, to tell which windows overlap."""
     length, stride, rate = card.window_length, card.window_stride, card.sample_rate_hz
     if user.t is not None and length is not None and rate is not None:
@@ -626,7 +626,7 @@ def split_in_time(user: UserData, card: DatasetCard, *, test_fraction: float = 0
 
 def _split_by_segment(user: UserData, card: DatasetCard, test_fraction: float,
                       validation_fraction: float) -> TimeSplit:
-    start, length = _positions(user, card)
+    start, length = window_positions(user, card)
     end = start + length
     key_change = user.y[1:] != user.y[:-1]
     if user.session is not None:
@@ -641,12 +641,12 @@ def _split_by_segment(user: UserData, card: DatasetCard, test_fraction: float,
     train, val, test = (np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts)
     # Runs cut from one continuous stretch (windows labelled by majority, say) can overlap their neighbours:
     # a window kept for an earlier part must not share samples with a later part's window of another run.
-    val = _without_overlap(val, test, start, length, user.session)
-    train = _without_overlap(train, np.concatenate([val, test]), start, length, user.session)
+    val = without_overlap(val, test, start, length, user.session)
+    train = without_overlap(train, np.concatenate([val, test]), start, length, user.session)
     return TimeSplit("segment", train, val, test, len(user) - train.size - val.size - test.size)
 
 
-def _without_overlap(keep: np.ndarray, later: np.ndarray, start: np.ndarray, length: float,
+def without_overlap(keep: np.ndarray, later: np.ndarray, start: np.ndarray, length: float,
                      session: np.ndarray | None) -> np.ndarray:
     """`keep` minus the windows that share samples with a window of `later` in the same session."""
     if keep.size == 0 or later.size == 0:

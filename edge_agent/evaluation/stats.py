@@ -60,7 +60,8 @@ class Interval:
 def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
     v = np.asarray(values, np.float64)
     if v.ndim != 1 or v.size < 2:
-        raise ValueError(f"an interval needs at least 2 values, got {v.size}")
+        raise ValueError(f"an interval needs at least 2 values, got {v.size}: run at least 2 seeds (the report "
+                         "uses 10)")
     if not np.all(np.isfinite(v)):
         raise ValueError("an interval over values that are not all finite (a run without a score?)")
     m = float(v.mean())
@@ -70,22 +71,20 @@ def t_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDE
 
 def _matrix(acc: Accuracies, seeds: Sequence[int], users: Sequence[str]) -> np.ndarray:
     """[seed, user] accuracies; refuses a missing cell rather than comparing unlike with unlike."""
-    out = np.empty((len(seeds), len(users)))
-    for i, s in enumerate(seeds):
-        if s not in acc:
-            raise KeyError(f"no result for seed {s}")
-        for j, u in enumerate(users):
-            if u not in acc[s]:
-                raise KeyError(f"no result for user {u!r} at seed {s}")
-            out[i, j] = acc[s][u]
-    return out
+    missing = [(s, u) for s in seeds for u in users if u not in acc.get(s, {})]
+    if missing:
+        shown = ", ".join(f"seed {s} user {u!r}" for s, u in missing[:5])
+        raise KeyError(f"no result for {shown}{' and more' if len(missing) > 5 else ''}: every user needs a result "
+                       "at every seed; rerun the runs that failed (the benchmark's .jsonl record keeps the rest)")
+    return np.array([[acc[s][u] for u in users] for s in seeds], np.float64)
 
 
 def common_keys(a: Accuracies, b: Accuracies) -> tuple[list[int], list[str]]:
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) != len(set(a) | set(b)):
-        raise ValueError(f"the two results have different seeds: {sorted(a)} and {sorted(b)}")
-    users = sorted(set.intersection(*(set(a[s]) for s in seeds), *(set(b[s]) for s in seeds)))
+    """The seeds and users of two results, which must be the same."""
+    seeds = sorted(set(a) | set(b))
+    if set(a) != set(b):
+        raise ValueError(f"the two results have different seeds: {sorted(a)} and {sorted(b)}; run both on the same")
+    users = sorted(set().union(*(set(a[s]) | set(b[s]) for s in seeds)))
     return seeds, users
 
 
@@ -133,7 +132,7 @@ class Spread:
 
 def spread(acc: Accuracies, confidence: float = CONFIDENCE) -> Spread:
     seeds = sorted(acc)
-    users = sorted(set.intersection(*(set(acc[s]) for s in seeds)))
+    users = sorted(set().union(*(set(acc[s]) for s in seeds)))
     m = _matrix(acc, seeds, users)
     by_user = dict(sorted(zip(users, m.mean(axis=0).tolist(), strict=True), key=lambda kv: -kv[1]))
     ranked = list(by_user.values())

@@ -12,10 +12,10 @@ def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
 
 
 def summarize(client_acc: Sequence[float]) -> dict[str, float]:
-    """The mean, the worst, and `p10_acc`: the lowest accuracy that at least 90 % of the clients reach (the
-    nearest-rank 10th percentile, an accuracy some client really has). With fewer than 10 clients it is the
-    worst client's; an interpolated percentile of 6 clients would be a point between the two worst that no
-    client has, and says nothing the worst does not."""
+    """The mean, the worst, and `p10_acc`: the nearest-rank 10th percentile, i.e. the ceil(n / 10)-th lowest
+    client accuracy (an accuracy some client really has; at most 10 % of the clients are below it). With 10 or
+    fewer clients it is the worst client's: an interpolated percentile of 6 clients would be a point between the
+    two worst that no client has, and says nothing the worst does not."""
     a = np.asarray([v for v in client_acc if not np.isnan(v)], dtype=np.float64)
     if a.size == 0:
         return {"mean_acc": float("nan"), "p10_acc": float("nan"), "worst_acc": float("nan")}
