@@ -41,11 +41,12 @@ from edge_agent.learning.strategies import STRATEGIES
 from edge_agent.learning.training import TrainingConfig
 
 CURVE_SHOTS = (1, 2, 5, 10)
-CURVE_EXTRA = ("fedavg", "fedrep", "ncm")  # beside the default strategy and local
+CURVE_EXTRA = ("fedavg",)  # beside the default strategy and local
 SHIFT_STRATEGIES = ("local", "fedavg")  # beside the default strategy, under the other protocols
 SHIFTS = {"hapt": {"next-session": {"test_by": "next-session", "validation_by": "run"}},
           "watch": {"new-recording": {"test_by": "session", "validation_by": "segment"}}}
 SHIFT_REGIMES = ("natural", "few-shot")
+OPTION_REGIMES = ("few-shot",)  # where few labels make the device options matter (and copies are cheap)
 
 
 def accuracies(records: list[dict[str, Any]]) -> Accuracies:
@@ -69,7 +70,9 @@ def plan(name: str, tuning: dict[str, Any], seeds: tuple[int, ...]) -> dict[str,
             groups[f"{regime}/{strategy}"] = jobs_for(strategy, chosen[strategy], regime, seeds)
     for k in CURVE_SHOTS:
         for strategy in dict.fromkeys((default, "local", *CURVE_EXTRA)):
-            groups[f"curve/{k}/{strategy}"] = jobs_for(strategy, chosen[strategy], "few-shot", seeds, shots=k)
+            # K = the regime's own shots: the very runs of the few-shot table (the same job, run once).
+            extra = {} if k == evallib.REGIME_SETTINGS["few-shot"].shots else {"shots": k}
+            groups[f"curve/{k}/{strategy}"] = jobs_for(strategy, chosen[strategy], "few-shot", seeds, **extra)
     for strategy in dict.fromkeys((default, "local")):
         on = chosen[strategy]["options"]
         for option in ("per_user_standardization", "augment"):
@@ -78,7 +81,7 @@ def plan(name: str, tuning: dict[str, Any], seeds: tuple[int, ...]) -> dict[str,
                 flipped.pop(option)
             else:
                 flipped[option] = True if option == "per_user_standardization" else "default"
-            for regime in ("natural", "few-shot"):
+            for regime in OPTION_REGIMES:
                 groups[f"option/{regime}/{strategy}/{option}"] = jobs_for(
                     strategy, {"settings": chosen[strategy]["settings"], "options": flipped}, regime, seeds)
     for label, protocol in SHIFTS.get(name, {}).items():
@@ -260,12 +263,13 @@ def markdown(doc: dict[str, Any]) -> str:
             cells = [f"{pct(r['mean']['mean'])}" + (f" ({diff_cell(r['vs_local'])} vs local)" if r["vs_local"] else "")
                      for r in rows.values()]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
-        lines += ["", "### Device options (chosen setting minus the setting flipped; test seeds)", "",
-                  "| strategy | option | chosen on validation | natural | few-shot |", "|---|---|---|---|---|"]
+        lines += ["", "### Device options (the chosen setting minus the setting flipped; test seeds)", "",
+                  "| strategy | option | chosen on validation | " + " | ".join(OPTION_REGIMES) + " |",
+                  "|---|---|---|" + "---|" * len(OPTION_REGIMES)]
         for s, opts in d["options"].items():
             for option, regimes in opts.items():
                 has = next(iter(regimes.values()))["chosen_has_it"]
-                cells = [diff_cell(regimes[r]["chosen_minus_flipped"]) for r in ("natural", "few-shot")]
+                cells = [diff_cell(regimes[r]["chosen_minus_flipped"]) for r in OPTION_REGIMES]
                 lines.append(f"| {s} | {option} | {'on' if has else 'off'} | " + " | ".join(cells) + " |")
         for protocol, regimes in d["shifts"].items():
             lines += ["", f"### {protocol}: {TEST_BY[SHIFTS[name][protocol]['test_by']]} (a robustness check: the "

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 import evallib
 
+from edge_agent.evaluation.stats import t_interval
 from edge_agent.learning.head import HeadConfig
 from edge_agent.learning.strategies import STRATEGIES, make_strategy
 from edge_agent.learning.training import DEFAULT_STRATEGY, TrainingConfig
@@ -122,7 +123,37 @@ def tune_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
             chosen[strategy].setdefault("option_scores", {})[json.dumps(options, sort_keys=True)] = score
             if score > chosen[strategy]["validation_mean"]:
                 chosen[strategy].update(options=options, validation_mean=score)
+    everything = records + (option_records if not args.no_options else [])
+    for strategy, c in chosen.items():  # the chosen configuration's score per (regime, seed): for paired tests
+        c["cells"] = {f"{r['regime']}/{r['seed']}": r["mean"] for r in everything
+                      if r["strategy"] == strategy and r["settings"] == c["settings"] and r["options"] == c["options"]}
     return {"seeds": list(seeds), "budget": args.budget, "candidates": table, "chosen": chosen}
+
+
+def choose_default(doc: dict[str, Any], eligible: list[str], means: dict[str, float]) -> tuple[str, dict[str, Any]]:
+    """The eligible strategy with the best validation mean, if it beats the current default significantly: the
+    paired difference over every (dataset, regime, tuning seed) cell, a t interval that excludes zero. Otherwise
+    the current default stays: a change of default is a change for every fleet, not worth a difference that the
+    tuning seeds cannot tell from noise."""
+    best = max(eligible, key=lambda s: means[s])
+    if best == DEFAULT_STRATEGY:
+        return best, {"challenger": None}
+    diffs = [d["chosen"][best]["cells"][k] - d["chosen"][DEFAULT_STRATEGY]["cells"][k]
+             for d in doc["datasets"].values() for k in d["chosen"][best]["cells"]]
+    interval = t_interval(diffs)
+    verdict = {"challenger": best, "difference": asdict(interval), "cells": len(diffs), "text": interval.points()}
+    return (best if interval.low > 0 else DEFAULT_STRATEGY), verdict
+
+
+def default_reason(doc: dict[str, Any]) -> str:
+    test = doc.get("default_test") or {}
+    if not test.get("challenger"):
+        return ": the best validation mean among the strategies that give a new user a head"
+    moved = doc["default_strategy"] == test["challenger"]
+    return (f": {test['challenger']} has the best validation mean among the strategies that give a new user a head, "
+            f"{test['text']} points against {doc['previous_default']} over {test['cells']} paired (dataset, regime, "
+            "seed) cells, " + ("significant: it becomes the default" if moved
+                               else "no significant difference: the default stays"))
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -135,7 +166,8 @@ def markdown(doc: dict[str, Any]) -> str:
              "partition regimes; configurations tried per strategy: "
              + ", ".join(f"{n} {d.get('budget', doc.get('budget'))}" for n, d in doc["datasets"].items())
              + " (the strategy's defaults and a seeded sample of its grid). No test window and no new user was read. "
-             f"Default strategy chosen: **{doc['default_strategy']}** (was {doc['previous_default']}).", ""]
+             f"Default strategy: **{doc['default_strategy']}** (was {doc['previous_default']})"
+             + default_reason(doc) + ".", ""]
     for name, d in doc["datasets"].items():
         lines += [f"## {name}", "", "| strategy | validation mean % | settings | device options | tried |",
                   "|---|---|---|---|---|"]
@@ -171,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     means = {s: float(np.mean([d["chosen"][s]["validation_mean"] for d in doc["datasets"].values()
                                if s in d["chosen"]])) for s in args.strategies}
     eligible = [s for s in means if serves_new_users(s)]
-    doc.update(default_strategy=max(eligible, key=lambda s: means[s]), default_scores=means,
-               default_candidates=eligible,
+    default, verdict = choose_default(doc, eligible, means)
+    doc.update(default_strategy=default, default_scores=means, default_candidates=eligible, default_test=verdict,
                previous_default=DEFAULT_STRATEGY, tuned_fields=list(TUNED_FIELDS),
                training_fields=[f.name for f in fields(TrainingConfig)], budget=args.budget,
                base_config=asdict(TrainingConfig()), environment=benchlib.environment())
