@@ -43,8 +43,7 @@ from edge_agent.learning.training import TrainingConfig
 CURVE_SHOTS = (1, 2, 5, 10)
 CURVE_EXTRA = ("fedavg",)  # beside the default strategy and local
 SHIFT_STRATEGIES = ("local", "fedavg")  # beside the default strategy, under the other protocols
-SHIFTS = {"hapt": {"next-session": {"test_by": "next-session", "validation_by": "run"}},
-          "watch": {"new-recording": {"test_by": "session", "validation_by": "segment"}}}
+SHIFTS = {"watch": {"new-recording": {"test_by": "session", "validation_by": "segment"}}}
 SHIFT_REGIMES = ("natural", "few-shot")
 OPTION_REGIMES = ("few-shot",)  # where few labels make the device options matter (and copies are cheap)
 
