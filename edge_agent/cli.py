@@ -9,9 +9,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:  # the commands import what they run when they run it: `edge-fl --help` stays light
+    from .config import DataConfig
+    from .data.device_client import DataOptions
 
 log = logging.getLogger("edge_fl")
 
@@ -86,20 +90,21 @@ def _load_embedded(args: argparse.Namespace, progress: Progress) -> Any:
     cache = _embedding_cache(args)
     window = WindowConfig(length_s=args.window, stride_s=args.stride)
     t0 = time.perf_counter()
-    embedded = embed_dataset(load_watch_dataset(args.dataset), backbone, window, cache)
+    dataset = load_watch_dataset(args.dataset)
+    embedded = embed_dataset(dataset, backbone, window, cache)
     progress.update(f"embedded {len(embedded.train) + len(embedded.test)} windows in {time.perf_counter() - t0:.1f}s "
                     f"(backbone sha256 {backbone.sha256[:12]})", final=True)
-    return embedded, backbone
+    return embedded, backbone, dataset.channel_names
 
 
 def _warn(text: str) -> None:
     print(f"edge-fl: warning: {text}", file=sys.stderr)
 
 
-def _prepare_user_data(args: argparse.Namespace, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
-    """`--data DIR` loaded, checked, embedded (windows datasets) and split: (UserFeatures, the backbone's
-    description or None for a features dataset). Errors (bad data, a backbone of another window shape, a
-    federated user that cannot be scored) are raised as ValueError: one line, exit 1."""
+def _prepare_user_data(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
+    """`--data DIR` loaded, checked, embedded (windows datasets) and split: (UserFeatures, the backbone, None for
+    a features dataset). Errors (bad data, a backbone of another window shape, a federated user that cannot be
+    scored) are raised as ValueError: one line, exit 1."""
     from .backbone import DEFAULT_MODEL
     from .data.from_userdata import backbone_notes, check_backbone_input, prepare_users
     from .data.userdata import load_user_dataset
@@ -123,11 +128,14 @@ def _prepare_user_data(args: argparse.Namespace, progress: Progress) -> tuple[An
                              sidecar_standardizer=backbone.embedding_standardizer(), rule=args.split)
     progress.update(f"embedded {n} windows in {time.perf_counter() - t0:.1f}s (backbone sha256 "
                     f"{backbone.sha256[:12]})", final=True)
-    return prepared, _backbone_doc(backbone)
+    return prepared, backbone
 
 
 def _simulate_usage_error(args: argparse.Namespace) -> str | None:
-    """Options that contradict `--data` (they describe the bundled recordings), or None."""
+    """Options that contradict `--data` (they describe the bundled recordings) or the device data options, or None."""
+    if args.plot is not None and (args.augment_copies or args.per_user_standardization):
+        return ("--plot draws the few-shot curve without the device data options; drop --plot, or "
+                "--augment-copies and --per-user-standardization")
     if args.data is None:
         return None
     clash = [flag for flag, given in (("--dataset", args.dataset is not None),
@@ -141,13 +149,54 @@ def _simulate_usage_error(args: argparse.Namespace) -> str | None:
             + ("; the few-shot curve (--plot) is drawn for the bundled recordings only" if "--plot" in clash else ""))
 
 
+def _device_data_keys(args: argparse.Namespace, seed: int) -> DataConfig:
+    """`--augment-copies` and `--per-user-standardization` as the [data] keys of an agent (a flag not given: the key
+    unset, so the agent's default applies), with the partition's seed as [data] seed, as the demo writes them."""
+    from .config import DataConfig
+
+    return DataConfig(seed=seed, augment_copies=args.augment_copies,
+                      per_user_standardization=True if args.per_user_standardization else None)
+
+
+def _device_options_usage_error(args: argparse.Namespace) -> str | None:
+    """`--augment-copies` with a `--data` directory that holds no windows to copy, or None. Read from the
+    directory's card alone, before anything is loaded or embedded."""
+    if not args.augment_copies or args.data is None:
+        return None
+    from .data.userdata import read_card
+
+    kind = read_card(args.data).kind
+    if kind == "windows":
+        return None
+    return (f"--augment-copies {args.augment_copies}: {args.data} is a {kind} dataset, with no raw sensor windows "
+            "to augment (copies are made of windows before the backbone embeds them, as [data] augment_copies does "
+            "on an agent); leave --augment-copies out, or import the windows themselves")
+
+
+def _device_options(args: argparse.Namespace, seed: int, *, windows: bool, channel_names: Sequence[str] | None,
+                    what: str) -> DataOptions:
+    """The DataOptions an agent with these [data] keys resolves on a source that has raw windows (`windows`) or
+    not, for device 0 (each client sets its own device number)."""
+    from .agent.data_options import data_options
+
+    return data_options(_device_data_keys(args, seed), 0, windows=windows, population=True,
+                        channel_names=channel_names, what=what)
+
+
+def _device_options_doc(options: DataOptions) -> dict[str, Any] | None:
+    """The results' `data_options`: what every device did with its data, or None (left out) when nothing."""
+    if options.off:
+        return None
+    return {"augment_copies": 0 if options.augment is None else options.augment.copies,
+            "per_user_standardization": options.per_user_standardization}
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .data.federated import federate
     from .learning.strategies import STRATEGIES
     from .learning.training import DEFAULT_STRATEGY, TrainingConfig
     from .sim import run_simulation
 
-    usage = _simulate_usage_error(args)
+    usage = _simulate_usage_error(args) or _device_options_usage_error(args)
     if usage:
         print(f"edge-fl simulate: {usage}", file=sys.stderr)
         return 2
@@ -156,15 +205,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     base, partition = _fleet_configs(args, names[0])
     data_doc: dict[str, Any] | None = None
     if args.data is not None:
+        prepared, backbone = _prepare_user_data(args, progress)
+        card = prepared.dataset.card
+        options = _device_options(args, partition.seed, windows=card.kind == "windows",
+                                  channel_names=card.channel_names, what=f"the {card.kind} dataset {args.data}")
         from .data.from_userdata import federate_users
 
-        prepared, backbone_doc = _prepare_user_data(args, progress)
-        data = federate_users(prepared, partition)
+        data = federate_users(prepared, partition, options, None if backbone is None else backbone.embed)
+        backbone_doc = None if backbone is None else _backbone_doc(backbone)
         data_doc = prepared.report()
     else:
-        embedded, backbone = _load_embedded(args, progress)
-        data = federate(embedded, partition)
+        embedded, backbone, channel_names = _load_embedded(args, progress)
+        options = _device_options(args, partition.seed, windows=True, channel_names=channel_names,
+                                  what="the bundled recordings")
+        from .data.federated import federate
+
+        data = federate(embedded, partition, options, backbone.embed)
         backbone_doc = _backbone_doc(backbone)
+    options_doc = _device_options_doc(options)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         cfg = TrainingConfig(**{**base.__dict__, "strategy": name})
@@ -177,10 +235,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         results[name]["backbone"] = backbone_doc
         if data_doc is not None:
             results[name]["data"] = data_doc
+        if options_doc is not None:
+            results[name]["data_options"] = options_doc
     progress.update("", final=progress.tty)
     print(f"regime={args.regime} rounds={args.rounds} seed={args.seed} clients={len(data.clients)}"
           + (f" shots={args.shots}" if args.regime == "few-shot" else "")
-          + (f" data={data_doc['name']} split={data_doc['split']['rule']}" if data_doc is not None else ""))
+          + (f" data={data_doc['name']} split={data_doc['split']['rule']}" if data_doc is not None else "")
+          + ("" if options_doc is None else f" augment_copies={options_doc['augment_copies']} per_user_standardization="
+             f"{'true' if options_doc['per_user_standardization'] else 'false'}"))
     print(format_table(results))
     if args.out:
         doc: dict[str, Any] = results[names[0]] if len(names) == 1 else {"strategies": results}
@@ -307,13 +369,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("edge-fl demo: --backbone and --split go with --data DIR (the bundled recordings run the bundled "
               "backbone and their own time split)", file=sys.stderr)
         return 2
+    usage = _device_options_usage_error(args)
+    if usage:
+        print(f"edge-fl demo: {usage}", file=sys.stderr)
+        return 2
     password = args.password
     if args.password_file is not None:
         password = args.password_file.read_text().strip()
     cfg = DemoConfig(train=train, partition=partition, broker=args.broker, username=args.username,
                      password=password, timeout_s=args.timeout, workdir=args.workdir, agents=args.agents,
                      keep_logs=args.keep_logs, plain=args.plain, data=args.data, backbone=args.backbone,
-                     split=args.split or "auto")
+                     split=args.split or "auto", augment_copies=args.augment_copies,
+                     per_user_standardization=True if args.per_user_standardization else None)
     t0 = time.perf_counter()
     try:
         result = run_demo(cfg, args.out, printer=lambda text: print(text, flush=True), warn=_warn)
@@ -486,6 +553,7 @@ def _add_data_parsers(sub: Any) -> None:
 
 def _add_fleet_options(p: argparse.ArgumentParser) -> None:
     """The training and data options `simulate` and `demo` share: the same flags mean the same fleet."""
+    from .config import DEFAULT_AUGMENT_COPIES, MAX_AUGMENT_COPIES
     from .data.partition import REGIMES
     from .learning.training import TrainingConfig
 
@@ -514,6 +582,15 @@ def _add_fleet_options(p: argparse.ArgumentParser) -> None:
                    help="compress the global model on its way down: each version as its change from the one "
                         "before, in CODEC (same names as --codec), with error feedback on the aggregator; devices "
                         "fetch the whole model only to start or to resync; default: the whole model in every task")
+    p.add_argument("--augment-copies", type=_augment_copies, metavar="N",
+                   help="few-label augmentation: each device also trains on N perturbed copies (shifted in time, "
+                        "scaled, rotated) of each of its labelled training windows, embedded by the frozen backbone; "
+                        f"what `[data] augment_copies = N` does on an agent (0 to {MAX_AUGMENT_COPIES}; windows only, "
+                        f"not a features dataset); None: the key unset, an agent's default ({DEFAULT_AUGMENT_COPIES})")
+    p.add_argument("--per-user-standardization", action="store_true",
+                   help="each device standardizes its embeddings with its own statistics (of its training "
+                        "windows, labels unread), shrunk towards the population's: what `[data] "
+                        "per_user_standardization = true` does on an agent")
 
 
 def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
@@ -528,6 +605,18 @@ def _fleet_configs(args: argparse.Namespace, strategy: str) -> tuple[Any, Any]:
     partition = PartitionConfig(regime=args.regime, seed=args.seed, shots=args.shots,
                                 classes_per_client=args.classes_per_client, alpha=args.alpha)
     return train, partition
+
+
+def _augment_copies(text: str) -> int:
+    """`--augment-copies`: the values `[data] augment_copies` takes (argparse turns the error into a usage
+    message, exit 2)."""
+    from .config import MAX_AUGMENT_COPIES
+
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_AUGMENT_COPIES:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number between 0 (no augmentation) and {MAX_AUGMENT_COPIES} (each copy of a labelled "
+            f"window costs a backbone invoke), as [data] augment_copies takes, got {text!r}")
+    return int(text)
 
 
 def _codec_text(text: str) -> str:

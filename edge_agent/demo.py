@@ -91,10 +91,16 @@ class DemoConfig:
     data: Path | None = None  # a per-user dataset directory (docs/data-format.md); default: the bundled recordings
     backbone: Path | None = None  # with `data` (windows): the agents' backbone; default: the bundled one
     split: str = "auto"  # with `data`: the time split, as `edge-fl simulate --split`
+    # Every agent's [data] augment_copies and per_user_standardization; None: the key left out of its config (the
+    # agent's default). The results say what the agents do with them in `data_options`.
+    augment_copies: int | None = None
+    per_user_standardization: bool | None = None
 
 
 #: DemoConfig's fields that only mean something with `data` (left out of the results of a run without it).
 DATA_FIELDS = ("data", "backbone", "split")
+#: DemoConfig's [data] keys of every agent: in the results as `data_options`, what the agents resolve them to.
+DEVICE_OPTION_FIELDS = ("augment_copies", "per_user_standardization")
 
 
 #: What `--plain` prints (to stdout, with the table, where nobody can miss it).
@@ -366,6 +372,31 @@ def fleet_data(cfg: DemoConfig, warn: Callable[[str], None]) -> DemoData:
     return user_dataset_data(cfg.data, cfg.agents, cfg.partition, backbone=cfg.backbone, split=cfg.split, warn=warn)
 
 
+def device_options(cfg: DemoConfig, data: DemoData) -> dict[str, Any] | None:
+    """What every agent does with its data under `cfg`'s [data] keys (unset: an agent's default, where its data
+    can apply it), as the results' `data_options`; None when nothing. ValueError for augmented copies of a
+    features dataset: its agents would refuse them at start."""
+    from .config import DataConfig
+
+    keys = DataConfig(augment_copies=cfg.augment_copies, per_user_standardization=cfg.per_user_standardization)
+    kind = "windows" if data.report is None else data.report["kind"]  # the bundled recordings are windows
+    if cfg.augment_copies and kind != "windows":
+        raise ValueError(f"augment_copies = {cfg.augment_copies}: {cfg.data} is a {kind} dataset, with no raw sensor "
+                         "windows to augment; leave augment_copies out")
+    copies = keys.copies_to_make(can_augment=kind == "windows")
+    own = keys.standardizes_per_user(has_population=True)  # every demo source has population statistics
+    return {"augment_copies": copies, "per_user_standardization": own} if copies or own else None
+
+
+def _describe_options(options: dict[str, Any] | None) -> str:
+    """The device options' part of the start line."""
+    if options is None:
+        return ""
+    copies = options["augment_copies"]
+    return "".join([f", {copies} augmented cop{'y' if copies == 1 else 'ies'}" if copies else "",
+                    ", per-user standardization" if options["per_user_standardization"] else ""])
+
+
 def _describe(report: dict[str, Any], backbone: str | None) -> str:
     """The `data:` line of a run on a dataset directory, from its `data` section."""
     held = len(report["users"]["holdout"])
@@ -391,6 +422,9 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
     from .transport import Message, MqttLink
 
     data = fleet_data(cfg, warn)
+    options = device_options(cfg, data)
+    # Every agent's [data] keys beside those naming its data; a None is left out of the file (the agent's default).
+    option_keys = {"augment_copies": cfg.augment_copies, "per_user_standardization": cfg.per_user_standardization}
     clients = data.agents
     # With --data the results carry a new-user accuracy per round: the new-user head of each global version (read
     # from model/current, as devices read it) on the held-out users' windows; null without held-out users.
@@ -458,8 +492,9 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         for i, agent in enumerate(clients):
             device = agent.device
             path = write_agent_config(workdir, host, port, user_names.get("device"), None, fleet=cfg.fleet,
-                                      data=agent.data, backbone=data.backbone, rng_stream=i, partition=cfg.partition,
-                                      device_id=device, password_file=secret_files.get("device"),
+                                      data={**agent.data, **option_keys}, backbone=data.backbone, rng_stream=i,
+                                      partition=cfg.partition, device_id=device,
+                                      password_file=secret_files.get("device"),
                                       tls=pki.tls(device) if pki else None,
                                       signing={"key": str(pki.device_key(device)), "fleet_keys": [str(pki.fleet_pub)]}
                                       if pki else None)
@@ -472,7 +507,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         printer(f"started the aggregator and {len(clients)} agents"
                 + (f" on the data of {owners} {data.owners}" if owners != len(clients) else "")
                 + f" ({t.strategy}, {cfg.partition.regime}, {t.rounds} rounds, seed {t.seed}"
-                + (f", fraction {t.fraction}" if t.fraction < 1 else "") + f"); logs in {workdir}")
+                + (f", fraction {t.fraction}" if t.fraction < 1 else "") + _describe_options(options)
+                + f"); logs in {workdir}")
         header = (f"{'round':>5} {'global':>7} {'personal':>9} {'p10':>6} {'reporting':>10} "
                   f"{'bytes in':>9} {'bytes out':>10} {'device down':>12} {'device up':>10}")
         printer(header)
@@ -530,8 +566,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                 # are not needed any more.
                 shutil.rmtree(secrets_dir, ignore_errors=True)
         last = rows[-1]
-        config = {k: v for k, v in asdict(cfg).items()
-                  if k != "password" and (cfg.data is not None or k not in DATA_FIELDS)}
+        config = {k: v for k, v in asdict(cfg).items() if k != "password" and k not in DEVICE_OPTION_FIELDS
+                  and (cfg.data is not None or k not in DATA_FIELDS)}
         for key in ("data", "backbone"):
             if config.get(key) is not None:
                 config[key] = str(config[key])
@@ -545,6 +581,8 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                             max(1, r["clients_reporting"]) for r in rows),
                         **wire.summary(rows, len(clients))},
         }
+        if options is not None:
+            result["data_options"] = options
         if data.reports_new_users:
             result["summary"]["new_user_acc"] = last["new_user_acc"]
             result["backbone"] = data.backbone_doc

@@ -7,7 +7,7 @@ What `edge-fl simulate`, the demo's agents (the bundled recordings) and the benc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import numpy as np
 from ..backbone import EmbeddingCache, FrozenBackbone
 from ..learning.features import EmbeddingStandardizer
 from ..learning.strategies import ClientData
+from .device_client import OFF, DataOptions, device_client_data
+from .embedded_copies import Embed
 from .partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS, PartitionConfig, partition_clients
 from .watch import WatchDataset
 from .windows import WindowConfig, split_and_window
@@ -62,19 +64,29 @@ def embed_dataset(dataset: WatchDataset, backbone: FrozenBackbone, window: Windo
     return Embedded(train, test, train_emb, test_emb, EmbeddingStandardizer.fit(reference), dataset.class_names)
 
 
-def federate(embedded: Embedded, partition: PartitionConfig) -> FederatedData:
+def federate(embedded: Embedded, partition: PartitionConfig, options: DataOptions = OFF,
+             embed: Embed | None = None) -> FederatedData:
+    """One client per client subject under the partition regime, and the new user. `options` (a device's
+    `[data] augment_copies` / `per_user_standardization`): each client's data built as the agent on that subject
+    builds it (`watch_client_data`): the same windows, statistics and copies, embedded by `embed`; client i
+    draws its copies from device stream i, the rng_stream of the demo's agent i."""
     std = embedded.standardizer
-    splits = partition_clients(embedded.train, embedded.test, partition, CLIENT_SUBJECTS)
-    clients = tuple(
-        ClientData(std(embedded.train_emb[s.train_idx]), embedded.train.y[s.train_idx],
-                   std(embedded.test_emb[s.test_idx]), embedded.test.y[s.test_idx])
-        for s in splits
-    )
+    train, test = embedded.train, embedded.test
+    splits = partition_clients(train, test, partition, CLIENT_SUBJECTS)
+    if options.off:
+        clients = tuple(ClientData(std(embedded.train_emb[s.train_idx]), train.y[s.train_idx],
+                                   std(embedded.test_emb[s.test_idx]), test.y[s.test_idx]) for s in splits)
+    else:
+        clients = tuple(device_client_data(
+            embedded.train_emb[s.train_idx], train.y[s.train_idx], embedded.test_emb[s.test_idx],
+            test.y[s.test_idx], std, replace(options, device=device),
+            period=embedded.train_emb[train.subject == s.subject],  # every training window of the subject
+            train_windows=train.x[s.train_idx], embed=embed) for device, s in enumerate(splits))
     # A new user has no labels to train on; all of their windows are test windows.
-    new_x = np.concatenate([embedded.train_emb[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
-                            embedded.test_emb[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
-    new_y = np.concatenate([embedded.train.y[np.isin(embedded.train.subject, NEW_USER_SUBJECTS)],
-                            embedded.test.y[np.isin(embedded.test.subject, NEW_USER_SUBJECTS)]])
+    new_x = np.concatenate([embedded.train_emb[np.isin(train.subject, NEW_USER_SUBJECTS)],
+                            embedded.test_emb[np.isin(test.subject, NEW_USER_SUBJECTS)]])
+    new_y = np.concatenate([train.y[np.isin(train.subject, NEW_USER_SUBJECTS)],
+                            test.y[np.isin(test.subject, NEW_USER_SUBJECTS)]])
     return FederatedData(tuple(s.client_id for s in splits), clients, std(new_x), new_y,
                          len(embedded.class_names), embedded.train_emb.shape[1], embedded.class_names, partition)
 

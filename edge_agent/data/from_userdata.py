@@ -211,30 +211,42 @@ def user_number(card: DatasetCard, user_id: str) -> int:
 
 
 def _client(dataset: UserDataset, user_id: str, features: np.ndarray, split: TimeSplit,
-            standardize: EmbeddingStandardizer, partition: PartitionConfig) -> ClientData:
-    """One federated user's ClientData from its (unstandardized) features and its time split."""
+            standardize: EmbeddingStandardizer, partition: PartitionConfig, options: DataOptions = OFF,
+            embed: Embed | None = None) -> ClientData:
+    """One federated user's ClientData from its (unstandardized) features and its time split; with `options`, as
+    its device builds it (per-user statistics from the whole training period, copies embedded by `embed`)."""
     y = dataset.users[user_id].y
     y_train, y_test = y[split.train], y[split.test]
     own = partition_client(user_id, user_number(dataset.card, user_id), y_train, y_test, partition,
                            dataset.card.num_classes)
-    return ClientData(standardize(features[split.train][own.train_idx]), y_train[own.train_idx],
-                      standardize(features[split.test][own.test_idx]), y_test[own.test_idx])
+    if options.off:
+        return ClientData(standardize(features[split.train][own.train_idx]), y_train[own.train_idx],
+                          standardize(features[split.test][own.test_idx]), y_test[own.test_idx])
+    train, test = split.train[own.train_idx], split.test[own.test_idx]
+    windows = dataset.users[user_id].x[train] if dataset.card.kind == "windows" else None
+    return device_client_data(features[train], y[train], features[test], y[test], standardize, options,
+                              period=features[split.train], train_windows=windows, embed=embed)
 
 
-def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = None) -> FederatedData:
+def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = None, options: DataOptions = OFF,
+                   embed: Embed | None = None) -> FederatedData:
     """One client per federated user (client id = user id) under a partition regime (default: natural), and the
-    new users. The heads get the card's number of classes, and label-skew and dirichlet draw over them."""
+    new users. The heads get the card's number of classes, and label-skew and dirichlet draw over them.
+    `options` (a device's `[data] augment_copies` / `per_user_standardization`): each client's data built as the
+    agent on that user builds it (`user_client_data`): the same windows, statistics and copies, embedded by
+    `embed`; client i draws its copies from device stream i, the rng_stream of the demo's agent i."""
     partition = partition or PartitionConfig()
     std, dataset = prepared.standardizer, prepared.dataset
+    card = dataset.card
     ids = tuple(prepared.split.splits)
-    clients = tuple(_client(dataset, uid, prepared.features[uid], split, std, partition)
-                    for uid, split in prepared.split.splits.items())
+    clients = tuple(_client(dataset, uid, prepared.features[uid], period, std, partition,
+                            replace(options, device=device), embed)
+                    for device, (uid, period) in enumerate(prepared.split.splits.items()))
     holdout = dataset.in_role("holdout")
     dim = prepared.dim
     new_x = np.concatenate([prepared.features[u.user_id] for u in holdout]) if holdout else np.zeros((0, dim),
                                                                                                    np.float32)
     new_y = np.concatenate([u.y for u in holdout]) if holdout else np.zeros(0, np.int64)
-    card = dataset.card
     return FederatedData(ids, clients, std(new_x), new_y, card.num_classes, dim, card.class_names, partition)
 
 
@@ -304,17 +316,8 @@ def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionCon
         () if sidecar_standardizer is not None else tuple(split.splits))
     features = {uid: _user_features(dataset, uid, embed) for uid in dict.fromkeys((*standardizing, user_id))}
     std, _ = _standardizer(dataset, features, split, sidecar_standardizer)
-    if options.off:
-        return _client(dataset, user_id, features[user_id], split.splits[user_id], std,
-                       partition or PartitionConfig())
-    user, period = dataset.users[user_id], split.splits[user_id]
-    share = partition_client(user_id, user_number(dataset.card, user_id), user.y[period.train], user.y[period.test],
-                             partition or PartitionConfig(), dataset.card.num_classes)
-    train, test = period.train[share.train_idx], period.test[share.test_idx]  # as `_client` takes them
-    feats = features[user_id]
-    return device_client_data(feats[train], user.y[train], feats[test], user.y[test], std, options,
-                              period=feats[period.train],
-                              train_windows=user.x[train] if dataset.card.kind == "windows" else None, embed=embed)
+    return _client(dataset, user_id, features[user_id], split.splits[user_id], std, partition or PartitionConfig(),
+                   options, embed)
 
 
 def _user_features(dataset: UserDataset, user_id: str, embed: Embed | None) -> np.ndarray:
