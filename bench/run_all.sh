@@ -38,7 +38,7 @@ bench round_bookkeeping    # the per-update round bookkeeping at 1,000 to 100,00
 bench aggregator_throughput # real aggregator workers + private Mosquitto/PostgreSQL, 100 to 100,000 devices (~30 min)
 bench compression           # every update codec on the real recordings, validation and test seeds (~30 min)
 bench augment_cost          # few-label augmentation on the device: time and memory (seconds)
-bench tune                  # every setting chosen on validation data, both datasets (~30 min)
+bench tune                  # every setting chosen on validation data, both datasets (~1.5 h)
 bench strategies            # the accuracy report on test seeds, at the tuned settings (~25 min)
 bench continual             # adaptation over time and forgetting on UCI HAPT (~3 min)
 echo "== done in $((SECONDS - start)) s; results:"

@@ -208,9 +208,12 @@ def targets(doc: dict[str, Any], default: str) -> list[dict[str, Any]]:
                 "met": any(len(v) == 2 for v in above.values()),
                 "detail": "; ".join(f"{n}: K={v}" for n, v in above.items())})
     if "hapt" in doc["datasets"]:
-        nu = doc["datasets"]["hapt"]["regimes"]["natural"][default]["new_user"]
-        out.append({"target": "HAPT: a held-out new user at 85 % or more", "met": bool(nu and nu >= 0.85),
-                    "detail": f"{100 * nu:.1f} % (mean of the 5 new users' windows, over seeds)" if nu else "none"})
+        # A new user arrives whatever regime the fleet trained in: the target is checked in each of them.
+        per_regime = {r: rows[default]["new_user"] for r, rows in doc["datasets"]["hapt"]["regimes"].items()}
+        missed = [r for r, v in per_regime.items() if not (v and v >= 0.85)]
+        out.append({"target": "HAPT: a held-out new user at 85 % or more, in every regime", "met": not missed,
+                    "detail": ", ".join(f"{r} {pct(v)} %" for r, v in per_regime.items())
+                    + " (the 5 new users' windows, mean over seeds)"})
     return out
 
 
