@@ -16,19 +16,20 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_agent.backbone import EmbeddingCache, FrozenBackbone
+from edge_agent.backbone import DEFAULT_MODEL, EmbeddingCache, FrozenBackbone
 from edge_agent.data.federated import default_cache_dir
 from edge_agent.data.from_userdata import UserFeatures, prepare_users, user_number
 from edge_agent.data.importers import import_hapt, import_watch
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.data.userdata import UserDataset, load_user_dataset
 from edge_agent.evaluation.protocol import DeviceOptions, PhaseData, Protocol, federate_phase
+from edge_agent.fsutil import file_sha256
 from edge_agent.learning.training import TrainingConfig
 from edge_agent.sim import run_simulation
 
@@ -138,21 +139,17 @@ def load(name: str, backbone_path: Path | None = None) -> BenchData:
 def run(bench: BenchData, phase: str, partition: PartitionConfig, config: TrainingConfig,
         options: DeviceOptions | None = None, protocol: Protocol | None = None) -> dict[str, Any]:
     """One simulated federation: per-user accuracy on the phase's scored windows, the new users' accuracy
-    (test phase only: the new users are test users), and the uplink. In the validation phase, "global" is the
-    accuracy of the head the strategy would give a new user (None if it gives none) on every federated user's
-    validation windows: the nearest validation has to a new user without reading one."""
+    (test phase), and the uplink. In the validation phase, "new_user_proxy" is the accuracy of the head the
+    strategy would give a new user (None if it gives none) on the protocol's stand-in for new users: every
+    federated user's whole validation part, standardized with the population's statistics."""
     phase_data: PhaseData = federate_phase(bench.prepared, protocol or bench.protocol, phase, partition,
                                            options or DeviceOptions(), embed=bench.embed)
-    federated = phase_data.federated
-    if phase == "validation":
-        federated = replace(federated, new_user_x=np.concatenate([c.x_test for c in federated.clients]),
-                            new_user_y=np.concatenate([c.y_test for c in federated.clients]))
-    doc = run_simulation(federated, replace(config, seed=partition.seed))
+    doc = run_simulation(phase_data.federated, replace(config, seed=partition.seed))
     last = doc["rounds"][-1]
     return {"users": {u: float(a) for u, a in last["client_acc"].items()},
             "mean": float(last["mean_acc"]),
             "new_user": last["new_user_acc"] if phase == "test" else None,
-            **({"global": last["new_user_acc"]} if phase == "validation" else {}),
+            **({"new_user_proxy": last["new_user_acc"]} if phase == "validation" else {}),
             "uplink": doc["summary"]["uplink_bytes_per_client_round"],
             "train_windows": {u: int(i.size) for u, i in phase_data.train_index.items()}}
 
@@ -170,9 +167,38 @@ def job_key(job: dict[str, Any]) -> str:
 
 
 def complete(record: dict[str, Any]) -> bool:
-    """Does a recorded run carry everything a run records now? (A validation run from before the global head
+    """Does a recorded run carry everything a run records now? (A validation run from before the new-user head
     was scored does not: it runs again.)"""
-    return record["phase"] != "validation" or "global" in record
+    return record["phase"] != "validation" or "new_user_proxy" in record
+
+
+def untuned_settings() -> dict[str, Any]:
+    """The TrainingConfig fields a job does not name: its key leaves them out, so a record is only valid for
+    the values it was run with (checked against the log's sidecar)."""
+    named = {"strategy", "seed"}  # a job's own; its "settings" are compared by the key itself
+    return {k: v for k, v in asdict(TrainingConfig()).items() if k not in named}
+
+
+def model_path(name: str, backbone_path: Path | None) -> Path:
+    """The backbone that embeds a dataset's windows: the dataset's own, the one given, else the bundled one."""
+    return BACKBONES.get(name) or backbone_path or DEFAULT_MODEL
+
+
+def check_log_base(log_path: Path, model: Path) -> None:
+    """Refuse a log whose runs used other untuned settings than the code's (a default changed since) or another
+    backbone: every record in it would be reused as if run now. The sidecar <log>.base.json records them on
+    first use."""
+    sidecar = log_path.with_suffix(".base.json")
+    now = {**untuned_settings(), "backbone_sha256": file_sha256(model)}
+    if not sidecar.exists():
+        sidecar.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+        return
+    then = json.loads(sidecar.read_text())
+    changed = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k))
+    if changed:
+        raise SystemExit(f"{log_path}: its runs used other settings or another backbone than now ("
+                         + ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+                         + f"); move {log_path.name} and {sidecar.name} away to run them again")
 
 
 def device_options(spec: dict[str, Any]) -> DeviceOptions:
@@ -211,6 +237,7 @@ def run_jobs(name: str, jobs: list[dict[str, Any]], log_path: Path, n_jobs: int,
              backbone_path: Path | None = None) -> list[dict[str, Any]]:
     """Every job's result, running only those not yet in `log_path` (JSON lines, appended as they finish: an
     interrupted run loses nothing and a rerun continues)."""
+    check_log_base(log_path, model_path(name, backbone_path))
     done: dict[str, dict[str, Any]] = {}
     if log_path.exists():
         for line in log_path.read_text().splitlines():

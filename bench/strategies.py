@@ -348,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in names if evallib.label(n) not in tuning["datasets"]]
     if missing:
         ap.error(f"no tuned settings for {', '.join(missing)} in {args.tuning}: run bench/tune.py --data {missing[0]}")
+    for name in names:
+        entry = tuning["datasets"][evallib.label(name)]
+        untuned = [s for s in STRATEGIES if s not in entry["chosen"]]
+        if untuned:
+            ap.error(f"{args.tuning}: no tuned settings for {', '.join(untuned)} on {evallib.label(name)}: run "
+                     f"bench/tune.py --data {name} with every strategy")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     doc: dict[str, Any] = {"seeds": args.seeds, "default_strategy": tuning["default_strategy"], "datasets": {}}

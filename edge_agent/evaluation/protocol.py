@@ -207,7 +207,8 @@ class PhaseData:
 def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, partition: PartitionConfig,
                    options: DeviceOptions = DeviceOptions(), *, embed: Embed | None = None) -> PhaseData:
     """One client per federated user: its phase's training windows under the partition regime, its phase's
-    scored windows; the holdout users are the never-seen users, scored on every window."""
+    scored windows; in the test phase the holdout users are the never-seen users, scored on every window, and in
+    the validation phase every federated user's validation part stands in for them (see below)."""
     dataset, card = prepared.dataset, prepared.dataset.card
     numbers = {uid: user_number(card, uid) for uid in card.roles.all()}
     fed = card.roles.federate
@@ -235,11 +236,16 @@ def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, parti
                                           period=feats[period], train_windows=user.x[tr] if augment else None,
                                           embed=embed))
         train_index[u], score_index[u] = tr, sc
-    # The new users are test users: the validation phase does not even load them.
+    # The new users are test users: the validation phase does not even load them. There, the head a strategy gives
+    # a new user is scored on a stand-in: every federated user's whole validation part, whatever the partition
+    # drew, standardized as a new user's windows are (the population's statistics, never the user's own).
     holdout = dataset.in_role("holdout") if phase == "test" else ()
     if holdout:
         new_x = std(np.concatenate([prepared.features[h.user_id] for h in holdout]))
         new_y = np.concatenate([h.y for h in holdout])
+    elif phase == "validation":
+        new_x = std(np.concatenate([prepared.features[u][parts[u].validation] for u in fed]))
+        new_y = np.concatenate([dataset.users[u].y[parts[u].validation] for u in fed])
     else:
         new_x, new_y = np.zeros((0, prepared.dim), np.float32), np.zeros(0, np.int64)
     data = FederatedData(tuple(fed), tuple(clients), new_x, new_y, card.num_classes, prepared.dim,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge_agent.data.augment import AugmentConfig
-from edge_agent.data.from_userdata import UserFeatures, prepare_users
+from edge_agent.data.from_userdata import UserFeatures, prepare_users, user_number
 from edge_agent.data.importers import import_hapt, import_watch
 from edge_agent.data.partition import PartitionConfig
 from edge_agent.data.userdata import UserData, UserDataset
@@ -131,7 +131,15 @@ def test_phases_score_different_windows_with_the_same_clients(watch_features: Us
         assert not np.isin(val.score_index[uid], test.score_index[uid]).any()  # validation never scores test
         assert not np.isin(val.train_index[uid], test.score_index[uid]).any()
         assert np.bincount(cd.y_train).max() <= 2  # the regime still decides what a client holds
-    assert val.federated.new_user_y.size == 0 < test.federated.new_user_y.size  # new users are test users
+    # New users are test users: validation scores a stand-in, every federated user's whole validation part.
+    holdout = [u.user_id for u in watch_features.dataset.in_role("holdout")]
+    assert holdout and test.federated.new_user_y.size == sum(len(watch_features.dataset.users[u]) for u in holdout)
+    parts = {u: user_parts(watch_features.dataset.users[u], watch_features.dataset.card, protocol, partition.seed,
+                           user_number(watch_features.dataset.card, u)) for u in val.federated.client_ids}
+    assert val.federated.new_user_y.size == sum(p.validation.size for p in parts.values())
+    expected = watch_features.standardizer(np.concatenate([watch_features.features[u][p.validation]
+                                                           for u, p in parts.items()]))
+    assert np.array_equal(val.federated.new_user_x, expected)  # the population's statistics, as for a new user
 
 
 def test_device_options_change_the_training_data_only_as_said(watch_features: UserFeatures, backbone) -> None:  # type: ignore[no-untyped-def]

@@ -9,9 +9,11 @@ from edge_agent.evaluation.selection import (
     Floor,
     cell_key,
     choose,
+    choose_default,
     finalists,
     floor_breaches,
     mean_over_regimes,
+    per_dataset_seed,
     split_key,
 )
 
@@ -110,3 +112,30 @@ def test_ties_keep_the_earlier_candidate_the_defaults() -> None:
     assert choose([cells(natural=0.9), cells(natural=0.9)]).index == 0
     with pytest.raises(ValueError, match="no candidate"):
         choose([])
+
+
+def test_per_dataset_seed_averages_the_regimes_of_one_seed() -> None:
+    got = per_dataset_seed({"hapt": {"natural/100": 0.9, "few-shot/100": 0.7, "natural/101": 1.0,
+                                     "few-shot/101": 0.8}, "watch": {"natural/100": 0.5, "few-shot/100": 0.5}})
+    assert got == pytest.approx({"hapt/100": 0.8, "hapt/101": 0.9, "watch/100": 0.5})
+
+
+def test_the_default_moves_only_on_a_significant_lead_or_a_broken_floor() -> None:
+    def on_both(values: list[float]) -> dict[str, dict[str, float]]:
+        return {d: {cell_key("natural", s): v for s, v in zip(SEEDS, values, strict=True)} for d in ("a", "b")}
+
+    steady = on_both([0.90, 0.91, 0.90, 0.92, 0.91])
+    clearly_better = on_both([0.95, 0.96, 0.95, 0.97, 0.96])
+    noisy_better = on_both([0.99, 0.85, 0.97, 0.88, 0.99])
+    means = {"ditto": 0.908, "ncm": 0.958, "fedavg": 0.936}
+    cells = {"ditto": steady, "ncm": clearly_better, "fedavg": noisy_better}
+    default, why = choose_default("ditto", ["ditto", "ncm", "fedavg"], means, cells)
+    assert default == "ncm" and "significant, it becomes the default" in str(why["text"])
+    assert "97.5 % interval, 2 challengers" in str(why["text"])  # Bonferroni for the two challengers
+    default, why = choose_default("ditto", ["ditto", "fedavg"], means, cells)
+    assert default == "ditto" and why["challenger"] == "fedavg" and "the default stays" in str(why["text"])
+    default, why = choose_default("ditto", ["fedavg"], means, cells)  # ditto broke a floor
+    assert default == "fedavg" and "ditto breaks a floor" in str(why["text"])
+    assert choose_default("ditto", [], means, cells)[0] == "ditto"
+    with pytest.raises(ValueError, match="other \\(dataset, seed\\) pairs"):
+        choose_default("ditto", ["ditto", "ncm"], means, {"ditto": steady, "ncm": {"a": clearly_better["a"]}})
