@@ -42,6 +42,35 @@ def embedded(dataset, backbone, tmp_path_factory):  # type: ignore[no-untyped-de
     return embed_dataset(dataset, backbone, cache=EmbeddingCache(tmp_path_factory.mktemp("emb")))
 
 
+@pytest.fixture(scope="session")
+def watch_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The bundled recordings imported as a per-user dataset directory (docs/data-format.md). Read-only: a test
+    that needs a broken or changed copy writes one of its own."""
+    from edge_agent.data.importers import import_watch
+
+    out = tmp_path_factory.mktemp("userdata") / "watch"
+    import_watch(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def features_dir(watch_dir, backbone, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The watch import embedded by the bundled backbone and written as kind=features; the card keeps the windows'
+    rate, length and stride, so the time split locates the windows exactly as for the windows themselves."""
+    from edge_agent.data.userdata import DatasetCard, UserData, load_user_dataset, write_user_dataset
+
+    ds = load_user_dataset(watch_dir)
+    users = [UserData(u.user_id, backbone.embed(u.x), u.y, u.t, u.session) for u in ds.users.values()]
+    c = ds.card
+    card = DatasetCard(name="watch-embeddings", description="the watch import, embedded by backbone_int8.tflite",
+                       license=c.license, citation=c.citation, kind="features", class_names=c.class_names,
+                       feature_dim=backbone.embedding_dim, sample_rate_hz=c.sample_rate_hz,
+                       window_length=c.window_length, window_stride=c.window_stride, roles=c.roles)
+    out = tmp_path_factory.mktemp("userdata") / "features"
+    write_user_dataset(out, card, users)
+    return out
+
+
 def pytest_addoption(parser):  # type: ignore[no-untyped-def]
     parser.addoption("--hil-port", default=None, metavar="URL",
                      help="run the hil tests against a real board on this pyserial URL (default: an emulated MCU on a pty)")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.data.importers import import_csv, import_watch, watch_user_id
+from edge_agent.data.importers import import_csv, watch_user_id
 from edge_agent.data.partition import BACKBONE_SUBJECTS, CLIENT_SUBJECTS, NEW_USER_SUBJECTS
 from edge_agent.data.userdata import UserDataError, load_user_dataset
 from edge_agent.data.watch import WatchDataset
@@ -21,13 +21,6 @@ from edge_agent.data.windows import WindowConfig, WindowSet, window_starts
 
 RATE = 50
 CHANNELS = ("ax", "ay", "az", "wx", "wy", "wz")
-
-
-@pytest.fixture(scope="module")
-def watch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("watch") / "watch"
-    import_watch(out)
-    return out
 
 
 def test_watch_import_holds_the_simulations_windows_and_roles(dataset: WatchDataset, watch_dir: Path) -> None:

@@ -27,9 +27,8 @@ import pytest
 from edge_agent.cli import main
 from edge_agent.data.federated import federate
 from edge_agent.data.from_userdata import federate_users, prepare_users
-from edge_agent.data.importers import import_watch
 from edge_agent.data.partition import PartitionConfig
-from edge_agent.data.userdata import DatasetCard, UserData, UserDataset, load_user_dataset, write_user_dataset
+from edge_agent.data.userdata import UserData, UserDataset, load_user_dataset, write_user_dataset
 from edge_agent.learning.strategies import STRATEGIES
 from edge_agent.learning.training import TrainingConfig
 from edge_agent.sim import run_simulation
@@ -64,29 +63,6 @@ def simulate(capsys: pytest.CaptureFixture[str], tmp: Path, *args: str) -> dict[
     assert rc == 0, err
     doc: dict[str, Any] = json.loads(out.read_text())
     return doc["strategies"] if "strategies" in doc else {doc["config"]["strategy"]: doc}
-
-
-@pytest.fixture(scope="module")
-def watch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("simdata") / "watch"
-    import_watch(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def features_dir(watch_dir: Path, backbone: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The watch import embedded by the bundled backbone and written as kind=features; the card keeps the windows'
-    rate, length and stride, so the time split locates the windows exactly as for the windows themselves."""
-    ds = load_user_dataset(watch_dir)
-    users = [UserData(u.user_id, backbone.embed(u.x), u.y, u.t, u.session) for u in ds.users.values()]
-    c = ds.card
-    card = DatasetCard(name="watch-embeddings", description="the watch import, embedded by backbone_int8.tflite",
-                       license=c.license, citation=c.citation, kind="features", class_names=c.class_names,
-                       feature_dim=backbone.embedding_dim, sample_rate_hz=c.sample_rate_hz,
-                       window_length=c.window_length, window_stride=c.window_stride, roles=c.roles)
-    out = tmp_path_factory.mktemp("simdata") / "features"
-    write_user_dataset(out, card, users)
-    return out
 
 
 KEEP = (0, 2, 3, 5)  # 4 of the 7 exercises

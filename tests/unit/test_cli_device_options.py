@@ -22,9 +22,8 @@ from edge_agent.agent.sources import dataset_source, user_dataset_source
 from edge_agent.cli import build_parser, main
 from edge_agent.config import MAX_AUGMENT_COPIES, AgentConfig, BackboneConfig, DataConfig
 from edge_agent.data.federated import FederatedData, federate
-from edge_agent.data.importers import import_watch
 from edge_agent.data.partition import CLIENT_SUBJECTS, PartitionConfig
-from edge_agent.data.userdata import DatasetCard, UserData, load_user_dataset, write_user_dataset
+from edge_agent.data.userdata import load_user_dataset
 from edge_agent.demo import DemoConfig, device_options
 from edge_agent.demo_data import DemoData, bundled_data
 from edge_agent.learning.strategies import ClientData
@@ -56,28 +55,6 @@ def simulate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     assert rc == 0, captured.err
     (data,) = seen
     return data, json.loads(out.read_text()), captured.out
-
-
-@pytest.fixture(scope="module")
-def watch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("userdata") / "watch"
-    import_watch(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def features_dir(watch_dir: Path, backbone: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The watch import embedded by the bundled backbone, as a features dataset with the same roles."""
-    ds = load_user_dataset(watch_dir)
-    c = ds.card
-    card = DatasetCard(name="watch-embeddings", description="the watch import, embedded", license=c.license,
-                       kind="features", class_names=c.class_names, feature_dim=backbone.embedding_dim,
-                       sample_rate_hz=c.sample_rate_hz, window_length=c.window_length, window_stride=c.window_stride,
-                       roles=c.roles)
-    out = tmp_path_factory.mktemp("userdata") / "features"
-    write_user_dataset(out, card, [UserData(u.user_id, backbone.embed(u.x), u.y, u.t, u.session)
-                                   for u in ds.users.values()])
-    return out
 
 
 def user_agent(directory: Path, user: str, device: int, **data: Any) -> AgentConfig:

@@ -24,7 +24,6 @@ from edge_agent.agent.sources import dataset_source, subject_recordings, user_da
 from edge_agent.config import AgentConfig, BackboneConfig, DataConfig, check_toml
 from edge_agent.data.augment import augment_windows
 from edge_agent.data.device_client import DataOptions
-from edge_agent.data.importers import import_watch
 from edge_agent.data.partition import PartitionConfig, partition_clients
 from edge_agent.data.userdata import DatasetCard, UserData, load_user_dataset, write_user_dataset
 from edge_agent.data.windows import split_and_window
@@ -138,13 +137,6 @@ def test_the_agent_source_reads_the_keys(dataset: Any, backbone: Any) -> None:
 
 
 # --- one user of a per-user dataset ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def watch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("userdata") / "watch"
-    import_watch(out)
-    return out
 
 
 def user_config(directory: Path, user: str, **data: Any) -> AgentConfig:

@@ -25,9 +25,8 @@ from edge_agent.data.from_userdata import (
     user_client_data,
     user_number,
 )
-from edge_agent.data.importers import import_watch
 from edge_agent.data.partition import PartitionConfig, partition_client
-from edge_agent.data.userdata import DatasetCard, UserData, UserDataError, load_user_dataset, write_user_dataset
+from edge_agent.data.userdata import UserDataError, load_user_dataset, write_user_dataset
 from edge_agent.demo_data import RESERVED_NAMES, user_device_ids
 from edge_agent.learning.strategies import ClientData
 
@@ -58,28 +57,6 @@ class RecordingEmbed:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.windows += len(x)
         return np.asarray(self.backbone.embed(x))
-
-
-@pytest.fixture(scope="module")
-def watch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("userdata") / "watch"
-    import_watch(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def features_dir(watch_dir: Path, backbone: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The watch import embedded by the bundled backbone, as a features dataset with the same roles."""
-    ds = load_user_dataset(watch_dir)
-    c = ds.card
-    card = DatasetCard(name="watch-embeddings", description="the watch import, embedded", license=c.license,
-                       kind="features", class_names=c.class_names, feature_dim=backbone.embedding_dim,
-                       sample_rate_hz=c.sample_rate_hz, window_length=c.window_length, window_stride=c.window_stride,
-                       roles=c.roles)
-    out = tmp_path_factory.mktemp("userdata") / "features"
-    write_user_dataset(out, card, [UserData(u.user_id, backbone.embed(u.x), u.y, u.t, u.session)
-                                   for u in ds.users.values()])
-    return out
 
 
 def agent_config(directory: Path, user: str, model: Path | None = None, **data: Any) -> AgentConfig:
