@@ -144,7 +144,7 @@ def floors(strategy: str, m: Measured, refs: dict[str, Measured]) -> list[Floor]
     return out
 
 
-def pick_finalists(strategy: str, screened: list[Measured], count: int) -> list[int]:
+def pick_finalists(screened: list[Measured], count: int) -> list[int]:
     """The `count` best by personalized mean, plus, for a strategy that gives new users a head, the best by that
     head if it is not among them: a finalist list that cannot keep the new-user floor would leave the choice to
     the fallback."""
@@ -175,7 +175,7 @@ def tune_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     final: dict[str, list[int]] = {}
     for s, cs in tried.items():
         measured = [screened[config_key(s, c, {})] for c in cs]
-        final[s] = pick_finalists(s, measured, args.finalists)
+        final[s] = pick_finalists(measured, args.finalists)
         table[s] = [{"settings": c, "screen_mean": mean_over_regimes(m.personal),
                      "screen_new_user": mean_over_regimes(m.new_user) if m.new_user else None,
                      "per_regime": {r: float(np.mean([m.personal[cell_key(r, x)] for x in screen]))
