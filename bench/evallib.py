@@ -38,7 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("watch", "hapt")
 BACKBONES: dict[str, Path | None] = {"watch": None, "hapt": ROOT / "models" / "backbone_hapt_int8.tflite"}
 IMPORTERS: dict[str, Callable[[Path], Any]] = {"watch": import_watch, "hapt": import_hapt}
-# Seeds: settings are chosen on TUNING_SEEDS (validation phase); the report reads TEST_SEEDS (test phase) once.
+# Seeds: settings are chosen on TUNING_SEEDS (validation phase: the first two screen, the rest choose; bench/tune.py);
+# the report reads TEST_SEEDS (test phase).
 TUNING_SEEDS = (100, 101, 102, 103, 104)
 TEST_SEEDS = tuple(range(10))
 # How each dataset is cut (edge_agent/evaluation/protocol.py), so that no window the tuning reads (train or

@@ -39,7 +39,7 @@ bench aggregator_throughput # real aggregator workers + private Mosquitto/Postgr
 bench compression           # every update codec on the real recordings, validation and test seeds (~30 min)
 bench augment_cost          # few-label augmentation on the device: time and memory (seconds)
 bench tune                  # every setting chosen on validation data, both datasets (~1.5 h)
-bench strategies            # the accuracy report on test seeds, at the tuned settings (~25 min)
+bench strategies            # the accuracy report on test seeds, at the tuned settings (~45 min)
 bench continual             # adaptation over time and forgetting on UCI HAPT (~3 min)
 echo "== done in $((SECONDS - start)) s; results:"
 for name in head_training device_footprint embedding_throughput round_bookkeeping aggregator_throughput compression \
