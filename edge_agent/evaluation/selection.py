@@ -111,7 +111,7 @@ def choose(candidates: Sequence[Cells], floors: Sequence[Sequence[Floor]] | None
     ruled_out = {i: found for i, fs in enumerate(floors or []) if (found := breaches(fs, margin))}
     pool = [i for i in range(len(candidates)) if i not in ruled_out]
     if pool:
-            best = max(pool, key=lambda i: (scores[i], -i))  # ties: the earlier candidate
+        best = max(pool, key=lambda i: (scores[i], -i))  # ties: the earlier candidate
     else:  # the least bad: the candidate whose worst breach is nearest the floor, then the best mean
         best = max(ruled_out, key=lambda i: (min(iv.mean for iv in ruled_out[i].values()), scores[i], -i))
     return Choice(best, scores[best], ruled_out, all_below_floor=not pool)
