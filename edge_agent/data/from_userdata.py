@@ -239,9 +239,9 @@ def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = N
     std, dataset = prepared.standardizer, prepared.dataset
     card = dataset.card
     ids = tuple(prepared.split.splits)
-    clients = tuple(_client(dataset, uid, prepared.features[uid], period, std, partition,
+    clients = tuple(_client(dataset, uid, prepared.features[uid], split, std, partition,
                             replace(options, device=device), embed)
-                    for device, (uid, period) in enumerate(prepared.split.splits.items()))
+                    for device, (uid, split) in enumerate(prepared.split.splits.items()))
     holdout = dataset.in_role("holdout")
     dim = prepared.dim
     new_x = np.concatenate([prepared.features[u.user_id] for u in holdout]) if holdout else np.zeros((0, dim),
