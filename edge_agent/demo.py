@@ -10,9 +10,10 @@ to score its new-user head on the held-out users), prints a table per round, and
 shaped like `edge-fl simulate`'s.
 
 No process outlives the demo, whatever ends it:
-- Success, an error, SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signals raise `Interrupted` in the main thread, so
-  the `finally` that stops the fleet and the broker runs; while it runs, further signals are held, so a second
-  Ctrl-C cannot cut the clean-up short. The exit code is then 128 + the signal number.
+- Success, an error, SIGINT (Ctrl-C), SIGTERM or SIGHUP: a signal is turned into `Interrupted` in the main
+  thread at its next safe point (at most half a second later; `_StopSignals`), so the `finally` that stops the
+  fleet and the broker runs; while it runs, further signals are held, so a second Ctrl-C cannot cut the clean-up
+  short. The exit code is then 128 + the signal number.
 - The demo killed outright (SIGKILL, the OOM killer): every child's stdin is a pipe whose only write end the demo
   holds. The kernel closes it when the demo dies, however it dies; the child (started as `python -m
   edge_agent.demo ...`, see `run_supervised`) reads end-of-file and stops itself, SIGTERM then SIGKILL. Chosen over
@@ -123,7 +124,13 @@ class Interrupted(BaseException):
 
 
 class _StopSignals:
-    """STOP_SIGNALS raise `Interrupted` while the fleet runs and are held while it is stopped.
+    """STOP_SIGNALS stop the fleet while it runs, and are held while it is stopped.
+
+    The handler only records the signal; `check()`, called where the demo waits (every half second in the
+    round loop, and between start-up steps), raises `Interrupted`. Raising from the handler itself would land
+    anywhere in the main thread, including between a lock's acquire and the `try` that releases it (inside
+    queue.Queue.get or subprocess.Popen.poll, which the round loop calls all the time): the lock stays held and
+    the clean-up that needs it waits forever. A SIGTERM test caught the demo hanging that way.
 
     Python runs signal handlers in the main thread only; called from another thread, this does nothing.
     """
@@ -132,10 +139,19 @@ class _StopSignals:
         self.active = threading.current_thread() is threading.main_thread()
         self.previous: dict[int, Any] = {}
         self.held: list[int] = []
+        self.pending: int | None = None
 
-    def _raise(self, signum: int, frame: FrameType | None) -> None:
-        self.holding()  # one is enough: a second signal must not land in the clean-up this one starts
-        raise Interrupted(signum)
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        if self.pending is None:  # one is enough: later ones are held like those during the clean-up
+            self.pending = signum
+        else:
+            self.held.append(signum)
+
+    def check(self) -> None:
+        """Raise `Interrupted` if a stop signal has arrived: the caller is at a point where that is safe."""
+        if self.pending is not None:
+            self.holding()
+            raise Interrupted(self.pending)
 
     def _hold(self, signum: int, frame: FrameType | None) -> None:
         self.held.append(signum)
@@ -148,7 +164,7 @@ class _StopSignals:
             self.previous.setdefault(sig, signal.SIG_DFL if previous is None else previous)
 
     def raising(self) -> None:
-        self._install(self._raise)
+        self._install(self._request)
 
     def holding(self) -> None:
         self._install(self._hold)
@@ -468,6 +484,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
             host, port = broker.host, broker.port
             user_names = {n: n for n in users}
             printer(f"broker: private Mosquitto on {host}:{port} (config from {broker.config})")
+        stop_signals.check()
         if not secure:
             printer(PLAIN_WARNING)
         secret_files = {n: _write_secret(secrets_dir, f"{n}.pass", pw) if pw else None for n, pw in users.items()}
@@ -476,6 +493,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                            username=user_names.get("monitor"), password=users.get("monitor") or None,
                            clean_start=True, tls=pki.tls(MONITOR) if pki else None)
         monitor.connect(timeout=10)
+        stop_signals.check()
         monitor.subscribe(topics.telemetry_filter, qos=1)
         monitor.subscribe(topics.status, qos=1)
         if has_new_users:
@@ -499,6 +517,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
                                       signing={"key": str(pki.device_key(device)), "fleet_keys": [str(pki.fleet_pub)]}
                                       if pki else None)
             fleet.spawn(device, "agent", "--config", str(path))
+            stop_signals.check()
         # Who to look for if something is left behind (the tests do).
         (workdir / "pids.json").write_text(json.dumps(
             {**({"broker": broker.pid} if broker is not None else {}), **fleet.pids()}, indent=1))
@@ -521,6 +540,7 @@ def run_demo(cfg: DemoConfig, out: Path | None, *, printer: Callable[[str], None
         printed = 0
         deadline = time.monotonic() + cfg.timeout_s
         while printed < cfg.train.rounds:
+            stop_signals.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the demo did not finish {cfg.train.rounds} rounds within {cfg.timeout_s:.0f} s "
                                    f"(round {printed} done); aggregator log:\n{fleet.tail('aggregator')}")
