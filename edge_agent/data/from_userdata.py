@@ -210,22 +210,22 @@ def user_number(card: DatasetCard, user_id: str) -> int:
     return card.roles.all().index(user_id) + 1
 
 
-def _client(dataset: UserDataset, user_id: str, features: np.ndarray, split: TimeSplit,
-            standardize: EmbeddingStandardizer, partition: PartitionConfig, options: DataOptions = OFF,
-            embed: Embed | None = None) -> ClientData:
-    """One federated user's ClientData from its (unstandardized) features and its time split; with `options`, as
-    its device builds it (per-user statistics from the whole training period, copies embedded by `embed`)."""
-    y = dataset.users[user_id].y
-    y_train, y_test = y[split.train], y[split.test]
-    own = partition_client(user_id, user_number(dataset.card, user_id), y_train, y_test, partition,
+def partitioned_client(dataset: UserDataset, user_id: str, features: np.ndarray, period: np.ndarray,
+                       scored: np.ndarray, standardize: EmbeddingStandardizer, partition: PartitionConfig,
+                       options: DataOptions = OFF, embed: Embed | None = None,
+                       ) -> tuple[ClientData, np.ndarray, np.ndarray]:
+    """One federated user's ClientData, as its device builds it: the partition's share of its training `period`
+    and of its `scored` windows (indices into its windows, `features` unstandardized), under `options`
+    (per-user statistics from the whole period, copies embedded by `embed`). Also the indices of the windows it
+    trains on and is scored on. What `federate_users`, `user_client_data` and the evaluation protocol share."""
+    user = dataset.users[user_id]
+    own = partition_client(user_id, user_number(dataset.card, user_id), user.y[period], user.y[scored], partition,
                            dataset.card.num_classes)
-    if options.off:
-        return ClientData(standardize(features[split.train][own.train_idx]), y_train[own.train_idx],
-                          standardize(features[split.test][own.test_idx]), y_test[own.test_idx])
-    train, test = split.train[own.train_idx], split.test[own.test_idx]
-    windows = dataset.users[user_id].x[train] if dataset.card.kind == "windows" else None
-    return device_client_data(features[train], y[train], features[test], y[test], standardize, options,
-                              period=features[split.train], train_windows=windows, embed=embed)
+    train, test = period[own.train_idx], scored[own.test_idx]
+    windows = user.x[train] if options.augment is not None and dataset.card.kind == "windows" else None
+    client = device_client_data(features[train], user.y[train], features[test], user.y[test], standardize, options,
+                                period=features[period], train_windows=windows, embed=embed)
+    return client, train, test
 
 
 def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = None, options: DataOptions = OFF,
@@ -239,8 +239,8 @@ def federate_users(prepared: UserFeatures, partition: PartitionConfig | None = N
     std, dataset = prepared.standardizer, prepared.dataset
     card = dataset.card
     ids = tuple(prepared.split.splits)
-    clients = tuple(_client(dataset, uid, prepared.features[uid], split, std, partition,
-                            replace(options, device=device), embed)
+    clients = tuple(partitioned_client(dataset, uid, prepared.features[uid], split.train, split.test, std, partition,
+                                       replace(options, device=device), embed)[0]
                     for device, (uid, split) in enumerate(prepared.split.splits.items()))
     holdout = dataset.in_role("holdout")
     dim = prepared.dim
@@ -316,8 +316,9 @@ def user_client_data(dataset: UserDataset, user_id: str, partition: PartitionCon
         () if sidecar_standardizer is not None else tuple(split.splits))
     features = {uid: _user_features(dataset, uid, embed) for uid in dict.fromkeys((*standardizing, user_id))}
     std, _ = _standardizer(dataset, features, split, sidecar_standardizer)
-    return _client(dataset, user_id, features[user_id], split.splits[user_id], std, partition or PartitionConfig(),
-                   options, embed)
+    own_split = split.splits[user_id]
+    return partitioned_client(dataset, user_id, features[user_id], own_split.train, own_split.test, std,
+                              partition or PartitionConfig(), options, embed)[0]
 
 
 def _user_features(dataset: UserDataset, user_id: str, embed: Embed | None) -> np.ndarray:

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.augment import AugmentConfig, ChannelGroup
-from ..data.device_client import DataOptions, device_client_data
+from ..data.device_client import DataOptions
 from ..data.embedded_copies import device_augment_config
 from ..data.federated import FederatedData
-from ..data.from_userdata import UserFeatures, user_number
-from ..data.partition import PartitionConfig, partition_client
+from ..data.from_userdata import UserFeatures, partitioned_client, user_number
+from ..data.partition import PartitionConfig
 from ..data.userdata import DatasetCard, UserData, split_in_time, window_positions, without_overlap
 
 TEST_BY = {
@@ -224,17 +224,14 @@ def federate_phase(prepared: UserFeatures, protocol: Protocol, phase: str, parti
         augment, groups = device_augment_config(options.augment.copies, card.channel_names, card.name)
     clients, train_index, score_index = [], {}, {}
     for device, u in enumerate(fed):
-        user, feats = dataset.users[u], prepared.features[u]
         period, scored = parts[u].phase(phase)
-        own_share = partition_client(u, numbers[u], user.y[period], user.y[scored], partition, card.num_classes)
-        tr, sc = period[own_share.train_idx], scored[own_share.test_idx]
         # Exactly what an agent does with [data] augment_copies / per_user_standardization (the simulated device
         # `device` draws its copies from its own stream, as agent rng_stream `device` would).
         opts = DataOptions(augment=augment, channel_groups=groups, seed=partition.seed, device=device,
                            per_user_standardization=options.per_user_standardization)
-        clients.append(device_client_data(feats[tr], user.y[tr], feats[sc], user.y[sc], std, opts,
-                                          period=feats[period], train_windows=user.x[tr] if augment else None,
-                                          embed=embed))
+        client, tr, sc = partitioned_client(dataset, u, prepared.features[u], period, scored, std, partition, opts,
+                                            embed)
+        clients.append(client)
         train_index[u], score_index[u] = tr, sc
     # The new users are test users: the validation phase does not even load them. There, the head a strategy gives
     # a new user is scored on a stand-in: every federated user's whole validation part, whatever the partition
